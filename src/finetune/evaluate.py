@@ -1,0 +1,147 @@
+"""evaluate: score the fine-tuned model on the held-out test split.
+
+Metrics: accuracy, macro-F1, per-class precision/recall/F1, cross-entropy loss, expected calibration
+error (ECE), confusion matrix. metrics.json keeps ``accuracy`` and ``macro_f1`` at top level for
+`dvc metrics` and KFP; predictions.csv and calibration.csv feed `dvc plots`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import EvaluateConfig
+from .io import write_json
+from .modeling import load_classifier, pick_device, predict_logits
+from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
+
+
+class MismatchError(RuntimeError):
+    pass
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    labels: list[str]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    confidence: np.ndarray
+    calibration: list[dict[str, float]]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], bins: int) -> tuple[dict, list]:
+    """Pure metric arithmetic on integer labels and class probabilities."""
+    k = len(labels)
+    y_pred = probs.argmax(axis=1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    per_class = {}
+    f1s = []
+    for i, lab in enumerate(labels):
+        tp = cm[i, i]
+        prec = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
+        rec = tp / cm[i, :].sum() if cm[i, :].sum() else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        f1s.append(f1)
+        per_class[lab] = {"precision": round(float(prec), 6), "recall": round(float(rec), 6),
+                          "f1": round(float(f1), 6), "support": int(cm[i, :].sum())}
+    conf = probs.max(axis=1)
+    correct = (y_pred == y_true).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    calib, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else 0.0
+        avg_conf = float(conf[m].mean()) if n else 0.0
+        ece += n / len(y_true) * abs(acc - avg_conf)
+        calib.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]), "count": n,
+                      "accuracy": round(acc, 6), "confidence": round(avg_conf, 6)})
+    nll = -np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None)).mean()
+    metrics = {"accuracy": round(float(correct.mean()), 6), "macro_f1": round(float(np.mean(f1s)), 6),
+               "loss": round(float(nll), 6), "ece": round(float(ece), 6), "n": int(len(y_true)),
+               "per_class": per_class, "labels": labels, "confusion_matrix": cm.tolist()}
+    return metrics, calib
+
+
+def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], cfg: EvaluateConfig,
+             device: str = "auto") -> EvalResult:
+    """Score ``model_dir`` on ``test``. Refuses a model whose labels or tokenizer differ from the data's."""
+    model_dir = Path(model_dir)
+    labels = meta["labels"]
+    tok = load_tokenizer(model_dir)
+    if tokenizer_fingerprint(tok) != meta["tokenizer"]:
+        raise MismatchError(f"model {model_dir} has tokenizer {tokenizer_fingerprint(tok)}, test data was "
+                            f"tokenized with {meta['tokenizer']}")
+    dev = pick_device(device)
+    model = load_classifier(model_dir, dev)
+    model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if model_labels != labels:
+        raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
+    probs = softmax(predict_logits(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
+    metrics, calib = classification_metrics(test.labels, probs, labels, cfg.calibration_bins)
+    return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib)
+
+
+def write_evaluation(result: EvalResult, out_dir: str | Path) -> None:
+    """metrics.json, predictions.csv, calibration.csv and PNG plots. metrics.json is written last, so a
+    folder with metrics.json is complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = result.labels
+    with (out / "predictions.csv").open("w", encoding="utf-8") as fh:
+        fh.write("actual,predicted,confidence\n")
+        fh.writelines(f"{names[a]},{names[p]},{c:.6f}\n" for a, p, c in
+                      zip(result.y_true, result.y_pred, result.confidence))
+    with (out / "calibration.csv").open("w", encoding="utf-8") as fh:
+        fh.write("confidence,accuracy,count\n")
+        fh.writelines(f"{r['confidence']},{r['accuracy']},{r['count']}\n" for r in result.calibration if r["count"])
+    _plots(result, out)
+    write_json(out / "metrics.json", result.metrics)
+
+
+def _plots(result: EvalResult, out: Path) -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(result.metrics["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(result.labels), 3.5 + 0.4 * len(result.labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(result.labels)), result.labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(result.labels)), result.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_title(f"confusion matrix (accuracy {result.metrics['accuracy']:.3f})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    pts = [r for r in result.calibration if r["count"]]
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    ax.plot([r["confidence"] for r in pts], [r["accuracy"] for r in pts], "o-", label="model")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {result.metrics['ece']:.3f})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=100)
+    plt.close(fig)

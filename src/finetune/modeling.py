@@ -1,0 +1,77 @@
+"""Model helpers shared by train and evaluate: batching with dynamic padding, loading, inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .tokenize import TokenizedSplit
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def collate(split: TokenizedSplit, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad only to the longest sequence in this batch."""
+    lens = split.lengths[idx]
+    width = int(lens.max())
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    for row, i in enumerate(idx):
+        seq = split.sequence(int(i))
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(split.labels[idx])}
+
+
+def epoch_batches(split: TokenizedSplit, batch_size: int, seed: int, epoch: int, pool: int = 64) -> list[np.ndarray]:
+    """One epoch's batches: shuffled, then sorted by length inside pools of ``pool`` batches so a batch holds
+    similar lengths (little padding), then the batch order shuffled. Deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(split))
+    lens = split.lengths
+    batches = []
+    step = batch_size * pool
+    for start in range(0, len(order), step):
+        chunk = order[start:start + step]
+        chunk = chunk[np.argsort(lens[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(split: TokenizedSplit, batch_size: int) -> Iterator[np.ndarray]:
+    """Inference order: by length, for minimal padding; callers scatter results back by index."""
+    order = np.argsort(split.lengths, kind="stable")
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(model, split: TokenizedSplit, batch_size: int, pad_id: int, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    autocast = device.type == "cuda"
+    for idx in sorted_batches(split, batch_size):
+        b = collate(split, idx, pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        out[idx] = logits.float().cpu().numpy()
+    return out
+
+
+def load_classifier(model_dir: str | Path, device: torch.device | None = None):
+    """Load a saved classifier from safetensors only (never a pickled checkpoint)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
+                                                               use_safetensors=True)
+    return model.to(device or torch.device("cpu"))

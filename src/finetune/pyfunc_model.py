@@ -1,0 +1,47 @@
+"""The MLflow pyfunc flavour of a fine-tuned classifier, logged as "model from code".
+
+MLflow stores this file's source with every model version, so loading ``models:/<name>@champion``
+needs only mlflow, torch and transformers, not this package, and unpickles nothing: weights come from
+safetensors. Keep it self-contained: no imports from the finetune package.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class TextClassifier(PythonModel):
+    """Input: a list of texts. Output: one predicted label per text."""
+
+    batch_size = 64
+
+    def load_context(self, context):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = context.artifacts["model"]
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, use_safetensors=True).eval()
+        cfg = self.model.config
+        self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
+        self.max_length = int(context.model_config.get("max_length", 512)) if context.model_config else 512
+
+    def predict_proba(self, texts: list[str]):
+        torch = self.torch
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(list(texts[i:i + self.batch_size]), truncation=True, padding=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                out.append(torch.softmax(self.model(**enc).logits.float(), dim=-1))
+        return torch.cat(out).numpy() if out else torch.zeros((0, len(self.labels))).numpy()
+
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        probs = self.predict_proba(model_input)
+        return [self.labels[int(i)] for i in probs.argmax(axis=1)]
+
+
+mlflow.models.set_model(TextClassifier())

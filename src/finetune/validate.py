@@ -1,0 +1,260 @@
+"""validate: check the raw data with Great Expectations, then split it deterministically.
+
+Core: ``validate(data_path, data_cfg, cfg) -> ValidationResult``; nothing is written here.
+``write_splits`` stores a passing result atomically; a failing one yields no splits at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import DataConfig, ValidateConfig
+from .io import DataError, atomic_dir, read_table, write_json
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ValidationResult:
+    ok: bool
+    report: dict[str, Any]
+    labels: list[str] = field(default_factory=list)
+    splits: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return render_summary(self.report)
+
+
+def _rule(name: str, column: str | None, ok: bool, message: str, rows: list[int] | None = None,
+          values: list[Any] | None = None, max_examples: int = 5, source: str = "finetune") -> dict[str, Any]:
+    rows = [int(r) for r in (rows or [])]
+    examples = [{"row": r, "value": _short(v)} for r, v in zip(rows[:max_examples], (values or [None] * len(rows)))]
+    return {"rule": name, "column": column, "success": ok, "source": source, "message": message,
+            "unexpected_count": len(rows), "examples": examples}
+
+
+def _short(v: Any, n: int = 80) -> Any:
+    if isinstance(v, str) and len(v) > n:
+        return v[:n] + f"... ({len(v)} chars)"
+    return None if v is None or (isinstance(v, float) and pd.isna(v)) else v
+
+
+# Great Expectations rule names in our report -> expectation classes and kwargs.
+def _expectations(text: str, label: str, cfg: ValidateConfig) -> list[tuple[str, Any]]:
+    import great_expectations.expectations as gxe
+
+    exps = [
+        ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column=text)),
+        ("label_not_null", gxe.ExpectColumnValuesToNotBeNull(column=label)),
+        ("text_not_blank", gxe.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S")),
+        ("text_length", gxe.ExpectColumnValueLengthsToBeBetween(column=text, min_value=cfg.min_chars,
+                                                                  max_value=cfg.max_chars)),
+    ]
+    if cfg.labels:
+        exps.append(("label_in_set", gxe.ExpectColumnValuesToBeInSet(column=label, value_set=cfg.labels)))
+    return exps
+
+
+def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")  # in memory: writes no files
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
+    named = _expectations(text, label, cfg)
+    suite = ctx.suites.add(gx.ExpectationSuite(name="raw_text_classification"))
+    for _, exp in named:
+        suite.add_expectation(exp)
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="raw", data=batch, suite=suite))
+    res = vd.run(batch_parameters={"dataframe": df}, result_format="COMPLETE")
+    by_type = {}
+    for r in res.results:
+        by_type.setdefault((r.expectation_config.type, r.expectation_config.kwargs.get("column")), []).append(r)
+    rules = []
+    for name, exp in named:
+        r = by_type[(exp.expectation_type, exp.column)].pop(0)
+        rows = list(r.result.get("unexpected_index_list") or [])
+        values = [df.at[i, exp.column] for i in rows[: cfg.max_examples]]
+        rules.append(_rule(name, exp.column, bool(r.success), f"{exp.expectation_type} "
+                           f"{ {k: v for k, v in r.expectation_config.kwargs.items() if k not in ('batch_id', 'column')} }",
+                           rows, values, cfg.max_examples, source="great_expectations"))
+    return rules
+
+
+def _hash_order(text: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
+    """Stratified split, stable under row reordering: inside each class rows are ordered by a seeded
+    hash of their text, then cut by the configured fractions."""
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
+    for _, grp in df.groupby("label", sort=True):
+        grp = grp.assign(_k=grp["text"].map(lambda t: _hash_order(t, cfg.seed))).sort_values("_k")
+        n = len(grp)
+        n_test = max(1, round(n * cfg.test_fraction))
+        n_val = max(1, round(n * cfg.val_fraction))
+        parts["test"].append(grp.iloc[:n_test])
+        parts["val"].append(grp.iloc[n_test:n_test + n_val])
+        parts["train"].append(grp.iloc[n_test + n_val:])
+    return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
+
+
+def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig) -> ValidationResult:
+    """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label)."""
+    path = str(data_path)
+    text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
+    report: dict[str, Any] = {"data": path, "rules": [], "success": False}
+
+    def fail(extra_rules: list[dict[str, Any]]) -> ValidationResult:
+        report["rules"].extend(extra_rules)
+        report["success"] = False
+        return ValidationResult(False, report)
+
+    try:
+        df = read_table(path)
+    except DataError as e:
+        return fail([_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)])
+    report["rows"] = int(len(df))
+    report["columns"] = [str(c) for c in df.columns]
+
+    missing = [c for c in (text, label) if c not in df.columns]
+    if missing:
+        return fail([_rule("required_columns", ",".join(missing), False,
+                           f"missing column(s) {missing}; found {report['columns']} "
+                           f"(set data.text_column / data.label_column)")])
+
+    # Texts must be strings (JSONL/Parquet may carry numbers or objects); labels may be any scalar but one type.
+    not_str = [i for i, v in df[text].items() if v is not None and not pd.isna(v) and not isinstance(v, str)]
+    rules = [_rule("text_is_string", text, not not_str, "text values must be strings", not_str,
+                   [df.at[i, text] for i in not_str[: cfg.max_examples]], cfg.max_examples)]
+    label_types = df[label].dropna().map(lambda v: type(v).__name__)
+    mixed = label_types.nunique() > 1
+    odd = list(label_types[label_types != label_types.mode().iat[0]].index) if mixed else []
+    rules.append(_rule("label_single_type", label, not mixed,
+                       f"labels mix types {sorted(label_types.unique())}", odd,
+                       [df.at[i, label] for i in odd[: cfg.max_examples]], cfg.max_examples))
+    if not_str or mixed:
+        return fail(rules)
+
+    df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
+    rules += _run_great_expectations(df, text, label, cfg)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    frame = pd.DataFrame({"text": df[text], "label": df[label]}, index=df.index)
+    key = frame["text"].str.strip()
+
+    # The same text with two labels is contradictory whatever the duplicate policy.
+    n_labels = frame.groupby(key)["label"].transform("nunique")
+    conflict = list(frame.index[n_labels > 1])
+    rules.append(_rule("duplicate_text_conflicting_labels", text, not conflict,
+                       "the same text carries different labels", conflict,
+                       [frame.at[i, "text"] for i in conflict[: cfg.max_examples]], cfg.max_examples))
+
+    if split in df.columns:
+        sp = df[split].astype(str)
+        bad = list(sp.index[~sp.isin(SPLITS)])
+        rules.append(_rule("split_values", split, not bad, f"split must be one of {list(SPLITS)}", bad,
+                           [sp.at[i] for i in bad[: cfg.max_examples]], cfg.max_examples))
+        leak = list(frame.index[sp.groupby(key).transform("nunique") > 1])
+        rules.append(_rule("text_in_one_split", text, not leak, "the same text appears in more than one split "
+                           "(train/test leakage)", leak, [frame.at[i, "text"] for i in leak[: cfg.max_examples]],
+                           cfg.max_examples))
+        frame = frame.assign(_split=sp)
+
+    dup = list(frame.index[key.duplicated(keep="first")])
+    if cfg.duplicates == "fail":
+        rules.append(_rule("no_duplicate_texts", text, not dup, "duplicate texts (validate.duplicates=fail)", dup,
+                           [frame.at[i, "text"] for i in dup[: cfg.max_examples]], cfg.max_examples))
+    else:
+        r = _rule("no_duplicate_texts", text, True, f"dropped {len(dup)} exact duplicate row(s), kept the first",
+                  dup, [frame.at[i, "text"] for i in dup[: cfg.max_examples]], cfg.max_examples)
+        r["dropped"] = len(dup)
+        rules.append(r)
+        frame = frame.drop(index=dup)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    counts = frame["label"].value_counts().sort_index()
+    labels = list(cfg.labels) if cfg.labels else sorted(counts.index)
+    report["labels"] = labels
+    report["labels_inferred"] = not cfg.labels
+    report["class_counts"] = {k: int(v) for k, v in counts.items()}
+    rules.append(_rule("at_least_two_classes", label, len(counts) >= 2,
+                       f"found {len(counts)} class(es) {list(counts.index)}; a classifier needs at least 2"))
+    small = {k: int(v) for k, v in counts.items() if v < cfg.min_rows_per_class}
+    absent = [lab for lab in labels if lab not in counts.index]
+    rules.append(_rule("min_rows_per_class", label, not small and not absent,
+                       f"each class needs >= {cfg.min_rows_per_class} rows; too few: {small}, absent: {absent}"))
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    if "_split" in frame.columns:
+        splits = {s: frame[frame["_split"] == s].drop(columns="_split") for s in SPLITS}
+    else:
+        splits = split_frame(frame, cfg)
+    empty = [s for s, f in splits.items() if len(f) == 0]
+    rules.append(_rule("splits_not_empty", None, not empty, f"empty split(s): {empty}"))
+    if empty:
+        return fail(rules)
+
+    report["rules"] = rules
+    report["success"] = True
+    report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
+                                                             f["label"].value_counts().sort_index().items()}}
+                        for s, f in splits.items()}
+    return ValidationResult(True, report, labels, splits)
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """Human-readable report (Markdown); the JSON report holds the same facts."""
+    status = "PASSED" if report["success"] else "FAILED"
+    lines = [f"# Validation {status}: {report['data']}", ""]
+    if "rows" in report:
+        lines.append(f"Rows read: {report['rows']}; columns: {', '.join(report.get('columns', []))}")
+    for r in report["rules"]:
+        mark = "ok  " if r["success"] else "FAIL"
+        col = f" [{r['column']}]" if r.get("column") else ""
+        lines.append(f"- {mark} {r['rule']}{col}: {r['message']}"
+                     + (f" ({r['unexpected_count']} row(s))" if r["unexpected_count"] and not r["success"] else ""))
+        if not r["success"]:
+            for ex in r["examples"]:
+                lines.append(f"    row {ex['row']}: {ex['value']!r}" if ex["value"] is not None else f"    row {ex['row']}")
+    for s, info in (report.get("splits") or {}).items():
+        lines.append(f"- split {s}: {info['rows']} rows {info['classes']}")
+    return "\n".join(lines) + "\n"
+
+
+def failure_message(report: dict[str, Any]) -> str:
+    """One line per broken rule: file, rule, column, example rows."""
+    out = []
+    for r in report["rules"]:
+        if r["success"]:
+            continue
+        rows = ", ".join(str(e["row"]) for e in r["examples"])
+        where = f" column '{r['column']}'" if r.get("column") else ""
+        out.append(f"{report['data']}: rule '{r['rule']}' failed{where}: {r['message']}"
+                   + (f"; {r['unexpected_count']} row(s), e.g. row(s) {rows}" if rows else ""))
+    return "\n".join(out)
+
+
+def write_splits(result: ValidationResult, out_dir: str | Path) -> Path:
+    """Write splits + labels + reports into ``out_dir`` atomically. Only for a passing result."""
+    if not result.ok:
+        raise ValueError("refusing to write splits for data that failed validation")
+    with atomic_dir(out_dir) as tmp:
+        for name, frame in result.splits.items():
+            frame.reset_index().to_parquet(tmp / f"{name}.parquet", index=False)
+        write_json(tmp / "labels.json", result.labels)
+        write_json(tmp / "report.json", result.report)
+        (tmp / "report.md").write_text(result.summary(), encoding="utf-8")
+    return Path(out_dir)
