@@ -7,6 +7,7 @@ Overrides use dotted keys (``train.epochs=2``), the same syntax as ``dvc exp run
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,6 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "progress log line every N steps when not on a terminal"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = all cores"})
-    patience_steps: int = field(
-        default=0, metadata={"help": "stop if the smoothed loss has not improved for N steps (0 = off)"}
-    )
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs must be > 0")
@@ -150,24 +148,47 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against the field's type; numbers written as '1e-4' (a YAML string) become floats."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, typing.get_args(hint)[0], where) for v in value]
+    if hint is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    elif hint is bool and isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
     kwargs = {}
     for name, value in values.items():
-        f = known[name]
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            kwargs[name] = _build(f.default_factory, value or {}, f"{where}.{name}")
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value or {}, f"{where}.{name}")
         else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+    return cls(**kwargs)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: Valida
     rules = []
     for name, exp in named:
         r = by_type[(exp.expectation_type, exp.column)].pop(0)
-        rows = list(r.result.get("unexpected_index_list") or [])
+        # GE gives plain index values, or dicts of {index name: value, column: value} for a named index
+        rows = [x["row"] if isinstance(x, dict) else x for x in r.result.get("unexpected_index_list") or []]
         values = [df.at[i, exp.column] for i in rows[: cfg.max_examples]]
         rules.append(_rule(name, exp.column, bool(r.success), f"{exp.expectation_type} "
                            f"{ {k: v for k, v in r.expectation_config.kwargs.items() if k not in ('batch_id', 'column')} }",

@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from conftest import toy_frame
+from finetune.config import TokenizeConfig
+from finetune.tokenize import TokenizerError, read_tokens, tokenize, write_tokens
+
+
+def test_tokenize_unpadded_ids_and_roundtrip(base_model_dir, tmp_path):
+    df = toy_frame(10)
+    df.loc[0, "text"] = "word " * 100  # longer than max_length: truncated
+    splits = {"train": df.iloc[:12], "val": df.iloc[12:16], "test": df.iloc[16:]}
+    toks, meta = tokenize(splits, ["fresh", "rotten"], base_model_dir, TokenizeConfig(max_length=16, batch_size=5))
+    tr = toks["train"]
+    assert len(tr) == 12 and tr.lengths.max() == 16 and meta["stats"]["train"]["truncated"] == 1
+    assert tr.lengths.min() < 16  # not padded to max
+    assert all(tr.sequence(i)[0] == meta["tokenizer"]["cls_token_id"] for i in range(len(tr)))
+    assert list(tr.labels) == [0 if lab == "fresh" else 1 for lab in df.iloc[:12]["label"]]
+    write_tokens(toks, meta, tmp_path / "tok")
+    back, meta2 = read_tokens(tmp_path / "tok")
+    assert meta2 == meta
+    for s in ("train", "val", "test"):
+        assert np.array_equal(back[s].ids, toks[s].ids) and np.array_equal(back[s].offsets, toks[s].offsets)
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TokenizerError, match=str(tmp_path)):
+        tokenize({"train": toy_frame(2)}, ["fresh", "rotten"], tmp_path, TokenizeConfig())
