@@ -181,9 +181,10 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
         run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
                      lineage.collect(cfg.data.path), uri, artifact_location)
     elif args.command == "materialize":
-        from .sample_data import materialize
+        from .sample_data import materialize, materialize_tracked
 
-        path, written = materialize(args.out or cfg.data.path, force=args.force)
+        dest = args.out or cfg.data.path
+        path, written = materialize(dest, force=True) if args.force else materialize_tracked(dest)
         log.info("%s %s", "wrote" if written else "kept existing", path)
 
 
@@ -194,11 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluate import MismatchError
     from .io import DataError
     from .register import RegistryError
+    from .sample_data import DataSetMismatch
     from .tokenize import TokenizerError
     from .train import TrainingError
 
     expected = (StageFailed, ConfigError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
-                RegistryError, FileNotFoundError)
+                RegistryError, FileNotFoundError, DataSetMismatch)
     try:
         cfg = load_config(args.params, args.overrides)
         _dispatch(args, cfg)

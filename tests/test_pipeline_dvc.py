@@ -1,0 +1,157 @@
+"""Integration: the real `dvc repro` in a temporary copy of the repo, real MiniLM, a slice of the real data,
+the default embedded MLflow store; then the register stage against a real `mlflow server` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import BIN, REPO
+
+pytestmark = pytest.mark.integration
+MODEL = "rt-it"
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+ENV.update(PATH=f"{BIN}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1")
+
+
+def copy_repo(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    sh(["git", "init", "-q"], dest)
+    sh(["git", "config", "user.email", "t@example.com"], dest)
+    sh(["git", "config", "user.name", "test"], dest)
+    return dest
+
+
+def set_params(root: Path, **sections) -> None:
+    p = root / "params.yaml"
+    raw = yaml.safe_load(p.read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, real_reviews, mlflow_server):
+    """A copy of the repo on 600 real reviews (300 per class) with a short training run."""
+    root = copy_repo(tmp_path_factory.mktemp("project"))
+    (root / "data").mkdir(exist_ok=True)
+    real_reviews.groupby("label").head(300).to_csv(root / "data" / "reviews.csv", index=False)
+    sh(["dvc", "add", "-q", "data"], root)
+    set_params(root, validate={"val_fraction": 0.15, "test_fraction": 0.2},
+               tokenize={"max_length": 48},
+               train={"max_steps": 40, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 10, "threads": 2},
+               register={"model_name": MODEL, "floor": 0.0})
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "fixture"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(project):
+    return sh(["dvc", "repro"], project)
+
+
+def test_repro_produces_disjoint_splits_metrics_and_a_champion(project, first_run):
+    from mlflow import MlflowClient
+
+    v = project / "out" / "validate"
+    splits = {s: pd.read_parquet(v / f"{s}.parquet") for s in ("train", "val", "test")}
+    texts = {s: set(f["text"]) for s, f in splits.items()}
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["val"]) and not (texts["val"] & texts["test"])
+    assert sum(map(len, texts.values())) == 600 and len(splits["test"]) == 120
+    metrics = json.loads((project / "out" / "evaluate" / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "loss", "ece", "per_class", "confusion_matrix"} <= set(metrics)
+    assert metrics["accuracy"] >= 0.6, metrics  # 40 steps of MiniLM on real reviews beat chance (0.5)
+    reg = json.loads((project / "out" / "register" / "registration.json").read_text())
+    assert reg["alias"] == "champion" and reg["version"] == "1"
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    run = client.get_run(reg["run_id"])
+    assert run.data.tags["lineage.git_commit"] == sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert run.data.tags["lineage.data_dvc_md5"].endswith(".dir")
+    assert len(client.get_metric_history(reg["run_id"], "train_loss")) == 40
+    assert (project / "mlartifacts").is_dir()  # artifacts stay inside the project by default
+    # DVC metrics/plots see the files
+    shown = sh(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "macro_f1" in shown
+
+
+def test_second_repro_does_nothing_and_train_param_reruns_only_downstream(project, first_run):
+    from mlflow import MlflowClient
+
+    again = sh(["dvc", "repro"], project)
+    assert "Running stage" not in again.stdout, again.stdout
+    first = json.loads((project / "out" / "evaluate" / "metrics.json").read_text())
+
+    # learning_rate 0: the classification head stays random, a worse model
+    set_params(project, train={"learning_rate": 0.0})
+    rerun = sh(["dvc", "repro"], project).stdout
+    ran = {s for s in ("validate", "tokenize", "train", "evaluate", "register") if f"Running stage '{s}'" in rerun}
+    assert ran == {"train", "evaluate", "register"}, rerun
+    worse = json.loads((project / "out" / "evaluate" / "metrics.json").read_text())
+    assert worse["accuracy"] < first["accuracy"]
+    reg = json.loads((project / "out" / "register" / "registration.json").read_text())
+    assert (reg["version"], reg["alias"], reg["promoted"]) == ("2", "challenger", False)
+    assert reg["champion_before"]["version"] in ("1", 1)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
+
+
+def test_dvc_push_to_the_default_local_remote(project, first_run):
+    sh(["dvc", "push", "-q", "data.dvc"], project)
+    stored = [p for p in (project / ".dvc-remote").rglob("*") if p.is_file()]
+    assert len(stored) >= 2  # the .dir manifest + the CSV
+
+
+def test_register_against_a_real_mlflow_server(project, first_run, mlflow_server):
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    url = mlflow_server.url
+    env = {**ENV, "MLFLOW_TRACKING_URI": url}
+    sh(["finetune", "register", "--set", f"register.model_name={MODEL}-srv", "--set", "register.floor=0",
+        "--out", "out/register-server"], project, env)
+    reg = json.loads((project / "out" / "register-server" / "registration.json").read_text())
+    assert reg["tracking_uri"] == url and reg["alias"] == "champion"
+    client = MlflowClient(url)
+    assert str(client.get_model_version_by_alias(f"{MODEL}-srv", "champion").version) == reg["version"]
+    # artifacts went through the server into its artifact destination, not into the project
+    assert list((mlflow_server.root / "artifacts").rglob("model.safetensors"))
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    try:
+        preds = mlflow.pyfunc.load_model(f"models:/{MODEL}-srv@champion").predict(
+            ["a moving, beautifully acted drama", "a tedious, lifeless mess"])
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert len(preds) == 2 and set(preds) <= {"fresh", "rotten"}
+
+
+def test_fresh_clone_data_matches_data_dvc(tmp_path):
+    """What `make data` does on a fresh clone: rebuild the raw file from the installed package; DVC agrees."""
+    root = copy_repo(tmp_path)
+    sh(["finetune", "materialize", "-q"], root)
+    status = sh(["dvc", "status", "data.dvc"], root).stdout
+    assert "up to date" in status, status
+    assert (root / "data.dvc").read_bytes() == (REPO / "data.dvc").read_bytes()  # data.dvc untouched
