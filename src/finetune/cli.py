@@ -1,6 +1,6 @@
-"""`finetune <stage>`: thin wrappers that read params.yaml, move paths, and call the stage cores.
+"""`finetune <stage>`: parse arguments, load params.yaml, call the stage's ``run_<verb>`` (stages.py).
 
-dvc.yaml calls these commands; the KFP components call the same `run_*` functions.
+dvc.yaml calls these commands; the Kubeflow components call the same ``run_<verb>`` functions.
 """
 
 from __future__ import annotations
@@ -13,97 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .stages import StageFailed, run_evaluate, run_register, run_tokenize, run_train, run_validate
 
 log = logging.getLogger("finetune")
-
-
-class StageFailed(Exception):
-    """A stage refused its input: message for the user, no traceback."""
-
-
-# ---- one run_<verb> per stage: paths + config in, files out. Shared by the CLI and the KFP components. ----
-
-def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | Path | None = None) -> dict[str, Any]:
-    from .io import write_json
-    from .validate import failure_message, validate, write_splits
-
-    result = validate(data, cfg.data, cfg.validate)
-    if report is not None:  # the report is wanted even (especially) when validation fails
-        write_json(report, result.report)
-    if not result.ok:
-        raise StageFailed("validation failed, no splits written:\n" + failure_message(result.report))
-    write_splits(result, out)
-    log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
-    return result.report
-
-
-def run_tokenize(cfg: Config, splits: str | Path, out: str | Path) -> dict[str, Any]:
-    from .base_model import resolve_base
-    from .tokenize import read_splits, tokenize, write_tokens
-
-    frames, labels = read_splits(splits)
-    tokens, meta = tokenize(frames, labels, resolve_base(cfg.model.base), cfg.tokenize)
-    write_tokens(tokens, meta, out)
-    log.info("tokenized: %s", meta["stats"])
-    return meta
-
-
-def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Path,
-              checkpoints: str | Path | None = None) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from .base_model import resolve_base
-    from .io import write_json
-    from .tokenize import read_tokens
-    from .train import train, write_history
-
-    toks, meta = read_tokens(tokens)
-    result = train(toks, meta, resolve_base(cfg.model.base), cfg.train, model, checkpoints)
-    write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
-    write_history(result, logs)
-    log.info("trained %d steps in %.1fs (%.1f samples/s): val accuracy %.4f", result.steps, result.seconds,
-             result.samples_per_second, result.val_accuracy)
-    return {k: v for k, v in asdict(result).items() if k != "history"}
-
-
-def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
-    from .evaluate import evaluate, write_evaluation
-    from .tokenize import read_tokens
-
-    toks, meta = read_tokens(tokens, names=("test",))
-    result = evaluate(model, toks["test"], meta, cfg.evaluate, device=cfg.train.device)
-    write_evaluation(result, out)
-    log.info("test accuracy %.4f, macro-F1 %.4f", result.metrics["accuracy"], result.metrics["macro_f1"])
-    return result.metrics
-
-
-def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits: str | Path,
-                 train_logs: str | Path | None, out: str | Path, lineage: dict[str, Any],
-                 tracking_uri: str, artifact_location: str | None = None) -> dict[str, Any]:
-    import csv
-
-    import pandas as pd
-
-    from .io import read_json, write_json
-    from .lineage import split_hash
-    from .register import as_dict, register
-
-    metrics = read_json(Path(evaluation) / "metrics.json")
-    test = pd.read_parquet(Path(splits) / "test.parquet")
-    history = []
-    artifacts: dict[str, Path] = {"evaluation": Path(evaluation), "validation": Path(splits) / "report.json"}
-    if train_logs and Path(train_logs).is_dir():
-        with (Path(train_logs) / "loss.csv").open(encoding="utf-8") as fh:
-            history = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
-        artifacts["training"] = Path(train_logs)
-    reg = register(model, metrics, cfg.register, tracking_uri=tracking_uri, artifact_location=artifact_location,
-                   params=cfg.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
-                   test_hash=split_hash(test), test=(test["text"].tolist(), test["label"].tolist()),
-                   max_length=cfg.tokenize.max_length)
-    out_dict = as_dict(reg)
-    write_json(Path(out) / "registration.json", out_dict)
-    log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
-    return out_dict
 
 
 # ---- argument parsing ----
@@ -150,7 +62,53 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the bundled Rotten Tomatoes data set to data.path (no network)")
     s.add_argument("--out", help="destination (default: data.path from params)")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile the spec, submit a run")
+    psub = s.add_subparsers(dest="action", required=True)
+    c = psub.add_parser("compile", parents=[common], help="write pipelines/finetune_pipeline.yaml")
+    c.add_argument("--out", default="pipelines/finetune_pipeline.yaml")
+    c.add_argument("--cluster-config", default="pipelines/cluster.yaml", help="GPU, node selector, secrets, retries")
+    c = psub.add_parser("submit", parents=[common], help="start a run on a Kubeflow Pipelines API")
+    c.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    c.add_argument("--experiment", default="finetune")
+    c.add_argument("--run-name")
+    c.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+    c.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)")
+    c.add_argument("--package-file", default="pipelines/finetune_pipeline.yaml")
+    c.add_argument("--arg", dest="args", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, e.g. --arg data_uri=s3://bucket/reviews.csv --arg epochs=3")
     return p
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    import yaml
+
+    root = Path.cwd()
+    if not (root / "pipelines" / "finetune_pipeline.py").is_file():
+        raise FileNotFoundError(f"run `finetune pipeline` from the project root (no pipelines/ in {root})")
+    sys.path.insert(0, str(root))
+    if args.action == "compile":
+        from pipelines.finetune_pipeline import compile_spec
+
+        params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
+        load_config(args.params, args.overrides)  # check before compiling
+        from .config import apply_overrides
+
+        cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
+        log.info("wrote %s", compile_spec(args.out, apply_overrides(params, args.overrides), cluster))
+        return
+    from .submit import build_arguments, submit
+
+    pairs = {}
+    for item in args.args:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--arg {item!r} is not of the form NAME=VALUE")
+        pairs[name] = yaml.safe_load(value)
+    params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
+    arguments = build_arguments(params, pairs, args.overrides)
+    run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token)
+    print(f"submitted run {getattr(run, 'run_id', run)} to {args.host} (experiment {args.experiment})")
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -166,7 +124,9 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
-    if args.command == "validate":
+    if args.command == "pipeline":
+        _pipeline(args)
+    elif args.command == "validate":
         run_validate(cfg, args.data or cfg.data.path, args.out, args.report)
     elif args.command == "tokenize":
         run_tokenize(cfg, args.splits, args.out)
@@ -196,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     from .io import DataError
     from .register import RegistryError
     from .sample_data import DataSetMismatch
+    from .sources import SourceError
+    from .submit import SubmitError
     from .tokenize import TokenizerError
     from .train import TrainingError
 
     expected = (StageFailed, ConfigError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
-                RegistryError, FileNotFoundError, DataSetMismatch)
+                RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError)
     try:
         cfg = load_config(args.params, args.overrides)
         _dispatch(args, cfg)

@@ -165,8 +165,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             pass
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
+    elif hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value):
+        return int(value)  # KFP passes every number as a double: 10.0 is the int 10
     elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     elif hint is bool and isinstance(value, bool):
@@ -203,6 +203,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             raise ConfigError(f"override {item!r}: {section} is not a section")
         raw[section][name] = yaml.safe_load(value)
     return raw
+
+
+def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """Without null values (KFP struct parameters cannot hold them); absent keys take the config default."""
+    return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -13,12 +13,18 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 
-def configure(root: str | Path = ".") -> tuple[str, str | None]:
-    """Return (tracking_uri, artifact_location for new experiments, or None to let the server decide)."""
+def configure(root: str | Path = ".", require_env: bool = False) -> tuple[str, str | None]:
+    """Return (tracking_uri, artifact_location for new experiments, or None to let the server decide).
+
+    ``require_env``: on a cluster a local SQLite file would vanish with the pod, so insist on a server.
+    """
     root = Path(root).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, None
+    if require_env:
+        raise RuntimeError("MLFLOW_TRACKING_URI is not set: the register step needs the MLflow server's address "
+                           "(see README, 'Run on Kubeflow': the finetune-mlflow secret)")
     uri = f"sqlite:///{root / DEFAULT_DB}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # so mlflow.pyfunc.load_model("models:/...") in-process agrees
     return uri, (root / DEFAULT_ARTIFACTS).as_uri()

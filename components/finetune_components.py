@@ -1,0 +1,78 @@
+"""KFP v2 components, one per stage verb. Each maps Input/Output artifact paths and parameters onto
+``finetune.stages.run_<verb>``, exactly what the `finetune` CLI and dvc.yaml call. No stage logic here.
+
+Lightweight components whose bodies import the installed package: locally (kfp.local.SubprocessRunner)
+the import resolves in the project's venv, on a cluster in the image named in components/image.txt.
+"""
+
+from pathlib import Path
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+IMAGE = (Path(__file__).with_name("image.txt")).read_text().strip()
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate(data_uri: str, data_md5: str, params: dict, splits: Output[Dataset], report: Output[Artifact]
+             ) -> NamedTuple("ValidateOutputs", passed=bool, summary=str):
+    """Check the raw data; on failure return passed=False (the report artifact says why) and write no splits."""
+    from finetune.stages import StageFailed, config_for, run_validate
+
+    try:
+        run_validate(config_for(params), data_uri, splits.path, report.path, expected_md5=data_md5 or None)
+    except StageFailed as exc:
+        return (False, str(exc))
+    return (True, "")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validation_failed(summary: str):
+    """Ends the run as failed after validate refused the data (its report stays as an artifact)."""
+    raise SystemExit(f"data validation failed; see the validate step's report artifact\n{summary}")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tokenize(splits: Input[Dataset], params: dict, base_model: str, tokens: Output[Dataset]):
+    from finetune.stages import config_for, run_tokenize
+
+    run_tokenize(config_for(params, {"model.base": base_model}), splits.path, tokens.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(tokens: Input[Dataset], params: dict, base_model: str, epochs: float, max_steps: int, batch_size: int,
+          learning_rate: float, checkpoint_dir: str, model: Output[Model], train_logs: Output[Artifact]):
+    from finetune.stages import config_for, run_train
+
+    cfg = config_for(params, {"model.base": base_model, "train.epochs": epochs, "train.max_steps": max_steps or None,
+                              "train.batch_size": batch_size, "train.learning_rate": learning_rate})
+    run_train(cfg, tokens.path, model.path, train_logs.path, checkpoint_dir or None)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluation: Output[Artifact],
+             metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
+    from finetune.stages import config_for, run_evaluate
+
+    result = run_evaluate(config_for(params), model.path, tokens.path, evaluation.path)
+    for key in ("accuracy", "macro_f1", "loss", "ece"):  # KFP UI: scalar metrics + confusion matrix
+        metrics.log_metric(key, result[key])
+    confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dataset], train_logs: Input[Artifact],
+             params: dict, model_name: str, gate_metric: str, min_improvement: float, floor: float, data_uri: str,
+             git_rev: str, run_name: str, registration: Output[Artifact]
+             ) -> NamedTuple("RegisterOutputs", version=str, alias=str):
+    """Needs MLFLOW_TRACKING_URI (and S3 credentials for the artifact store) in the environment."""
+    from finetune import tracking
+    from finetune.stages import config_for, run_register
+
+    cfg = config_for(params, {"register.model_name": model_name, "register.metric": gate_metric,
+                              "register.min_improvement": min_improvement, "register.floor": floor})
+    reg = run_register(cfg, model.path, evaluation.path, splits.path, train_logs.path, registration.path,
+                       {"data_uri": data_uri, "git_commit": git_rev, "kfp_run": run_name},
+                       *tracking.configure(require_env=True))
+    return (reg["version"], reg["alias"])

@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline: the DAG (finetune_pipeline.py), its compiled spec, and submission."""

@@ -1,0 +1,130 @@
+"""The five stages as ``run_<verb>(cfg, paths...)``: read inputs, call the pure core, write outputs.
+
+This is the one place where stage I/O happens. The `finetune` CLI (and so dvc.yaml) and the Kubeflow
+components both call these functions and nothing else, so the local and cluster paths cannot drift.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+log = logging.getLogger("finetune")
+
+
+class StageFailed(Exception):
+    """A stage refused its input: message for the user, no traceback."""
+
+
+def config_for(params: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """The typed config from a params.yaml-shaped dict plus ``{"section.key": value}`` overrides (KFP path)."""
+    import copy
+
+    from .config import config_from_dict
+
+    raw = copy.deepcopy(params)
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = value
+    return config_from_dict(raw)
+
+
+def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | Path | None = None,
+                 expected_md5: str | None = None) -> dict[str, Any]:
+    """``data`` is a path or a URI (s3://, dvc://). ``expected_md5``, when given, must match the fetched bytes."""
+    import tempfile
+
+    from .io import write_json
+    from .lineage import file_md5
+    from .sources import fetch
+    from .validate import failure_message, validate, write_splits
+
+    with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
+        local = fetch(str(data), tmp)
+        md5 = file_md5(local) if local.is_file() else None
+        if expected_md5 and md5 != expected_md5:
+            raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
+                              f"the data changed since the run was submitted")
+        result = validate(local, cfg.data, cfg.validate)
+    result.report.update(data=str(data), data_md5=md5)
+    if report is not None:  # the report is wanted even (especially) when validation fails
+        write_json(report, result.report)
+    if not result.ok:
+        raise StageFailed("validation failed, no splits written:\n" + failure_message(result.report))
+    write_splits(result, out)
+    log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
+    return result.report
+
+
+def run_tokenize(cfg: Config, splits: str | Path, out: str | Path) -> dict[str, Any]:
+    from .base_model import resolve_base
+    from .tokenize import read_splits, tokenize, write_tokens
+
+    frames, labels = read_splits(splits)
+    tokens, meta = tokenize(frames, labels, resolve_base(cfg.model.base), cfg.tokenize)
+    write_tokens(tokens, meta, out)
+    log.info("tokenized: %s", meta["stats"])
+    return meta
+
+
+def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Path,
+              checkpoints: str | Path | None = None) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from .base_model import resolve_base
+    from .io import write_json
+    from .tokenize import read_tokens
+    from .train import train, write_history
+
+    toks, meta = read_tokens(tokens)
+    result = train(toks, meta, resolve_base(cfg.model.base), cfg.train, model, checkpoints)
+    write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
+    write_history(result, logs)
+    log.info("trained %d steps in %.1fs (%.1f samples/s): val accuracy %.4f", result.steps, result.seconds,
+             result.samples_per_second, result.val_accuracy)
+    return {k: v for k, v in asdict(result).items() if k != "history"}
+
+
+def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
+    from .evaluate import evaluate, write_evaluation
+    from .tokenize import read_tokens
+
+    toks, meta = read_tokens(tokens, names=("test",))
+    result = evaluate(model, toks["test"], meta, cfg.evaluate, device=cfg.train.device)
+    write_evaluation(result, out)
+    log.info("test accuracy %.4f, macro-F1 %.4f", result.metrics["accuracy"], result.metrics["macro_f1"])
+    return result.metrics
+
+
+def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits: str | Path,
+                 train_logs: str | Path | None, out: str | Path, lineage: dict[str, Any],
+                 tracking_uri: str, artifact_location: str | None = None) -> dict[str, Any]:
+    import csv
+
+    import pandas as pd
+
+    from .io import read_json, write_json
+    from .lineage import split_hash
+    from .register import as_dict, register
+
+    metrics = read_json(Path(evaluation) / "metrics.json")
+    test = pd.read_parquet(Path(splits) / "test.parquet")
+    history = []
+    artifacts: dict[str, Path] = {"evaluation": Path(evaluation), "validation": Path(splits) / "report.json"}
+    if train_logs and Path(train_logs).is_dir():
+        with (Path(train_logs) / "loss.csv").open(encoding="utf-8") as fh:
+            history = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
+        artifacts["training"] = Path(train_logs)
+    reg = register(model, metrics, cfg.register, tracking_uri=tracking_uri, artifact_location=artifact_location,
+                   params=cfg.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
+                   test_hash=split_hash(test), test=(test["text"].tolist(), test["label"].tolist()),
+                   max_length=cfg.tokenize.max_length)
+    out_dict = as_dict(reg)
+    write_json(Path(out) / "registration.json", out_dict)
+    log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
+    return out_dict
+
+
