@@ -133,7 +133,9 @@ def _small_params():
     p["validate"].update(val_fraction=0.15, test_fraction=0.2)
     p["tokenize"]["max_length"] = 32
     p["train"].update(threads=2, checkpoint_every=0)
-    return p
+    from finetune.config import drop_none
+
+    return drop_none(p)  # as `finetune pipeline submit` does: KFP structs hold no nulls
 
 
 @pytest.mark.integration
@@ -155,9 +157,15 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
     assert run.data.tags["lineage.data_uri"] == str(data) and run.data.params["train.max_steps"] == "12"
     preds = mlflow.pyfunc.load_model("models:/kfp-it@champion").predict(["a joyous, moving film", "dull and stupid"])
     assert len(preds) == 2 and set(preds) <= {"fresh", "rotten"}
-    # KFP metrics artifact carries the scalar metrics and the confusion matrix
-    metrics = [p for p in kfp_local.rglob("*") if p.is_file() and p.parent.name == "metrics"]
-    assert metrics
+    # evaluate's Output[Metrics] / Output[ClassificationMetrics] carry the scalars and the confusion matrix
+    run_dir = max((p for p in kfp_local.iterdir() if (p / "register").is_dir()), key=lambda p: p.stat().st_mtime)
+    assert run.data.tags["lineage.kfp_run"], "the KFP run name is part of the lineage"
+    out = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]
+    scalars = out["metrics"]["artifacts"][0]["metadata"]
+    assert set(scalars) == {"accuracy", "macro_f1", "loss", "ece"} and 0 <= scalars["accuracy"] <= 1
+    cm = out["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert [a["displayName"] for a in cm["annotationSpecs"]] == ["fresh", "rotten"]
+    assert sum(sum(r["row"]) for r in cm["rows"]) == 80  # every test row counted once
 
 
 @pytest.mark.integration

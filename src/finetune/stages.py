@@ -103,9 +103,11 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
                  train_logs: str | Path | None, out: str | Path, lineage: dict[str, Any],
                  tracking_uri: str, artifact_location: str | None = None) -> dict[str, Any]:
     import csv
+    from dataclasses import asdict
 
     import pandas as pd
 
+    from .config import config_from_dict
     from .io import read_json, write_json
     from .lineage import split_hash
     from .register import as_dict, register
@@ -118,8 +120,11 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
         with (Path(train_logs) / "loss.csv").open(encoding="utf-8") as fh:
             history = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
         artifacts["training"] = Path(train_logs)
+    # Log the config the model was really trained with (saved beside it), plus this run's register settings.
+    trained = Path(model) / "finetune_config.json"
+    logged = config_from_dict({**read_json(trained), "register": asdict(cfg.register)}) if trained.is_file() else cfg
     reg = register(model, metrics, cfg.register, tracking_uri=tracking_uri, artifact_location=artifact_location,
-                   params=cfg.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
+                   params=logged.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
                    test_hash=split_hash(test), test=(test["text"].tolist(), test["label"].tolist()),
                    max_length=cfg.tokenize.max_length)
     out_dict = as_dict(reg)
