@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,10 +79,93 @@ def test_unreachable_registry_writes_nothing(tiny_classifier_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     from conftest import free_port
 
-    with pytest.raises(RegistryError, match="unreachable"):
-        register(tiny_classifier_dir, {"accuracy": 0.9}, CFG, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    cfg = RegisterConfig(**{**CFG.__dict__, "retries": 1, "retry_backoff": 0.1})
+    with pytest.raises(RegistryError, match="giving up after 2 attempt.*unreachable"):
+        register(tiny_classifier_dir, {"accuracy": 0.9}, cfg, tracking_uri=f"http://127.0.0.1:{free_port()}")
 
 
 def test_missing_metric_is_refused(tiny_classifier_dir, store):
     with pytest.raises(RegistryError, match="no 'accuracy'"):
         register(tiny_classifier_dir, {"f1": 0.9}, CFG, tracking_uri=store[0])
+
+
+def _versions(store, name="toy"):
+    from mlflow import MlflowClient
+
+    return sorted(int(v.version) for v in MlflowClient(store[0]).search_model_versions(f"name = '{name}'"))
+
+
+def test_rerun_of_the_same_pipeline_run_registers_once(tiny_classifier_dir, store):
+    a = _reg(tiny_classifier_dir, 0.8, store)
+    b = _reg(tiny_classifier_dir, 0.8, store)
+    assert a.version == b.version == "1" and b.reason.startswith("already registered") and b.alias == "champion"
+    assert _versions(store) == [1]
+
+
+def test_one_class_predictor_is_refused_whatever_its_accuracy(tiny_classifier_dir, store):
+    uri, art = store
+    r = register(tiny_classifier_dir, {"accuracy": 0.92, "macro_f1": 0.479}, CFG, tracking_uri=uri,
+                 artifact_location=art)
+    assert r.alias == "challenger" and "macro_f1=0.4790 is below min_macro_f1" in r.reason
+
+
+def test_transient_failure_is_retried_and_registers_exactly_once(tiny_classifier_dir, store, monkeypatch):
+    import mlflow
+
+    real = mlflow.register_model
+    calls = []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("artifact store down")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mlflow, "register_model", flaky)
+    cfg = RegisterConfig(**{**CFG.__dict__, "retry_backoff": 0.01})
+    uri, art = store
+    r = register(tiny_classifier_dir, {"accuracy": 0.8, "macro_f1": 0.8}, cfg, tracking_uri=uri, artifact_location=art)
+    assert len(calls) == 2 and r.alias == "champion" and _versions(store) == [int(r.version)]
+
+
+def test_failure_after_version_creation_leaves_nothing_and_keeps_the_champion(tiny_classifier_dir, store, monkeypatch):
+    from mlflow import MlflowClient
+
+    champ = _reg(tiny_classifier_dir, 0.7, store)
+    real = MlflowClient.set_model_version_tag
+
+    def broken(self, name, version, key, value):
+        if key == "complete":
+            raise ConnectionError("registry went away")
+        return real(self, name, version, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", broken)
+    cfg = RegisterConfig(**{**CFG.__dict__, "retries": 2, "retry_backoff": 0.01})
+    uri, art = store
+    kw = dict(tracking_uri=uri, artifact_location=art, test_hash="h1")
+    with pytest.raises(RegistryError, match="giving up after 3 attempt"):
+        register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, **kw)
+    assert _versions(store) == [1]  # the half-made versions were deleted
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("toy", "champion").version) == champ.version
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", real)  # the outage ends: rerun registers once
+    r = register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, **kw)
+    r2 = register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, **kw)
+    assert r.alias == "champion" and r2.version == r.version and len(_versions(store)) == 2
+
+
+def test_tampered_weights_are_refused_on_load(tiny_classifier_dir, store, monkeypatch):
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    r = _reg(tiny_classifier_dir, 0.8, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
+    assert len(mlflow.pyfunc.load_model(f"models:/toy/{r.version}").predict(["fine"])) == 1
+    stored = [p for p in Path(store[1].replace("file://", "")).rglob("model.safetensors")]
+    assert stored
+    for p in stored:
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0xFF
+        p.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="do not match the registered sha256"):
+        mlflow.pyfunc.load_model(f"models:/toy/{r.version}")

@@ -123,11 +123,16 @@ class RegisterConfig:
     metric: str = field(default="accuracy", metadata={"help": "primary metric of the gate (higher is better)"})
     min_improvement: float = field(default=0.0, metadata={"help": "must beat the champion by more than this"})
     floor: float = field(default=0.7, metadata={"help": "absolute minimum of the metric to become champion"})
+    min_macro_f1: float = field(default=0.5, metadata={"help": "refuse models under this macro-F1 (one-class "
+                                                                  "predictors), whatever the primary metric"})
+    retries: int = field(default=3, metadata={"help": "retries when the registry or artifact store fails"})
+    retry_backoff: float = field(default=2.0, metadata={"help": "first retry delay in seconds, doubled each time"})
 
     def __post_init__(self) -> None:
         _check(bool(self.model_name), "register.model_name must be set")
         _check(self.metric in METRICS_FOR_GATE, f"register.metric must be one of {METRICS_FOR_GATE}")
         _check(self.min_improvement >= 0, "register.min_improvement must be >= 0")
+        _check(self.retries >= 0 and self.retry_backoff >= 0, "register.retries and retry_backoff must be >= 0")
 
 
 @dataclass

@@ -21,6 +21,7 @@ class TextClassifier(PythonModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = context.artifacts["model"]
+        self._check_weights(path, (context.model_config or {}).get("weights_sha256") or {})
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -28,6 +29,21 @@ class TextClassifier(PythonModel):
         cfg = self.model.config
         self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
         self.max_length = int(context.model_config.get("max_length", 512)) if context.model_config else 512
+
+    @staticmethod
+    def _check_weights(path: str, expected: dict) -> None:
+        """Refuse weights that differ from what was registered (tampered or corrupt artifact store)."""
+        import hashlib
+        import os
+
+        for name, digest in expected.items():
+            h = hashlib.sha256()
+            with open(os.path.join(path, name), "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                raise RuntimeError(f"model weights {name} do not match the registered sha256 {digest}: "
+                                   f"refusing to load a modified artifact")
 
     def predict_proba(self, texts: list[str]):
         torch = self.torch

@@ -7,7 +7,10 @@ alias moves before the version is complete.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,9 +49,16 @@ class Registration:
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
-def gate(value: float, champion_value: float | None, cfg: RegisterConfig) -> Decision:
-    """Promote when the metric clears the floor and beats the champion by more than min_improvement."""
+def gate(value: float, champion_value: float | None, cfg: RegisterConfig, macro_f1: float | None = None) -> Decision:
+    """Promote when the metric clears the floor and beats the champion by more than min_improvement.
+
+    A model whose macro-F1 is under ``min_macro_f1`` is refused whatever its primary metric: on a skewed test
+    set a model that predicts one class only can have high accuracy.
+    """
     m = cfg.metric
+    if macro_f1 is not None and macro_f1 < cfg.min_macro_f1:
+        return Decision(False, f"macro_f1={macro_f1:.4f} is below min_macro_f1 {cfg.min_macro_f1} "
+                               f"(the model ignores some classes)")
     if value < cfg.floor:
         return Decision(False, f"{m}={value:.4f} is below the floor {cfg.floor}")
     if champion_value is None:
@@ -83,9 +93,11 @@ def champion_score(client, cfg: RegisterConfig, test_hash: str | None,
 
     try:
         mv = client.get_model_version_by_alias(cfg.model_name, CHAMPION)
-    except MlflowException:
-        return None, None
-    info = {"version": mv.version, "run_id": mv.run_id}
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None, None
+        raise
+    info = {"version": str(mv.version), "run_id": mv.run_id}
     tags = mv.tags or {}
     if test_hash and tags.get("test_data_hash") == test_hash and cfg.metric in tags:
         info["source"] = "logged on the same test data"
@@ -103,69 +115,177 @@ def champion_score(client, cfg: RegisterConfig, test_hash: str | None,
     return info, info["value"]
 
 
+def weights_sha256(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of each safetensors file: recorded with the version, checked when the model is loaded."""
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
 def register(model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig, *, tracking_uri: str,
              artifact_location: str | None = None, params: dict[str, Any] | None = None,
              lineage: dict[str, Any] | None = None, loss_history: list[dict[str, float]] | None = None,
              artifacts: dict[str, str | Path] | None = None, test_hash: str | None = None,
-             test: tuple[list[str], list[str]] | None = None, max_length: int = 512) -> Registration:
-    """Log, register and gate one model. ``artifacts`` maps artifact sub-folder -> local file or folder."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
+             test: tuple[list[str], list[str]] | None = None, max_length: int = 512,
+             pipeline_run: str | None = None) -> Registration:
+    """Log, register and gate one model. ``artifacts`` maps artifact sub-folder -> local file or folder.
 
+    Idempotent per pipeline run: the run key hashes the weights, the test data, the register settings and
+    ``pipeline_run`` (e.g. the KFP run name), so a rerun after an outage finds the finished version instead of
+    registering a second one. Transient registry/storage failures are retried ``cfg.retries`` times with
+    exponential backoff, then reported.
+    """
     if cfg.metric not in metrics:
         raise RegistryError(f"metrics have no '{cfg.metric}' (register.metric); found {sorted(metrics)}")
-    value = float(metrics[cfg.metric])
-    lineage = dict(lineage or {})
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    try:  # fail early and clearly when the registry is unreachable, before anything is written
-        exp = client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, artifact_location)
-    except Exception as exc:
-        raise RegistryError(f"MLflow tracking server {tracking_uri} is unreachable or refused: {exc}") from exc
-
-    champ_info, champ_value = champion_score(client, cfg, test_hash, test)
-    decision = gate(value, champ_value, cfg)
-    version = None
-    with mlflow.start_run(experiment_id=exp_id) as run:
+    # Bound MLflow's own HTTP retries (its default waits minutes); ours wrap the whole registration.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    run_key = hashlib.sha256(json.dumps([weights_sha256(model_dir), test_hash, value_key(metrics), asdict(cfg),
+                                         pipeline_run], sort_keys=True).encode()).hexdigest()[:32]
+    delay = cfg.retry_backoff
+    for attempt in range(cfg.retries + 1):
         try:
-            mlflow.log_params({k: str(v)[:6000] for k, v in (params or {}).items()})
+            return _register_once(model_dir, metrics, cfg, tracking_uri, artifact_location, params or {},
+                                  dict(lineage or {}), loss_history or [], artifacts or {}, test_hash, test,
+                                  max_length, run_key)
+        except RegistryUnavailable as exc:
+            if attempt == cfg.retries:
+                raise RegistryError(f"giving up after {cfg.retries + 1} attempt(s): {exc}") from exc
+            log.warning("registry attempt %d failed (%s); retrying in %.1fs", attempt + 1, exc, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def value_key(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k in ("accuracy", "macro_f1", "loss")}
+
+
+class RegistryUnavailable(RegistryError):
+    """The tracking server or its artifact store failed: worth retrying."""
+
+
+def _existing(client, cfg: RegisterConfig, run_key: str | None):
+    """The finished version of this pipeline run, if any, after deleting unfinished ones (no 'complete' tag)."""
+    if not run_key:
+        return None
+    done = None
+    for mv in client.search_model_versions(f"name = '{cfg.model_name}'"):
+        tags = mv.tags or {}
+        if tags.get("run_key") != run_key:
+            continue
+        if tags.get("complete") == "true":
+            done = done or client.get_model_version(cfg.model_name, mv.version)
+        else:
+            client.delete_model_version(cfg.model_name, mv.version)
+    return done
+
+
+def _move_alias(client, cfg: RegisterConfig, version: str, value: float, macro_f1: float | None, test_hash, test
+                ) -> tuple[Decision, dict[str, Any] | None]:
+    """Gate against the champion *at move time*, move the alias, then verify: if a concurrent registration
+    overwrote ``champion`` meanwhile, compare with that one and go again. Better models win in the end."""
+    for _ in range(5):
+        champ_info, champ_value = champion_score(client, cfg, test_hash, test)
+        if champ_info and champ_info["version"] == version:
+            champ_info, champ_value = None, None
+        decision = gate(value, champ_value, cfg, macro_f1)
+        if not decision.promote:
+            client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+            return decision, champ_info
+        time.sleep(float(os.environ.get("FINETUNE_ALIAS_DELAY", "0")))  # fault injection for the race test
+        client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+        time.sleep(0.2)
+        if str(client.get_model_version_by_alias(cfg.model_name, CHAMPION).version) == version:
+            return decision, champ_info
+    raise RegistryUnavailable("the champion alias kept changing under concurrent registrations")
+
+
+def _log_and_register(client, model_dir, metrics, cfg: RegisterConfig, exp_id, params, lineage, loss_history,
+                      artifacts, test_hash, max_length, run_key) -> tuple[str, str]:
+    """One MLflow run + one model version tagged complete, or nothing: a failure deletes the version."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    hashes = weights_sha256(model_dir)
+    version = None
+    try:
+        with mlflow.start_run(experiment_id=exp_id) as run:
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             for lab, row in (metrics.get("per_class") or {}).items():
                 flat.update({f"{k}_{lab}": float(v) for k, v in row.items()})
             mlflow.log_metrics(flat)
             stamp = int(time.time() * 1000)
-            hist = [Metric("train_loss", h["loss"], stamp, int(h["step"])) for h in loss_history or []]
+            hist = [Metric("train_loss", h["loss"], stamp, int(h["step"])) for h in loss_history]
             for i in range(0, len(hist), 1000):
                 client.log_batch(run.info.run_id, metrics=hist[i:i + 1000])
             mlflow.set_tags({f"lineage.{k}": str(v) for k, v in lineage.items()})
-            for sub, path in (artifacts or {}).items():
+            for sub, path in artifacts.items():
                 p = Path(path)
                 (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), sub)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"model": str(model_dir)},
-                model_config={"max_length": max_length},
+                model_config={"max_length": max_length, "weights_sha256": hashes},
                 pip_requirements=_pip_requirements())
-            mv = mlflow.register_model(info.model_uri, cfg.model_name,
-                                       tags={"test_data_hash": test_hash or "", cfg.metric: str(value),
-                                             "run_id": run.info.run_id})
-            version = mv.version
-            client.set_model_version_tag(cfg.model_name, version, "gate", decision.reason)
-            mlflow.set_tags({"gate.promoted": str(decision.promote), "gate.reason": decision.reason,
-                             "model_version": version})
-            # The alias moves last: once it points at the version, everything else is in place.
-            client.set_registered_model_alias(cfg.model_name, CHAMPION if decision.promote else CHALLENGER, version)
-        except Exception as exc:
-            if version is not None:  # never leave a version behind that the gate did not finish with
-                try:
-                    client.delete_model_version(cfg.model_name, version)
-                except Exception:  # registry gone mid-way: report the original error
-                    log.warning("could not delete half-registered version %s", version)
-            raise RegistryError(f"registering {cfg.model_name} failed: {exc}") from exc
-    return Registration(cfg.model_name, str(version), CHAMPION if decision.promote else CHALLENGER,
-                        decision.promote, decision.reason, cfg.metric, value, champ_info, run.info.run_id,
-                        tracking_uri, f"models:/{cfg.model_name}/{version}", lineage)
+            tags = {"test_data_hash": test_hash or "", "run_id": run.info.run_id, "run_key": run_key or "",
+                    "weights_sha256": ",".join(f"{k}={v}" for k, v in hashes.items())}
+            tags.update({k: str(metrics[k]) for k in ("accuracy", "macro_f1") if k in metrics})
+            version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
+            client.set_model_version_tag(cfg.model_name, version, "complete", "true")
+            return version, run.info.run_id
+    except Exception as exc:
+        if version is not None:  # never leave a version behind half-made
+            try:
+                client.delete_model_version(cfg.model_name, version)
+            except Exception:  # registry gone mid-way: the next attempt's _existing() removes it
+                log.warning("could not delete unfinished version %s", version)
+        raise RegistryUnavailable(f"registering {cfg.model_name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _register_once(model_dir, metrics, cfg: RegisterConfig, tracking_uri, artifact_location, params, lineage,
+                   loss_history, artifacts, test_hash, test, max_length, run_key) -> Registration:
+    import mlflow
+    from mlflow import MlflowClient
+
+    value = float(metrics[cfg.metric])
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:  # fail early and clearly when the registry is unreachable, before anything is written
+        exp = client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, artifact_location)
+        done = _existing(client, cfg, run_key)
+    except Exception as exc:
+        raise RegistryUnavailable(f"MLflow tracking server {tracking_uri} is unreachable or refused: {exc}") from exc
+    if done is not None and set(done.aliases or []) & {CHAMPION, CHALLENGER}:
+        alias = CHAMPION if CHAMPION in done.aliases else CHALLENGER
+        log.info("pipeline run %s is already registered as version %s; nothing to do", run_key, done.version)
+        return Registration(cfg.model_name, str(done.version), alias, alias == CHAMPION,
+                            f"already registered: {(done.tags or {}).get('gate', '')}", cfg.metric, value, None,
+                            done.run_id, tracking_uri, f"models:/{cfg.model_name}/{done.version}", lineage)
+    if done is not None:
+        version, run_id = str(done.version), done.run_id
+    else:
+        version, run_id = _log_and_register(client, model_dir, metrics, cfg, exp_id, params, lineage, loss_history,
+                                            artifacts, test_hash, max_length, run_key)
+    try:  # the alias moves last, once the version is complete
+        decision, champ_info = _move_alias(client, cfg, version, value, metrics.get("macro_f1"), test_hash, test)
+        client.set_model_version_tag(cfg.model_name, version, "gate", decision.reason)
+        client.set_tag(run_id, "gate.promoted", str(decision.promote))
+        client.set_tag(run_id, "gate.reason", decision.reason)
+        client.set_tag(run_id, "model_version", version)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryUnavailable(f"moving the alias of {cfg.model_name} v{version} failed: {exc}") from exc
+    return Registration(cfg.model_name, version, CHAMPION if decision.promote else CHALLENGER, decision.promote,
+                        decision.reason, cfg.metric, value, champ_info, run_id, tracking_uri,
+                        f"models:/{cfg.model_name}/{version}", lineage)
 
 
 def _pip_requirements() -> list[str]:

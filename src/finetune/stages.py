@@ -126,7 +126,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     reg = register(model, metrics, cfg.register, tracking_uri=tracking_uri, artifact_location=artifact_location,
                    params=logged.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
                    test_hash=split_hash(test), test=(test["text"].tolist(), test["label"].tolist()),
-                   max_length=cfg.tokenize.max_length)
+                   max_length=cfg.tokenize.max_length, pipeline_run=lineage.get("kfp_run"))
     out_dict = as_dict(reg)
     write_json(Path(out) / "registration.json", out_dict)
     log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
