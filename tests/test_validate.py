@@ -156,3 +156,80 @@ def test_cli_subprocess_exit_code_and_message(tmp_path):
     assert "rule 'text_not_null' failed column 'text'" in proc.stderr and "row(s) 13" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# More hostile inputs. Each builder makes the input under tmp_path and returns (path argument, rule, a fragment
+# the message must contain, extra params). Paths may be relative: the CLI runs with tmp_path/ws as cwd.
+def _utf16(t):
+    (t / "d.csv").write_bytes(("text,label\n" + _good_rows()).encode("utf-16"))  # BOM FF FE, then UTF-16
+    return "d.csv", "utf8_encoding", "byte 0", ""
+
+
+def _huge_text(t):
+    (t / "d.csv").write_text("text,label\n" + _good_rows() + "x" * 10_000_000 + ",fresh\n")
+    return "d.csv", "text_length", "13", ""
+
+
+def _truncated_gzip(t):
+    import gzip
+
+    (t / "d.csv.gz").write_bytes(gzip.compress(_csv("text,label\n" + _good_rows(50)))[:-30])
+    return "d.csv.gz", "compression", "truncated", ""
+
+
+def _parquet_wrong_schema(t):
+    pd.DataFrame({"text": list(range(14)), "label": ["fresh", "rotten"] * 7}).to_parquet(t / "d.parquet")
+    return "d.parquet", "text_is_string", "row(s) 1", ""
+
+
+def _directory(t):
+    (t / "adir.csv").mkdir()
+    return "adir.csv", "file_exists", "is a directory", ""
+
+
+def _symlink_out(t):
+    (t.parent / "outside.csv").write_text("text,label\n" + _good_rows())
+    (t / "link.csv").symlink_to(t.parent / "outside.csv")
+    return "link.csv", "path_in_workspace", "outside the workspace", ""
+
+
+def _mixed_label_types(t):
+    rows = [{"text": f"t{i}", "label": "fresh" if i % 2 else "rotten"} for i in range(12)] + [{"text": "x", "label": 1}]
+    (t / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return "d.jsonl", "label_single_type", "13", ""
+
+
+def _duplicates_refused(t):
+    (t / "d.csv").write_text("text,label\n" + _good_rows() + "good movie 2,fresh\n")
+    return "d.csv", "no_duplicate_texts", "13", "  duplicates: fail\n"
+
+
+def _quoted_empty(t):
+    (t / "d.csv").write_text("text,label\n" + _good_rows() + '"",rotten\n')
+    return "d.csv", "text_not_null", "13", ""
+
+
+MORE_BAD = {f.__name__.strip("_"): f for f in (_utf16, _huge_text, _truncated_gzip, _parquet_wrong_schema, _directory,
+                                                 _symlink_out, _mixed_label_types, _duplicates_refused, _quoted_empty)}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_BAD))
+def test_more_hostile_inputs(case, tmp_path, capsys, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    arg, rule, where, extra = MORE_BAD[case](ws)
+    monkeypatch.chdir(ws)
+    params = write_params(tmp_path, extra=extra)
+    before = sorted(p.name for p in ws.iterdir())
+    code = main(["validate", "--params", str(params), "--data", arg, "--out", "out", "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"rule '{rule}' failed" in err and where in err and arg in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in ws.iterdir()) == before  # nothing written next to the data
+    assert json.loads((tmp_path / "r.json").read_text())["success"] is False
+
+
+def test_bom_utf8_file_is_fine(tmp_path):
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + _csv("text,label\n" + _good_rows(10)))
+    r = validate(tmp_path / "d.csv", DataConfig(), CFG)
+    assert r.ok and "text" in r.report["columns"]

@@ -49,12 +49,19 @@ def _decode(raw: bytes, path: Path) -> str:
                         f"{raw[exc.start:exc.start + 4]!r}; re-save the file as UTF-8", path, [line]) from exc
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, workspace: str | Path | None = None) -> pd.DataFrame:
     """Read CSV/TSV/JSONL/Parquet (optionally compressed) into a frame whose index is the 1-based row number.
 
+    ``workspace``: a path given inside it must not lead out of it through a symlink.
     Raises DataError with the rule broken, never a bare parser traceback.
     """
     p = Path(path)
+    if workspace is not None and not p.is_absolute():
+        ws = Path(workspace).resolve()
+        real = (Path(workspace) / p).resolve()
+        if ws not in real.parents and real != ws:
+            raise DataError("path_in_workspace", f"resolves to {real}, outside the workspace {ws} "
+                            f"(a symlink pointing out of the project); copy the file in or pass its real path", p)
     if not p.exists():
         raise DataError("file_exists", "file not found", p)
     if p.is_dir():

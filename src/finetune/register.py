@@ -7,11 +7,14 @@ alias moves before the version is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import random
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,24 +189,49 @@ def _existing(client, cfg: RegisterConfig, run_key: str | None):
     return done
 
 
+LOCK_TAG = "finetune.alias_lock"
+
+
+@contextlib.contextmanager
+def _alias_lock(client, name: str, ttl: float = 120.0, settle: float = 0.5):
+    """Serialize alias moves across concurrent pipelines with a lease kept as a registered-model tag.
+
+    MLflow has no compare-and-set, so a writer sets the tag, waits ``settle`` seconds and reads it back: of
+    two writers racing, only the last one's value survives and only that writer proceeds. A crashed holder's
+    lease expires after ``ttl`` seconds.
+    """
+    owner = uuid.uuid4().hex
+    deadline = time.time() + 2 * ttl
+    while True:
+        held = (client.get_registered_model(name).tags or {}).get(LOCK_TAG, "")
+        holder, _, expiry = held.partition("@")
+        if not holder or float(expiry or 0) < time.time():
+            client.set_registered_model_tag(name, LOCK_TAG, f"{owner}@{time.time() + ttl}")
+            time.sleep(settle)
+            if (client.get_registered_model(name).tags or {}).get(LOCK_TAG, "").startswith(owner + "@"):
+                break
+        if time.time() > deadline:
+            raise RegistryUnavailable(f"could not take the alias lock of {name} (held by {holder})")
+        time.sleep(settle * (1 + random.random()))
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model_tag(name, LOCK_TAG)
+        except Exception:  # the lease expires by itself
+            log.warning("could not release the alias lock of %s", name)
+
+
 def _move_alias(client, cfg: RegisterConfig, version: str, value: float, macro_f1: float | None, test_hash, test
                 ) -> tuple[Decision, dict[str, Any] | None]:
-    """Gate against the champion *at move time*, move the alias, then verify: if a concurrent registration
-    overwrote ``champion`` meanwhile, compare with that one and go again. Better models win in the end."""
-    for _ in range(5):
+    """Under the lock: gate against the champion as it is *now* (another pipeline may have promoted since this
+    one started), then move the alias."""
+    with _alias_lock(client, cfg.model_name):
         champ_info, champ_value = champion_score(client, cfg, test_hash, test)
-        if champ_info and champ_info["version"] == version:
-            champ_info, champ_value = None, None
         decision = gate(value, champ_value, cfg, macro_f1)
-        if not decision.promote:
-            client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-            return decision, champ_info
-        time.sleep(float(os.environ.get("FINETUNE_ALIAS_DELAY", "0")))  # fault injection for the race test
-        client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-        time.sleep(0.2)
-        if str(client.get_model_version_by_alias(cfg.model_name, CHAMPION).version) == version:
-            return decision, champ_info
-    raise RegistryUnavailable("the champion alias kept changing under concurrent registrations")
+        time.sleep(float(os.environ.get("FINETUNE_ALIAS_DELAY", "0")))  # fault injection: widen the race window
+        client.set_registered_model_alias(cfg.model_name, CHAMPION if decision.promote else CHALLENGER, version)
+    return decision, champ_info
 
 
 def _log_and_register(client, model_dir, metrics, cfg: RegisterConfig, exp_id, params, lineage, loss_history,

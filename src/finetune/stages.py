@@ -48,7 +48,7 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
         if expected_md5 and md5 != expected_md5:
             raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
                               f"the data changed since the run was submitted")
-        result = validate(local, cfg.data, cfg.validate)
+        result = validate(local, cfg.data, cfg.validate, workspace=Path.cwd())
     result.report.update(data=str(data), data_md5=md5)
     if report is not None:  # the report is wanted even (especially) when validation fails
         write_json(report, result.report)

@@ -109,8 +109,10 @@ def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame
     return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
 
 
-def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig) -> ValidationResult:
-    """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label)."""
+def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
+             workspace: str | Path | None = None) -> ValidationResult:
+    """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
+    A relative ``data_path`` may not leave ``workspace`` through a symlink."""
     path = str(data_path)
     text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
     report: dict[str, Any] = {"data": path, "rules": [], "success": False}
@@ -121,7 +123,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig) -
         return ValidationResult(False, report)
 
     try:
-        df = read_table(path)
+        df = read_table(path, workspace)
     except DataError as e:
         return fail([_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)])
     report["rows"] = int(len(df))
