@@ -34,7 +34,7 @@ def _train_cmd(root: Path, tokens: Path, base: Path) -> list[str]:
     params = root / "params.yaml"
     params.write_text("{}\n")
     return [str(BIN / "finetune"), "train", "--params", str(params), "--tokens", str(tokens),
-            "--model", str(root / "model"), "--logs", str(root / "logs"), "--checkpoints", str(root / "ckpt"),
+            "--model", str(root / "model"), "--train-logs", str(root / "logs"), "--checkpoints", str(root / "ckpt"),
             "--set", f"model.base={base}", "--set", "train.max_steps=300", "--set", "train.epochs=100",
             "--set", "train.batch_size=8", "--set", "train.learning_rate=3e-3", "--set", "train.checkpoint_every=25",
             "--set", "train.threads=1"]

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", parents=[common], help="fine-tune the base model")
     s.add_argument("--tokens", default="out/tokenize")
     s.add_argument("--model", default="out/model", help="folder for the fine-tuned model")
-    s.add_argument("--logs", default="out/train", help="folder for loss.csv and summary.json")
+    s.add_argument("--train-logs", default="out/train", help="folder for loss.csv, val.csv and summary.json")
     s.add_argument("--checkpoints", default="out/checkpoints", help="checkpoint folder ('' = no checkpoints)")
 
     s = sub.add_parser("evaluate", parents=[common], help="score the model on the test split")
@@ -131,7 +131,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
     elif args.command == "tokenize":
         run_tokenize(cfg, args.splits, args.out)
     elif args.command == "train":
-        run_train(cfg, args.tokens, args.model, args.logs, args.checkpoints or None)
+        run_train(cfg, args.tokens, args.model, args.train_logs, args.checkpoints or None)
     elif args.command == "evaluate":
         run_evaluate(cfg, args.model, args.tokens, args.out)
     elif args.command == "register":

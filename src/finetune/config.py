@@ -80,6 +80,18 @@ class TokenizeConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = field(default=False, metadata={"help": "train LoRA adapters (+ the head) instead of all weights"})
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1 and self.alpha >= 1 and 0 <= self.dropout < 1, "train.lora: r, alpha >= 1, dropout in [0,1)")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = field(default=2, metadata={"help": "passes over the training split"})
     max_steps: int | None = field(default=None, metadata={"help": "optional cap on optimizer steps"})
@@ -93,6 +105,13 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "progress log line every N steps when not on a terminal"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = all cores"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_tokens: int = field(default=0, metadata={"help": "token budget per micro-batch (padded); 0 = batch_size rows"})
+    pad_to_multiple_of: int = field(default=8, metadata={"help": "round padded length up: fewer shapes, tensor cores"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU; pays off on long runs)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fused attention) or eager"})
+    eval_every: int = field(default=0, metadata={"help": "validation every N steps; 0 = at each epoch end"})
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs must be > 0")
@@ -102,6 +121,10 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
         _check(self.device in ("auto", "cuda", "cpu"), "train.device must be auto, cuda or cpu")
         _check(self.checkpoint_every >= 0 and self.log_every >= 1, "train.checkpoint_every >= 0, log_every >= 1")
+        _check(self.grad_accum_steps >= 1 and self.max_tokens >= 0 and self.pad_to_multiple_of >= 1,
+               "train: grad_accum_steps >= 1, max_tokens >= 0, pad_to_multiple_of >= 1")
+        _check(self.attn_implementation in ("sdpa", "eager"), "train.attn_implementation must be sdpa or eager")
+        _check(self.eval_every >= 0, "train.eval_every must be >= 0")
 
 
 @dataclass

@@ -7,6 +7,7 @@ components both call these functions and nothing else, so the local and cluster 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
 
     toks, meta = read_tokens(tokens)
     result = train(toks, meta, resolve_base(cfg.model.base), cfg.train, model, checkpoints)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
+        return {}
     write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
     write_history(result, logs)
     log.info("trained %d steps in %.1fs (%.1f samples/s): val accuracy %.4f", result.steps, result.seconds,

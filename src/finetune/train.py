@@ -8,6 +8,7 @@ a rerun with the same config resumes from the newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,9 @@ class TrainResult:
     seconds: float
     samples_per_second: float
     resumed_from_step: int = 0
+    parameters: int = 0
+    trainable_parameters: int = 0
+    world_size: int = 1
     history: list[dict[str, float]] = field(default_factory=list)  # one row per step: step, loss, lr
     val_history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch end
 
@@ -131,12 +135,68 @@ class _Progress:
             self.bar.close()
 
 
+class _Dist:
+    """torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK): data-parallel training, or a no-op for one process."""
+
+    def __init__(self, device_pref: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            use_cuda = device_pref != "cpu" and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(self.local_rank)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+        return value
+
+
+def _build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    mcfg = AutoConfig.from_pretrained(str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                      label2id={lab: i for i, lab in enumerate(labels)}, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), config=mcfg, local_files_only=True, use_safetensors=True,
+        attn_implementation=cfg.attn_implementation)
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
+
+        # SEQ_CLS keeps the new classification head fully trainable next to the adapters.
+        model = get_peft_model(model, PeftLora(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                               lora_dropout=cfg.lora.dropout,
+                                               target_modules=list(cfg.lora.target_modules)))
+    return model.to(device), mcfg
+
+
+def _exportable(model):
+    """The plain transformers model to save: LoRA merged into the base weights, so loading needs no peft."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: str | Path, cfg: TrainConfig,
           model_out: str | Path, checkpoint_dir: str | Path | None = None,
           on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
-    """Fine-tune ``base_model`` on ``tokens['train']``; write the model folder to ``model_out`` atomically."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """Fine-tune ``base_model`` on ``tokens['train']``; write the model folder to ``model_out`` atomically.
 
+    Under torchrun every rank takes an equal share of each global batch; the loss is normalised by the global
+    batch, so the update equals a single process's with the same ``batch_size`` (up to dropout noise).
+    """
     base = Path(base_model)
     tok = load_tokenizer(base)
     if tokenizer_fingerprint(tok) != meta["tokenizer"]:
@@ -145,24 +205,31 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     labels = meta["labels"]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    dist = _Dist(cfg.device)
+    device = torch.device("cuda", dist.local_rank) if dist.world > 1 and pick_device(cfg.device).type == "cuda" \
+        else pick_device(cfg.device)
     seed_everything(cfg.seed)
-    mcfg = AutoConfig.from_pretrained(str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                      label2id={lab: i for i, lab in enumerate(labels)}, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), config=mcfg, local_files_only=True,
-                                                               use_safetensors=True).to(device)
+    model, mcfg = _build_model(base, labels, cfg, device)
+    torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 below
     if mcfg.vocab_size < meta["tokenizer"]["vocab_size"]:
         raise TrainingError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['tokenizer']['vocab_size']}")
 
     train_split = tokens["train"]
-    per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+    k = cfg.grad_accum_steps
+
+    def steps_of(epoch: int) -> list[list[np.ndarray]]:  # optimizer steps of one epoch, k micro-batches each
+        plan = epoch_batches(train_split, cfg.batch_size, cfg.seed, epoch, max_tokens=cfg.max_tokens)
+        return [plan[i:i + k] for i in range(0, len(plan), k)]
+
+    per_epoch = len(steps_of(0))
     total = math.ceil(cfg.epochs * per_epoch)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * total)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in n else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
                             fused=device.type == "cuda")
@@ -176,62 +243,103 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     if latest is not None:
         start, history = _load_checkpoint(latest, model, opt, sched)
         log.info("resuming from checkpoint %s (step %d of %d)", latest, start, total)
-    elif ckpt_root is not None and ckpt_root.exists():
+    elif ckpt_root is not None and ckpt_root.exists() and dist.main:
         shutil.rmtree(ckpt_root)  # checkpoints of another config/data: never resume from them
+    dist.barrier()
+
+    runner = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        runner = torch.compile(runner)
 
     pad_id = tok.pad_token_id or 0
+    mult = min(cfg.pad_to_multiple_of, max(1, getattr(mcfg, "max_position_embeddings", 512)))
     use_bf16 = device.type == "cuda"
-    progress = _Progress(total, start, cfg.log_every)
+    progress = _Progress(total, start, cfg.log_every) if dist.main else None
     val_history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     samples = 0
     step = start
-    model.train()
+    epoch, done_before = 0, 0  # find the epoch and offset of `start` (epochs can differ in length with max_tokens)
+    while done_before + len(steps_of(epoch)) <= start and done_before + len(steps_of(epoch)) < total:
+        done_before += len(steps_of(epoch))
+        epoch += 1
+    runner.train()
     while step < total:
-        epoch = step // per_epoch
-        plan = epoch_batches(train_split, cfg.batch_size, cfg.seed, epoch)
-        for idx in plan[step - epoch * per_epoch:]:
-            b = {k: v.to(device, non_blocking=True) for k, v in collate(train_split, idx, pad_id).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**b).loss
-            if not torch.isfinite(loss):
-                progress.close()
-                raise TrainingError(f"loss became {loss.item()} at step {step + 1}: training diverged "
+        groups = steps_of(epoch)
+        for group in groups[step - done_before:]:
+            n_global = sum(len(idx) for idx in group)
+            loss_sum = torch.zeros((), device=device)
+            for j, idx in enumerate(group):
+                part = idx[dist.rank::dist.world]
+                b = collate(train_split, part, pad_id, mult)
+                if device.type == "cuda":
+                    b = {key: v.pin_memory() for key, v in b.items()}
+                b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
+                sync = contextlib.nullcontext() if j == len(group) - 1 or dist.world == 1 else runner.no_sync()
+                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = runner(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    # sum over this rank's rows / rows of the whole step: DDP's gradient averaging over ranks
+                    # then yields exactly the mean over the global batch
+                    ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="sum")
+                    (ce * dist.world / n_global).backward()
+                loss_sum += ce.detach()
+            loss = float(dist.sum(loss_sum)) / n_global
+            if not math.isfinite(loss):
+                if progress:
+                    progress.close()
+                raise TrainingError(f"loss became {loss} at step {step + 1}: training diverged "
                                     f"(try a lower train.learning_rate, now {cfg.learning_rate})")
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            samples += len(idx)
-            row = {"step": step, "loss": float(loss.item()), "lr": sched.get_last_lr()[0]}
+            samples += n_global
+            row = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0]}
             history.append(row)
             if on_step:
                 on_step(row)
-            progress.update(step, row["loss"], samples / (time.perf_counter() - t0))
+            if progress:
+                progress.update(step, loss, samples / (time.perf_counter() - t0))
             if ckpt_root is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                _save_checkpoint(ckpt_root, step, fp, model, opt, sched, history)
-            if step % per_epoch == 0 or step == total:
-                val_history.append({"step": step, **_val_metrics(model, tokens.get("val"), pad_id, device)})
-                model.train()
+                if dist.main:
+                    _save_checkpoint(ckpt_root, step, fp, model, opt, sched, history)
+                dist.barrier()
+            end_of_epoch = step - done_before == len(groups)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) \
+                    or step == total:
+                if dist.main:
+                    val_history.append({"step": step, **_val_metrics(model, tokens.get("val"), pad_id, device)})
+                dist.barrier()
+                runner.train()
             if step >= total:
                 break
-    progress.close()
+        done_before += len(groups)
+        epoch += 1
+    if progress:
+        progress.close()
     seconds = time.perf_counter() - t0
 
-    with atomic_dir(model_out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    if ckpt_root is not None:  # the finished model supersedes them; they only serve a killed run
-        for old in ckpt_root.glob("step-*"):
-            shutil.rmtree(old, ignore_errors=True)
+    if dist.main:
+        with atomic_dir(model_out) as tmp:
+            _exportable(model).save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        if ckpt_root is not None:  # the finished model supersedes them; they only serve a killed run
+            for old in ckpt_root.glob("step-*"):
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     last = val_history[-1] if val_history else {"val_loss": float("nan"), "val_accuracy": float("nan")}
     tail = [h["loss"] for h in history[-max(1, min(20, len(history))):]]
     return TrainResult(steps=step, epochs_run=round(step / per_epoch, 3), final_loss=float(np.mean(tail)),
                        val_loss=last["val_loss"], val_accuracy=last["val_accuracy"], device=str(device),
                        seconds=round(seconds, 2), samples_per_second=round(samples / max(seconds, 1e-9), 2),
-                       resumed_from_step=start, history=history, val_history=val_history)
+                       resumed_from_step=start, parameters=sum(p.numel() for p in model.parameters()),
+                       trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       world_size=dist.world, history=history, val_history=val_history)
 
 
 def _val_metrics(model, split: TokenizedSplit | None, pad_id: int, device: torch.device) -> dict[str, float]:
@@ -252,5 +360,8 @@ def write_history(result: TrainResult, out_dir: str | Path) -> None:
         fh.write("step,loss,lr\n")
         fh.writelines(f"{h['step']},{h['loss']:.6f},{h['lr']:.8g}\n" for h in result.history)
     tmp.replace(out / "loss.csv")
+    with (out / "val.csv").open("w", encoding="utf-8") as fh:
+        fh.write("step,val_loss,val_accuracy\n")
+        fh.writelines(f"{h['step']},{h['val_loss']:.6f},{h['val_accuracy']:.6f}\n" for h in result.val_history)
     summary = {k: v for k, v in asdict(result).items() if k not in ("history",)}
     write_json(out / "summary.json", summary)
