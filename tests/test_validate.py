@@ -233,3 +233,13 @@ def test_bom_utf8_file_is_fine(tmp_path):
     (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + _csv("text,label\n" + _good_rows(10)))
     r = validate(tmp_path / "d.csv", DataConfig(), CFG)
     assert r.ok and "text" in r.report["columns"]
+
+
+def test_data_changed_since_submission_is_refused(tmp_path):
+    from finetune.config import Config
+    from finetune.stages import StageFailed, run_validate
+
+    toy_frame(20).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(StageFailed, match="differs from the expected 0123"):
+        run_validate(Config(), tmp_path / "d.csv", tmp_path / "out", expected_md5="0123")
+    assert not (tmp_path / "out").exists()
