@@ -42,3 +42,19 @@ test-unit: install
 
 clean:
 	rm -rf out mlflow.db mlartifacts
+
+# The production stack on this machine (tests/stack.py, the same code the integration tests use): PostgreSQL,
+# SeaweedFS S3 and an MLflow server configured from k8s/overlays/dev, on 127.0.0.1; data and logs in .stack/.
+STACK_DIR ?= .stack
+PG_BINARIES = $(wildcard /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/pg_ctl)
+
+.PHONY: stack-up stack-down
+
+stack-up: install
+	@if [ -z "$(filter %/initdb,$(PG_BINARIES))" ] || [ -z "$(filter %/pg_ctl,$(PG_BINARIES))" ]; then \
+	  echo "stack-up needs the PostgreSQL server (initdb, pg_ctl under /usr/lib/postgresql/*/bin)." >&2; \
+	  echo "Install it once:  sudo apt-get update && sudo apt-get install -y postgresql" >&2; exit 1; fi
+	$(BIN)/python tests/stack.py up --root $(STACK_DIR)
+
+stack-down:
+	@if [ -d $(STACK_DIR) ]; then $(BIN)/python tests/stack.py down --root $(STACK_DIR); fi

@@ -4,7 +4,7 @@ seconds; integration tests use the real base model, the real data, DVC and MLflo
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+
+from stack import Stack, free_port  # noqa: F401 (free_port: tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -72,12 +75,6 @@ def real_reviews() -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(build_csv()), dtype=str, keep_default_na=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """A real `mlflow server` process on 127.0.0.1 with a SQLite backend. Started once per session
     (its first /health takes ~30 s on 2 busy cores); ``url`` waits until it answers."""
@@ -126,6 +123,49 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The production stack (PostgreSQL, S3, bucket, MLflow server) started from the rendered dev overlay
+    (tests/stack.py). Fails, never skips, when PostgreSQL is not installed."""
+    s = Stack(tmp_path_factory.mktemp("stack")).start()
+    yield s
+    s.stop()
+
+
+# ---- a temporary copy of the repo, driven through its commands ----
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+ENV.update(PATH=f"{BIN}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1")
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    sh(["git", "init", "-q"], dest)
+    sh(["git", "config", "user.email", "t@example.com"], dest)
+    sh(["git", "config", "user.name", "test"], dest)
+    return dest
+
+
+def set_params(root: Path, **sections) -> None:
+    p = root / "params.yaml"
+    raw = yaml.safe_load(p.read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 @pytest.fixture(scope="session")

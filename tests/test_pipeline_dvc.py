@@ -5,50 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import BIN, REPO
+from conftest import ENV, REPO, copy_repo, set_params, sh
 
 pytestmark = pytest.mark.integration
 MODEL = "rt-it"
-
-
-def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=1200)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-ENV.update(PATH=f"{BIN}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1")
-
-
-def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f)
-    sh(["git", "init", "-q"], dest)
-    sh(["git", "config", "user.email", "t@example.com"], dest)
-    sh(["git", "config", "user.name", "test"], dest)
-    return dest
-
-
-def set_params(root: Path, **sections) -> None:
-    p = root / "params.yaml"
-    raw = yaml.safe_load(p.read_text())
-    for section, values in sections.items():
-        raw[section].update(values)
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
