@@ -83,6 +83,8 @@ def build(params: dict[str, Any] | None = None, cluster: dict[str, Any] | None =
             _secrets(r, c, "s3", "mlflow")
             for task in (t, e, r):
                 _resources(task, c["resources"]["cpu"], c["resources"]["memory"])
+            for task in (v, t, m, e, r):  # k8s/ network policies admit only labelled pods to MLflow and S3
+                kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
         with dsl.Else(name="data-invalid"):
             validation_failed(summary=v.outputs["summary"]).set_caching_options(False)
         _resources(v, c["resources"]["cpu"], c["resources"]["memory"])

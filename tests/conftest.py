@@ -179,3 +179,18 @@ def tiny_classifier_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_nodropout(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without dropout: data-parallel and single-process runs must then agree exactly."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny-bert-nodrop")
+    for f in tiny_model_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out

@@ -119,3 +119,25 @@ def test_fresh_clone_data_matches_data_dvc(tmp_path):
     status = sh(["dvc", "status", "data.dvc"], root).stdout
     assert "up to date" in status, status
     assert (root / "data.dvc").read_bytes() == (REPO / "data.dvc").read_bytes()  # data.dvc untouched
+
+
+def test_materialize_refuses_bytes_that_do_not_match_data_dvc(tmp_path, monkeypatch):
+    import finetune.sample_data as sd
+
+    root = copy_repo(tmp_path)
+    recorded = (root / "data.dvc").read_bytes()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PATH", ENV["PATH"])
+    monkeypatch.setattr(sd, "build_csv", lambda: b"text,label\nnot the real data,fresh\n")
+    with pytest.raises(sd.DataSetMismatch, match="does not match the hash in data.dvc"):
+        sd.materialize_tracked("data/reviews.csv")
+    assert (root / "data.dvc").read_bytes() == recorded and not (root / "data" / "reviews.csv").exists()
+
+
+def test_data_uri_of_a_dvc_tracked_path_at_a_git_revision(project, tmp_path):
+    """What the Kubeflow validate step does with data_uri=dvc://...: read the file DVC tracks at that revision."""
+    from finetune.sources import fetch
+
+    rev = sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    got = fetch(f"dvc://data/reviews.csv?repo={project}&rev={rev}", tmp_path)
+    assert got.read_bytes() == (project / "data" / "reviews.csv").read_bytes()
