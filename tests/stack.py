@@ -313,8 +313,19 @@ class Stack:
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
         log.close()
         self.state["pgids"][name] = proc.pid
+        self.state.setdefault("spawned", {})[name] = {"argv": argv, "env": env}
         self._save()
         return proc
+
+    def kill(self, name: str) -> None:
+        """Take one service down hard (outage tests); ``restart`` brings it back with the same command."""
+        stop_group(self.state["pgids"][name], signal.SIGKILL)
+
+    def restart(self, name: str) -> None:
+        spec = self.state["spawned"][name]
+        proc = self._spawn(name, spec["argv"], spec["env"])
+        if name == "s3":
+            wait_http(f"{self.state['client_env']['AWS_ENDPOINT_URL']}/healthz", 60, proc, self.root / "s3.log")
 
     def _start_postgres(self, m: Manifests) -> None:
         env = m.env(m.container("StatefulSet", "finetune-postgres"))

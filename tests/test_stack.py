@@ -173,3 +173,29 @@ def test_kfp_pipeline_reads_s3_data_and_registers_on_the_stack(stack, real_revie
     run = MlflowClient(stack.url).get_run(MlflowClient(stack.url).get_model_version(KFP_MODEL, version).run_id)
     assert run.data.tags["lineage.data_uri"] == data_uri and run.data.params["train.max_steps"] == "8"
     predicts_through_the_server(stack, KFP_MODEL)
+
+
+def test_s3_down_at_register_time_then_rerun_registers_exactly_once(stack, tiny_classifier_dir):
+    """The artifact store goes down: bounded retries, a clear error, no version, no alias; once it is back, a
+    rerun of the same registration registers exactly one version."""
+    from mlflow import MlflowClient
+
+    from finetune.config import RegisterConfig
+    from finetune.register import RegistryError, register
+
+    url = stack.url
+    cfg = RegisterConfig(model_name="outage", experiment="outage", floor=0.0, min_macro_f1=0.0, retries=1,
+                         retry_backoff=0.5)
+    metrics = {"accuracy": 0.8, "macro_f1": 0.8}
+    client = MlflowClient(url)
+    stack.kill("s3")
+    try:
+        with pytest.raises(RegistryError, match="giving up after 2 attempt"):
+            register(tiny_classifier_dir, metrics, cfg, tracking_uri=url, test_hash="t")
+        assert client.search_model_versions("name = 'outage'") == []
+    finally:
+        stack.restart("s3")
+    first = register(tiny_classifier_dir, metrics, cfg, tracking_uri=url, test_hash="t")
+    again = register(tiny_classifier_dir, metrics, cfg, tracking_uri=url, test_hash="t")
+    assert first.alias == "champion" and again.version == first.version
+    assert [str(v.version) for v in client.search_model_versions("name = 'outage'")] == [first.version]
