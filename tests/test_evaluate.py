@@ -54,8 +54,12 @@ def test_evaluate_writes_metrics_and_plots(tiny_classifier, tmp_path):
     assert sum(map(sum, metrics["confusion_matrix"])) == len(toks["test"]) == 20
     preds = (tmp_path / "predictions.csv").read_text().splitlines()
     assert preds[0] == "actual,predicted,confidence" and len(preds) == 21
-    for png in ("confusion_matrix.png", "calibration.png"):
+    for png in ("confusion_matrix.png", "calibration.png", "roc.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0.0 <= metrics["per_class"]["fresh"]["roc_auc"] <= 1.0
+    rows = (tmp_path / "roc.csv").read_text().splitlines()
+    assert rows[0] == "class,fpr,tpr,threshold" and {r.split(",")[0] for r in rows[1:]} == {"fresh", "rotten"}
+    assert rows[1].startswith("fresh,0.000000,0.000000") and rows[-1].startswith("rotten,1.000000,1.000000")
 
 
 def test_label_mismatch_is_refused(tiny_classifier):
@@ -64,3 +68,59 @@ def test_label_mismatch_is_refused(tiny_classifier):
         evaluate(model, toks["test"], {**meta, "labels": ["neg", "pos"]}, EvaluateConfig())
     with pytest.raises(MismatchError, match="tokenizer"):
         evaluate(model, toks["test"], {**meta, "tokenizer": {**meta["tokenizer"], "vocab_size": 5}}, EvaluateConfig())
+
+
+def test_roc_by_hand():
+    from finetune.evaluate import roc_curves
+
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.35, 0.8])
+    roc = roc_curves(y, np.c_[1 - p1, p1], ["neg", "pos"])
+    pos = roc["pos"]
+    assert list(zip(pos["fpr"], pos["tpr"])) == [(0, 0), (0, 0.5), (0.5, 0.5), (0.5, 1), (1, 1)]
+    assert pos["threshold"][1:] == [0.8, 0.4, 0.35, 0.1]
+    assert pos["auc"] == pytest.approx(0.75) and roc["neg"]["auc"] == pytest.approx(0.75)
+    # tied scores are one threshold (a diagonal step); a class absent from the labels has no curve
+    tied = roc_curves(np.array([0, 1, 0, 1]), np.full((4, 3), 1 / 3), ["a", "b", "c"])
+    assert set(tied) == {"a", "b"} and tied["a"]["auc"] == pytest.approx(0.5) and len(tied["a"]["fpr"]) == 2
+    # thinned for plotting, the area still from every point
+    rng = np.random.default_rng(0)
+    yy = rng.integers(0, 2, 5000)
+    pp = np.clip(yy * 0.3 + rng.random(5000) * 0.7, 0, 1)
+    big = roc_curves(yy, np.c_[1 - pp, pp], ["a", "b"], max_points=100)["b"]
+    assert len(big["fpr"]) <= 100 and big["fpr"][0] == 0 and big["tpr"][-1] == 1
+    ranks = pp.argsort().argsort() + 1  # Mann-Whitney U: AUC from ranks (no ties in random floats)
+    u = (ranks[yy == 1].sum() - (yy == 1).sum() * ((yy == 1).sum() + 1) / 2) / ((yy == 1).sum() * (yy == 0).sum())
+    assert big["auc"] == pytest.approx(u, abs=1e-6)
+
+
+def test_inference_with_progress_gives_the_same_logits_and_reports(tiny_classifier, caplog):
+    import io
+
+    import torch
+
+    from finetune.evaluate import logits_with_progress
+    from finetune.modeling import load_classifier, predict_logits
+
+    model_dir, toks, _ = tiny_classifier
+    model = load_classifier(model_dir)
+    test = toks["test"]
+    plain = predict_logits(model, test, 3, 0, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="finetune"):
+        logged = logits_with_progress(model, test, 3, 0, torch.device("cpu"), every=0.0, stream=io.StringIO())
+    assert np.array_equal(plain, logged)  # same batches, same padding: bit for bit
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
+    # not a terminal: plain lines with count, rate and ETA (20 texts in runs of 3*4: one line mid-way, one at the end)
+    assert lines[0].startswith("evaluate: 12/20 texts (60%)") and "texts/s" in lines[0] and "ETA 0:00:" in lines[0]
+    assert lines[-1].startswith("evaluate: 20/20 texts (100%)")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    caplog.clear()
+    logits_with_progress(model, test, 3, 0, torch.device("cpu"), stream=term)
+    bar = term.getvalue()
+    assert "evaluate" in bar and "20/20" in bar and "texts/s" in bar and "<" in bar  # tqdm: rate, elapsed<ETA
+    assert not [r for r in caplog.records if r.getMessage().startswith("evaluate:")]

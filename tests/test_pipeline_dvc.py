@@ -142,3 +142,43 @@ def test_data_uri_of_a_dvc_tracked_path_at_a_git_revision(project, tmp_path):
     rev = sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
     got = fetch(f"dvc://data/reviews.csv?repo={project}&rev={rev}", tmp_path)
     assert got.read_bytes() == (project / "data" / "reviews.csv").read_bytes()
+
+
+def test_repro_writes_report_card_and_dvc_plots(project, first_run):
+    reg = json.loads((project / "out" / "register" / "registration.json").read_text())
+    page = (project / "out" / "register" / "report.html").read_text(encoding="utf-8")
+    assert f"{MODEL} v{reg['version']}" in page and page.count('src="data:image/png;base64,') == 4
+    assert f"# {MODEL}, version {reg['version']}" in (project / "out" / "register" / "model_card.md").read_text()
+    plots = json.loads(sh(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    roc = plots["out/evaluate/roc.csv"][0]["content"]
+    assert roc["encoding"]["color"]["field"] == "class"  # the .dvc/plots template: one line per class
+    assert {r["class"] for r in roc["data"]["values"]} == {"fresh", "rotten"}
+    lengths = plots["out/tokenize/lengths.csv"][0]["content"]["data"]["values"]
+    assert {r["field"] for r in lengths} == {"train", "val", "test"}
+    assert {"out/evaluate/roc.png", "out/train/loss.csv"} <= set(plots)
+
+
+def test_queued_experiment_registers_in_the_project_and_shows_in_exp_show(project, first_run):
+    """`dvc exp run --queue -S ...` + `dvc queue start`: the experiment runs in a temporary copy, registers into
+    the project's own mlflow.db (no MLFLOW_TRACKING_URI set), and `dvc exp show` has its metrics."""
+    import time
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    before = len(client.search_model_versions(f"name = '{MODEL}'"))
+    sh(["dvc", "exp", "run", "--queue", "-n", "sweep-a", "-S", "train.max_steps=4", "-S", "train.learning_rate=5e-5"],
+       project)
+    sh(["dvc", "queue", "start", "-j", "1"], project)
+    deadline = time.time() + 400
+    while "sweep-a" not in (status := sh(["dvc", "queue", "status"], project).stdout) or \
+            any(s in status for s in ("Queued", "Running")):
+        assert time.time() < deadline, status
+        time.sleep(5)
+    assert "Success" in status, sh(["dvc", "queue", "logs", "sweep-a"], project, check=False).stdout[-3000:]
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
+    exps = [e for base in shown for e in (base.get("experiments") or []) if e.get("name") == "sweep-a"]
+    data = exps[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["max_steps"] == 4
+    assert 0 <= data["metrics"]["out/evaluate/metrics.json"]["data"]["accuracy"] <= 1
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == before + 1

@@ -27,3 +27,22 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TokenizerError, match=str(tmp_path)):
         tokenize({"train": toy_frame(2)}, ["fresh", "rotten"], tmp_path, TokenizeConfig())
+
+
+def test_lengths_csv_gives_each_splits_length_distribution(base_model_dir, tmp_path):
+    import csv
+
+    df = toy_frame(10)
+    df.loc[0, "text"] = "word " * 100
+    splits = {"train": df.iloc[:12], "val": df.iloc[12:16], "test": df.iloc[16:]}
+    toks, meta = tokenize(splits, ["fresh", "rotten"], base_model_dir, TokenizeConfig(max_length=16))
+    write_tokens(toks, meta, tmp_path / "tok")
+    with (tmp_path / "tok" / "lengths.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["length", "train", "val", "test"] and [int(r["length"]) for r in rows] == list(range(1, 17))
+    for s in ("train", "val", "test"):
+        shares = np.array([float(r[s]) for r in rows])
+        assert shares.sum() == pytest.approx(1.0, abs=1e-5)
+        expected = np.bincount(toks[s].lengths, minlength=17)[1:] / len(toks[s])
+        assert np.allclose(shares, expected, atol=1e-6)
+    assert float(rows[15]["train"]) == pytest.approx(1 / 12, abs=1e-6)  # the one truncated text sits at 16

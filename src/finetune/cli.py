@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .predict import PredictInputError
 from .stages import StageFailed, run_evaluate, run_register, run_tokenize, run_train, run_validate
 
 log = logging.getLogger("finetune")
@@ -56,7 +57,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--evaluation", default="out/evaluate")
     s.add_argument("--splits", default="out/validate")
     s.add_argument("--train-logs", default="out/train")
-    s.add_argument("--out", default="out/register")
+    s.add_argument("--tokens", default="out/tokenize", help="tokenize output: token-length stats for the report")
+    s.add_argument("--out", default="out/register", help="folder for registration.json, model_card.md, report.html")
+
+    s = sub.add_parser("predict", parents=[common], help="label texts with a registered model",
+                       description="Label texts with a registered model; prints one JSON object per text: "
+                                   '{"text", "label", "probabilities": {label: p}}. MLflow: MLFLOW_TRACKING_URI, '
+                                   "or the project's mlflow.db when unset.")
+    s.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
+    s.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    s.add_argument("--input", help="one text per line, or a .jsonl/.csv/.parquet file with a \"text\" column "
+                                   "('-' = stdin, one text per line)")
+    s.add_argument("--output", help="write JSON lines here (default: stdout)")
+    s.add_argument("--batch-size", type=int, default=256)
+
+    s = sub.add_parser("compare", parents=[common], help="challenger vs champion (or two runs): metrics, params",
+                       description="Compare the challenger with the champion (default), two aliases, or two runs.")
+    s.add_argument("--model", help="registered model name (default: register.model_name)")
+    s.add_argument("--aliases", nargs=2, metavar=("BASE", "OTHER"), default=["champion", "challenger"],
+                   help="compare OTHER against BASE (default: champion challenger)")
+    s.add_argument("--runs", nargs=2, metavar=("BASE_RUN", "OTHER_RUN"), help="compare two MLflow run ids instead")
 
     s = sub.add_parser("materialize", parents=[common],
                        help="write the bundled Rotten Tomatoes data set to data.path (no network)")
@@ -111,6 +131,47 @@ def _pipeline(args: argparse.Namespace) -> None:
     print(f"submitted run {getattr(run, 'run_id', run)} to {args.host} (experiment {args.experiment})")
 
 
+def _predict(args: argparse.Namespace, cfg: Config) -> None:
+    from . import tracking
+    from .predict import predict, read_texts, write_jsonl
+
+    if bool(args.texts) == bool(args.input):
+        raise PredictInputError("give either TEXT arguments or --input FILE")
+    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None)
+    uri = args.model or f"models:/{cfg.register.model_name}@champion"
+    tracking.configure(".")
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        raise PredictInputError(f"cannot load {uri} from {os.environ.get('MLFLOW_TRACKING_URI')}: {exc}") from exc
+    records = predict(model, texts, args.batch_size)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as fh:
+            write_jsonl(records, fh)
+        log.info("wrote %d predictions to %s", len(records), args.output)
+    else:
+        write_jsonl(records, sys.stdout)
+
+
+def _compare(args: argparse.Namespace, cfg: Config) -> None:
+    from mlflow import MlflowClient
+
+    from . import tracking
+    from .compare import compare, format_comparison, sides_from_registry, sides_from_runs
+
+    uri, _ = tracking.configure(".")
+    client = MlflowClient(uri)
+    if args.runs:
+        base, other = sides_from_runs(client, *args.runs)
+    else:
+        base, other = sides_from_registry(client, args.model or cfg.register.model_name, *args.aliases)
+    print(format_comparison(compare(base, other)), end="")
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -139,7 +200,11 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
 
         uri, artifact_location = tracking.configure(".")
         run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
-                     lineage.collect(cfg.data.path), uri, artifact_location)
+                     lineage.collect(cfg.data.path), uri, artifact_location, tokens=args.tokens or None)
+    elif args.command == "predict":
+        _predict(args, cfg)
+    elif args.command == "compare":
+        _compare(args, cfg)
     elif args.command == "materialize":
         from .sample_data import materialize, materialize_tracked
 
@@ -152,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose - args.quiet)
     from .base_model import ModelNotFound
+    from .compare import CompareError
     from .evaluate import MismatchError
     from .io import DataError
     from .register import RegistryError
@@ -162,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
     expected = (StageFailed, ConfigError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
-                RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError)
+                RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
+                PredictInputError)
     try:
-        cfg = load_config(args.params, args.overrides)
+        # predict and compare also work outside a project (no params.yaml): defaults then
+        optional = args.command in ("predict", "compare") and not Path(args.params).exists() and not args.overrides
+        cfg = Config() if optional else load_config(args.params, args.overrides)
         _dispatch(args, cfg)
     except expected as exc:
         print(f"finetune {args.command}: error: {exc}", file=sys.stderr)

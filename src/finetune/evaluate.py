@@ -1,14 +1,15 @@
 """evaluate: score the fine-tuned model on the held-out test split.
 
 Metrics: accuracy, macro-F1, per-class precision/recall/F1, cross-entropy loss, expected calibration
-error (ECE), confusion matrix. metrics.json keeps ``accuracy`` and ``macro_f1`` at top level for
-`dvc metrics` and KFP; predictions.csv and calibration.csv feed `dvc plots`.
+error (ECE), confusion matrix, one-vs-rest ROC AUC per class. metrics.json keeps ``accuracy`` and
+``macro_f1`` at top level for `dvc metrics` and KFP; predictions.csv, calibration.csv and roc.csv feed
+`dvc plots`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from .config import EvaluateConfig
 from .io import write_json
 from .modeling import load_classifier, pick_device, predict_logits
+from .progress import Progress
 from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 
 
@@ -33,6 +35,7 @@ class EvalResult:
     y_pred: np.ndarray
     confidence: np.ndarray
     calibration: list[dict[str, float]]
+    roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> fpr, tpr, threshold, auc
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -77,6 +80,59 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     return metrics, calib
 
 
+def roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000
+               ) -> dict[str, dict[str, Any]]:
+    """One-vs-rest ROC curve and its area per class (a class absent from, or alone in, ``y_true`` has none).
+
+    Points are (false positive rate, true positive rate) at each distinct score threshold, from (0, 0); the
+    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``.
+    """
+    out = {}
+    for k, lab in enumerate(labels):
+        pos = y_true == k
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if not n_pos or not n_neg:
+            continue
+        order = np.argsort(-probs[:, k], kind="stable")
+        scores, hits = probs[order, k], pos[order]
+        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
+        tpr = np.r_[0.0, np.cumsum(hits)[last] / n_pos]
+        fpr = np.r_[0.0, np.cumsum(~hits)[last] / n_neg]
+        thr = np.r_[1.0, scores[last]]
+        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
+        out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
+                    "auc": round(auc, 6)}
+    return out
+
+
+def subset(split: TokenizedSplit, idx: np.ndarray) -> TokenizedSplit:
+    """The sequences ``idx`` of ``split``, in that order."""
+    lengths = split.lengths[idx]
+    offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([split.sequence(int(i)) for i in idx]) if len(idx) else split.ids[:0]
+    return TokenizedSplit(ids, offsets, split.labels[idx])
+
+
+def logits_with_progress(model, split: TokenizedSplit, batch_size: int, pad_id: int, device, every: float = 10.0,
+                         stream=None, batches_per_update: int = 4) -> np.ndarray:
+    """``predict_logits`` with progress: the split is cut, in length order, into runs of a few batches, so
+    every batch holds the same texts as one unprogressed pass would, and so gives the same logits."""
+    order = np.argsort(split.lengths, kind="stable")
+    out = None
+    chunk = batch_size * batches_per_update
+    with Progress(len(split), "evaluate", "texts", every=every, stream=stream) as progress:
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            logits = predict_logits(model, subset(split, idx), batch_size, pad_id, device)
+            if out is None:
+                out = np.zeros((len(split), logits.shape[1]), dtype=logits.dtype)
+            out[idx] = logits
+            progress.update(len(idx))
+    return out if out is not None else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
 def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], cfg: EvaluateConfig,
              device: str = "auto") -> EvalResult:
     """Score ``model_dir`` on ``test``. Refuses a model whose labels or tokenizer differ from the data's."""
@@ -91,14 +147,17 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_labels != labels:
         raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
-    probs = softmax(predict_logits(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
+    probs = softmax(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
     metrics, calib = classification_metrics(test.labels, probs, labels, cfg.calibration_bins)
-    return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib)
+    roc = roc_curves(test.labels, probs, labels)
+    for lab, curve in roc.items():
+        metrics["per_class"][lab]["roc_auc"] = curve["auc"]
+    return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib, roc)
 
 
 def write_evaluation(result: EvalResult, out_dir: str | Path) -> None:
-    """metrics.json, predictions.csv, calibration.csv and PNG plots. metrics.json is written last, so a
-    folder with metrics.json is complete."""
+    """metrics.json, predictions.csv, calibration.csv, roc.csv and PNG plots. metrics.json is written last, so
+    a folder with metrics.json is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = result.labels
@@ -109,8 +168,17 @@ def write_evaluation(result: EvalResult, out_dir: str | Path) -> None:
     with (out / "calibration.csv").open("w", encoding="utf-8") as fh:
         fh.write("confidence,accuracy,count\n")
         fh.writelines(f"{r['confidence']},{r['accuracy']},{r['count']}\n" for r in result.calibration if r["count"])
+    with (out / "roc.csv").open("w", encoding="utf-8") as fh:  # long format: one line per class (dvc plots template)
+        fh.write("class,fpr,tpr,threshold\n")
+        for lab, c in result.roc.items():
+            fh.writelines(f"{_csv_field(lab)},{f:.6f},{t:.6f},{th:.6f}\n"
+                          for f, t, th in zip(c["fpr"], c["tpr"], c["threshold"]))
     _plots(result, out)
     write_json(out / "metrics.json", result.metrics)
+
+
+def _csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
 
 
 def _plots(result: EvalResult, out: Path) -> None:
@@ -144,4 +212,16 @@ def _plots(result: EvalResult, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "calibration.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    for lab, c in result.roc.items():
+        ax.plot(c["fpr"], c["tpr"], label=f"{lab} (AUC {c['auc']:.3f})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one class vs the rest")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=100)
     plt.close(fig)

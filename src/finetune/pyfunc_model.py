@@ -12,7 +12,8 @@ from mlflow.pyfunc import PythonModel
 
 
 class TextClassifier(PythonModel):
-    """Input: a list of texts. Output: one predicted label per text."""
+    """Input: a list of texts. Output: one predicted label per text, or with ``params={"probabilities": True}``
+    one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``."""
 
     batch_size = 64
 
@@ -55,8 +56,12 @@ class TextClassifier(PythonModel):
                 out.append(torch.softmax(self.model(**enc).logits.float(), dim=-1))
         return torch.cat(out).numpy() if out else torch.zeros((0, len(self.labels))).numpy()
 
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+    # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list:
         probs = self.predict_proba(model_input)
+        if (params or {}).get("probabilities"):
+            return [{"label": self.labels[int(row.argmax())],
+                     "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}} for row in probs]
         return [self.labels[int(i)] for i in probs.argmax(axis=1)]
 
 

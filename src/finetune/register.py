@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import RegisterConfig
 
@@ -135,8 +135,11 @@ def register(model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig
              lineage: dict[str, Any] | None = None, loss_history: list[dict[str, float]] | None = None,
              artifacts: dict[str, str | Path] | None = None, test_hash: str | None = None,
              test: tuple[list[str], list[str]] | None = None, max_length: int = 512,
-             pipeline_run: str | None = None) -> Registration:
+             pipeline_run: str | None = None, model_card: Callable[[str, str], str] | None = None) -> Registration:
     """Log, register and gate one model. ``artifacts`` maps artifact sub-folder -> local file or folder.
+
+    ``model_card(version, run_id)`` returns Markdown: logged as the run's ``model_card.md`` and set as the
+    version's description before the version counts as complete.
 
     Idempotent per pipeline run: the run key hashes the weights, the test data, the register settings and
     ``pipeline_run`` (e.g. the KFP run name), so a rerun after an outage finds the finished version instead of
@@ -155,7 +158,7 @@ def register(model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig
         try:
             return _register_once(model_dir, metrics, cfg, tracking_uri, artifact_location, params or {},
                                   dict(lineage or {}), loss_history or [], artifacts or {}, test_hash, test,
-                                  max_length, run_key)
+                                  max_length, run_key, model_card)
         except RegistryUnavailable as exc:
             if attempt == cfg.retries:
                 raise RegistryError(f"giving up after {cfg.retries + 1} attempt(s): {exc}") from exc
@@ -235,7 +238,7 @@ def _move_alias(client, cfg: RegisterConfig, version: str, value: float, macro_f
 
 
 def _log_and_register(client, model_dir, metrics, cfg: RegisterConfig, exp_id, params, lineage, loss_history,
-                      artifacts, test_hash, max_length, run_key) -> tuple[str, str]:
+                      artifacts, test_hash, max_length, run_key, model_card=None) -> tuple[str, str]:
     """One MLflow run + one model version tagged complete, or nothing: a failure deletes the version."""
     import mlflow
     from mlflow.entities import Metric
@@ -260,11 +263,18 @@ def _log_and_register(client, model_dir, metrics, cfg: RegisterConfig, exp_id, p
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"model": str(model_dir)},
                 model_config={"max_length": max_length, "weights_sha256": hashes},
+                # (texts, params): MLflow infers the params schema from it, so predict(..., params=
+                # {"probabilities": True}) and the serving endpoint's "params" reach the model
+                input_example=(["An example review."], {"probabilities": False}),
                 pip_requirements=_pip_requirements())
             tags = {"test_data_hash": test_hash or "", "run_id": run.info.run_id, "run_key": run_key or "",
                     "weights_sha256": ",".join(f"{k}={v}" for k, v in hashes.items())}
             tags.update({k: str(metrics[k]) for k in ("accuracy", "macro_f1") if k in metrics})
             version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
+            if model_card is not None:
+                card = model_card(version, run.info.run_id)
+                mlflow.log_text(card, "model_card.md")
+                client.update_model_version(cfg.model_name, version, description=card)
             client.set_model_version_tag(cfg.model_name, version, "complete", "true")
             return version, run.info.run_id
     except Exception as exc:
@@ -277,7 +287,7 @@ def _log_and_register(client, model_dir, metrics, cfg: RegisterConfig, exp_id, p
 
 
 def _register_once(model_dir, metrics, cfg: RegisterConfig, tracking_uri, artifact_location, params, lineage,
-                   loss_history, artifacts, test_hash, test, max_length, run_key) -> Registration:
+                   loss_history, artifacts, test_hash, test, max_length, run_key, model_card=None) -> Registration:
     import mlflow
     from mlflow import MlflowClient
 
@@ -300,7 +310,7 @@ def _register_once(model_dir, metrics, cfg: RegisterConfig, tracking_uri, artifa
         version, run_id = str(done.version), done.run_id
     else:
         version, run_id = _log_and_register(client, model_dir, metrics, cfg, exp_id, params, lineage, loss_history,
-                                            artifacts, test_hash, max_length, run_key)
+                                            artifacts, test_hash, max_length, run_key, model_card)
     try:  # the alias moves last, once the version is complete
         decision, champ_info = _move_alias(client, cfg, version, value, metrics.get("macro_f1"), test_hash, test)
         client.set_model_version_tag(cfg.model_name, version, "gate", decision.reason)

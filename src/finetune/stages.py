@@ -86,6 +86,8 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
         return {}
     write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
     write_history(result, logs)
+    if checkpoints:  # a DVC output: must exist even when a short run wrote no checkpoint after clearing stale ones
+        Path(checkpoints).mkdir(parents=True, exist_ok=True)
     log.info("trained %d steps in %.1fs (%.1f samples/s): val accuracy %.4f", result.steps, result.seconds,
              result.samples_per_second, result.val_accuracy)
     return {k: v for k, v in asdict(result).items() if k != "history"}
@@ -104,7 +106,11 @@ def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | 
 
 def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits: str | Path,
                  train_logs: str | Path | None, out: str | Path, lineage: dict[str, Any],
-                 tracking_uri: str, artifact_location: str | None = None) -> dict[str, Any]:
+                 tracking_uri: str, artifact_location: str | None = None,
+                 tokens: str | Path | None = None) -> dict[str, Any]:
+    """Register the model, then write ``out``/registration.json, model_card.md and report.html; the card goes
+    with the model version, the report (and its plots) into the version's MLflow run under ``report/``.
+    ``tokens`` (the tokenize output) only adds token-length statistics to the card and report."""
     import csv
     from dataclasses import asdict
 
@@ -113,6 +119,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     from .config import config_from_dict
     from .io import read_json, write_json
     from .lineage import split_hash
+    from .modelcard import model_card
     from .register import as_dict, register
 
     metrics = read_json(Path(evaluation) / "metrics.json")
@@ -126,13 +133,66 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     # Log the config the model was really trained with (saved beside it), plus this run's register settings.
     trained = Path(model) / "finetune_config.json"
     logged = config_from_dict({**read_json(trained), "register": asdict(cfg.register)}) if trained.is_file() else cfg
+    validation = _optional_json(Path(splits) / "report.json")
+    token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
+    token_stats = (token_meta or {}).get("stats")
+
+    def card(version: str, run_id: str | None) -> str:
+        return model_card(cfg.register.model_name, version, metrics, validation, logged.flat(), lineage, run_id,
+                          token_stats)
+
     reg = register(model, metrics, cfg.register, tracking_uri=tracking_uri, artifact_location=artifact_location,
                    params=logged.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
                    test_hash=split_hash(test), test=(test["text"].tolist(), test["label"].tolist()),
-                   max_length=cfg.tokenize.max_length, pipeline_run=lineage.get("kfp_run"))
+                   max_length=cfg.tokenize.max_length, pipeline_run=lineage.get("kfp_run"), model_card=card)
     out_dict = as_dict(reg)
     write_json(Path(out) / "registration.json", out_dict)
+    (Path(out) / "model_card.md").write_text(card(reg.version, reg.run_id), encoding="utf-8")
+    summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
+    _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, logged.flat(), evaluation,
+                  Path(out))
     log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
     return out_dict
 
 
+def _optional_json(path: Path) -> Any:
+    from .io import read_json
+
+    return read_json(path) if path.is_file() else None
+
+
+def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, summary, history, params,
+                  evaluation: str | Path, out: Path) -> None:
+    """out/report.html, and the report with its plots into the MLflow run under report/."""
+    import csv
+    import shutil
+    import tempfile
+    from datetime import datetime, timezone
+
+    from . import plots
+    from .register import RegistryError
+    from .report import ReportData, render_report
+
+    images = {"training": plots.training_curves(history, (summary or {}).get("val_history")) if history else b""}
+    lengths_csv = Path(tokens) / "lengths.csv" if tokens else None
+    if lengths_csv and lengths_csv.is_file():
+        with lengths_csv.open(encoding="utf-8") as fh:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        images["lengths"] = plots.length_distribution(rows, (token_meta or {}).get("max_length"))
+    for key in ("roc", "calibration"):
+        png = Path(evaluation) / f"{key}.png"
+        images[key] = png.read_bytes() if png.is_file() else b""
+    page = render_report(ReportData(reg, metrics, validation, (token_meta or {}).get("stats"), summary, params,
+                                    images, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
+    (out / "report.html").write_text(page, encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="finetune-report-") as tmp:
+        shutil.copy2(out / "report.html", tmp)
+        for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths")):
+            if images.get(key):
+                (Path(tmp) / name).write_bytes(images[key])
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(reg["tracking_uri"]).log_artifacts(reg["run_id"], tmp, "report")
+        except Exception as exc:  # the version is registered; a rerun (idempotent) logs the report again
+            raise RegistryError(f"logging the run report to MLflow run {reg['run_id']} failed: {exc}") from exc

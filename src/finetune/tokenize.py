@@ -1,7 +1,8 @@
 """tokenize: turn the validated splits into token ids with the base model's fast tokenizer.
 
 Stored unpadded (flat ids + offsets per split, .npz without pickle) so training pads per batch only
-as far as the batch needs.
+as far as the batch needs. lengths.csv (share of each split's texts per token length) feeds `dvc plots`
+and the run report.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], model_dir:
     return out, meta
 
 
+def length_shares(tokens: dict[str, TokenizedSplit], max_length: int) -> list[dict[str, float]]:
+    """One row per token length 1..max_length: the share of each split's texts with that length (a text at
+    ``max_length`` was probably truncated)."""
+    counts = {name: np.bincount(ts.lengths, minlength=max_length + 1)[: max_length + 1] / max(1, len(ts))
+              for name, ts in tokens.items()}
+    return [{"length": n, **{name: round(float(c[n]), 6) for name, c in counts.items()}}
+            for n in range(1, max_length + 1)]
+
+
 # ---- storage, shared by the CLI and KFP wrappers ----
 
 def read_splits(split_dir: str | Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
@@ -98,6 +108,11 @@ def write_tokens(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], out_di
     with atomic_dir(out_dir) as tmp:
         for name, ts in tokens.items():
             np.savez(tmp / f"{name}.npz", ids=ts.ids, offsets=ts.offsets, labels=ts.labels)
+        rows = length_shares(tokens, meta["max_length"])
+        names = list(tokens)
+        with (tmp / "lengths.csv").open("w", encoding="utf-8") as fh:
+            fh.write(",".join(["length", *names]) + "\n")
+            fh.writelines(",".join(str(r[c]) for c in ["length", *names]) + "\n" for r in rows)
         write_json(tmp / "meta.json", meta)
 
 

@@ -2,6 +2,8 @@
 
 Default, for `dvc repro` on a laptop: a SQLite store ``mlflow.db`` and an artifact folder ``mlartifacts/``
 in the project root (both git-ignored). ``MLFLOW_TRACKING_URI`` points everything at a server instead.
+An experiment queued with `dvc exp run --queue` runs in a copy of the project under ``.dvc/tmp/exps/``; it
+uses the project's store too, not one that would vanish with the copy.
 """
 
 from __future__ import annotations
@@ -13,12 +15,22 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 
+def project_root(path: str | Path) -> Path:
+    """``path``, or, inside a DVC experiment's temporary workspace (``<root>/.dvc/tmp/exps/...``), ``<root>``."""
+    p = Path(path).resolve()
+    parts = p.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return p
+
+
 def configure(root: str | Path = ".", require_env: bool = False) -> tuple[str, str | None]:
     """Return (tracking_uri, artifact_location for new experiments, or None to let the server decide).
 
     ``require_env``: on a cluster a local SQLite file would vanish with the pod, so insist on a server.
     """
-    root = Path(root).resolve()
+    root = project_root(root)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, None

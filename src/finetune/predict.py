@@ -1,0 +1,63 @@
+"""predict: label texts with a registered model (``models:/<name>@champion``, ``models:/<name>/<version>``).
+
+One record per text: ``{"text", "label", "probabilities": {label: p}}``. The model is the registry's pyfunc
+(src/finetune/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+log = logging.getLogger("finetune")
+
+
+class PredictInputError(ValueError):
+    """An input file that cannot be read as texts."""
+
+
+def read_texts(path: str | Path, stream: IO[str] | None = None) -> list[str]:
+    """Texts from a table with a "text" column (.jsonl, .csv, .tsv, .parquet, optionally compressed: read as the
+    validate stage reads data, with the same precise errors), or from any other file, one text per line (blank
+    lines skipped). ``stream`` replaces the file and is read line by line (``--input -`` reads stdin)."""
+    from .io import FORMATS, read_table
+
+    p = Path(path)
+    if stream is None and any(s.lower() in FORMATS for s in p.suffixes):
+        frame = read_table(p)
+        if "text" not in frame.columns:
+            raise PredictInputError(f"{p}: no \"text\" column (found {', '.join(map(str, frame.columns))})")
+        bad = [int(i) for i, v in frame["text"].items() if not isinstance(v, str)]
+        if bad:
+            raise PredictInputError(f"{p}: \"text\" is missing or not a string in row(s) {bad[:5]}")
+        return frame["text"].tolist()
+    text = stream.read() if stream is not None else p.read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def predict(model, texts: list[str], batch_size: int = 256) -> list[dict[str, Any]]:
+    """Label ``texts`` with a loaded pyfunc model, in batches. Versions registered before the model could return
+    probabilities give only the label (``probabilities`` is then None)."""
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(texts), batch_size):
+        batch = list(texts[start:start + batch_size])
+        out = model.predict(batch, params={"probabilities": True})
+        for text, item in zip(batch, out):
+            if isinstance(item, dict):
+                records.append({"text": text, "label": item["label"], "probabilities": item["probabilities"]})
+            else:  # an older version: MLflow dropped the params it has no schema for
+                records.append({"text": text, "label": str(item), "probabilities": None})
+    if records and records[0]["probabilities"] is None:
+        log.warning("this model version returns labels only (registered before probabilities were supported)")
+    return records
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], fh: IO[str]) -> int:
+    n = 0
+    for rec in records:
+        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+

@@ -1,0 +1,147 @@
+"""`finetune predict` and `mlflow models serve` against a registered (tiny) model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import BIN, ENV, free_port
+from finetune.cli import main
+from finetune.config import RegisterConfig
+from finetune.predict import PredictInputError, predict, read_texts
+from finetune.register import register
+
+NAME = "toy-predict"
+TEXTS = ["a wonderful film", "a dull mess", "ok \u00e9t\u00e9 \u2014 \u201cfine\u201d"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_classifier_dir):
+    """A folder laid out as `finetune register` leaves a project without MLFLOW_TRACKING_URI: mlflow.db and
+    mlartifacts/ in it (tracking.configure's default), one registered version, aliased champion."""
+    root = tmp_path_factory.mktemp("predict-project")
+    cfg = RegisterConfig(model_name=NAME, experiment="p", floor=0.0)
+    reg = register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg,
+                   tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=(root / "mlartifacts").as_uri())
+    assert reg.alias == "champion"
+    return root
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # configure() sets it; monkeypatch removes it again
+    monkeypatch.chdir(project)
+    return project
+
+
+def test_read_texts_lines_jsonl_and_tables(tmp_path):
+    from finetune.io import DataError
+
+    (tmp_path / "a.txt").write_text("first text\n\n  second, with \"quotes\"\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == ["first text", '  second, with "quotes"']
+    (tmp_path / "b.jsonl").write_text('{"text": "one", "id": 1}\n\n{"text": "two \u00e9"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "b.jsonl") == ["one", "two \u00e9"]
+    (tmp_path / "c.csv").write_text('id,text\n1,"a, b"\n2,NA\n', encoding="utf-8")
+    assert read_texts(tmp_path / "c.csv") == ["a, b", "NA"]  # a review that reads "NA" is text
+    assert read_texts("-", io.StringIO("x\ny\n")) == ["x", "y"]
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n', encoding="utf-8")
+    with pytest.raises(PredictInputError, match=r"d.jsonl: \"text\" is missing or not a string in row\(s\) \[2\]"):
+        read_texts(tmp_path / "d.jsonl")
+    (tmp_path / "e.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_texts(tmp_path / "e.jsonl")
+    (tmp_path / "f.csv").write_text("review\nfine\n", encoding="utf-8")
+    with pytest.raises(PredictInputError, match=r'no "text" column \(found review\)'):
+        read_texts(tmp_path / "f.csv")
+
+
+def test_pyfunc_probabilities_and_unchanged_default(in_project):
+    import mlflow.pyfunc
+
+    from finetune import tracking
+
+    tracking.configure(".")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    labels = model.predict(TEXTS)
+    assert isinstance(labels, list) and all(isinstance(x, str) for x in labels) and len(labels) == 3
+    records = predict(model, TEXTS, batch_size=2)  # two batches
+    assert [r["text"] for r in records] == TEXTS
+    for rec, lab in zip(records, labels):
+        probs = rec["probabilities"]
+        assert set(probs) == {"fresh", "rotten"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert rec["label"] == max(probs, key=probs.get) == lab
+
+
+def test_cli_predict_uses_the_default_store_and_writes_jsonl(in_project, capsys):
+    assert main(["predict", "--model", f"models:/{NAME}@champion", *TEXTS[:2]]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in out] == TEXTS[:2] and all(set(r) == {"text", "label", "probabilities"} for r in out)
+
+    (in_project / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "in.jsonl", "--output", "res/p.jsonl"]) == 0
+    res = [json.loads(line) for line in (in_project / "res" / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in res] == TEXTS and res[:2] == out  # same model, same answers
+
+    assert main(["predict", "--model", "models:/no-such-model@champion", "x"]) == 1
+    assert "cannot load models:/no-such-model@champion" in capsys.readouterr().err
+    assert main(["predict", "--model", f"models:/{NAME}@champion"]) == 1
+    assert "either TEXT arguments or --input" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_with_labels_and_probabilities(project):
+    """`mlflow models serve -m models:/<name>/<version> --env-manager local` (about 15 s to start)."""
+    port = free_port()
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    log = open(project / "serve.log", "wb")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body):
+        req = urllib.request.Request(base + "/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["predictions"]
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (project / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "mlflow models serve did not answer /ping in 180 s"
+                time.sleep(1)
+        labels = post({"inputs": TEXTS})
+        assert len(labels) == 3 and set(labels) <= {"fresh", "rotten"}
+        records = post({"inputs": TEXTS, "params": {"probabilities": True}})
+        assert [r["label"] for r in records] == labels
+        assert all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for r in records)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+def test_queued_dvc_experiments_use_the_projects_store(tmp_path, monkeypatch):
+    from finetune.tracking import configure, project_root
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    temp_ws = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"  # where `dvc queue start` runs a stage
+    temp_ws.mkdir(parents=True)
+    assert project_root(temp_ws) == project_root(tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "standalone" / "x") \
+        == (tmp_path / "proj").resolve()
+    assert project_root(tmp_path / "proj") == (tmp_path / "proj").resolve()
+    uri, artifacts = configure(temp_ws)
+    assert uri == f"sqlite:///{(tmp_path / 'proj' / 'mlflow.db').resolve()}"
+    assert artifacts == (tmp_path / "proj" / "mlartifacts").resolve().as_uri()
