@@ -61,6 +61,9 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-train"]["nodeSelector"] and k8s["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert {s["secretName"] for s in k8s["exec-register"]["secretAsEnv"]} == {"finetune-s3", "finetune-mlflow"}
+    # the network policies in k8s/ admit only pods with this label to MLflow and S3
+    for name in ("exec-validate", "exec-tokenize", "exec-train", "exec-evaluate", "exec-register"):
+        assert k8s[name]["podMetadata"]["labels"] == {"finetune/pipeline-access": "true"}, name
 
 
 def test_components_only_call_their_stage():
@@ -90,8 +93,10 @@ def test_submit_builds_the_request(monkeypatch, tmp_path):
         def __init__(self, host, namespace=None, existing_token=None):
             calls["host"], calls["namespace"], calls["token"] = host, namespace, existing_token
 
-        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace):
-            calls.update(package=package, arguments=arguments, run_name=run_name, experiment=experiment_name)
+        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace,
+                                             service_account):
+            calls.update(package=package, arguments=arguments, run_name=run_name, experiment=experiment_name,
+                         service_account=service_account)
             return type("Run", (), {"run_id": "run-123"})()
 
     monkeypatch.setattr(kfp, "Client", FakeClient)
@@ -100,7 +105,7 @@ def test_submit_builds_the_request(monkeypatch, tmp_path):
                  "--arg", "data_uri=s3://bucket/reviews.csv", "--arg", "epochs=3", "--set", "train.seed=7"])
     assert code == 0
     assert calls["host"] == "https://kfp.example" and calls["experiment"] == "demo" and calls["run_name"] == "r1"
-    assert calls["package"] == "pipelines/finetune_pipeline.yaml"
+    assert calls["package"] == "pipelines/finetune_pipeline.yaml" and calls["service_account"] == "finetune-pipeline"
     args = calls["arguments"]
     assert args["data_uri"] == "s3://bucket/reviews.csv" and args["epochs"] == 3
     assert args["params"]["train"]["seed"] == 7 and "max_steps" not in args["params"]["train"]  # nulls dropped
@@ -133,6 +138,7 @@ def _small_params():
     p["validate"].update(val_fraction=0.15, test_fraction=0.2)
     p["tokenize"]["max_length"] = 32
     p["train"].update(threads=2, checkpoint_every=0)
+    p["register"]["min_macro_f1"] = 0.0  # a dozen steps make a weak model; where it lands is what is tested
     from finetune.config import drop_none
 
     return drop_none(p)  # as `finetune pipeline submit` does: KFP structs hold no nulls

@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
     c.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)")
     c.add_argument("--package-file", default="pipelines/finetune_pipeline.yaml")
+    c.add_argument("--service-account", default="finetune-pipeline",
+                   help="Kubernetes service account of the run's pods (k8s/base/rbac.yaml); '' = namespace default")
     c.add_argument("--arg", dest="args", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter, e.g. --arg data_uri=s3://bucket/reviews.csv --arg epochs=3")
     return p
@@ -127,7 +129,8 @@ def _pipeline(args: argparse.Namespace) -> None:
         pairs[name] = yaml.safe_load(value)
     params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
     arguments = build_arguments(params, pairs, args.overrides)
-    run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token)
+    run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token,
+                 args.service_account or None)
     print(f"submitted run {getattr(run, 'run_id', run)} to {args.host} (experiment {args.experiment})")
 
 
