@@ -3,9 +3,7 @@ local runner (SubprocessRunner) registering into a real MLflow server."""
 
 import ast
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -156,7 +155,6 @@ def test_failure_after_version_creation_leaves_nothing_and_keeps_the_champion(ti
 
 def test_tampered_weights_are_refused_on_load(tiny_classifier_dir, store, monkeypatch):
     import mlflow.pyfunc
-    from mlflow import MlflowClient
 
     r = _reg(tiny_classifier_dir, 0.8, store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])

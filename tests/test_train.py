@@ -40,7 +40,7 @@ def test_same_seed_same_model(toy_tokens, tiny_model_dir, tmp_path):
     toks, meta = toy_tokens
     a = train(toks, meta, tiny_model_dir, _cfg(epochs=1), tmp_path / "a")
     b = train(toks, meta, tiny_model_dir, _cfg(epochs=1), tmp_path / "b")
-    c = train(toks, meta, tiny_model_dir, _cfg(epochs=1, seed=2), tmp_path / "c")
+    train(toks, meta, tiny_model_dir, _cfg(epochs=1, seed=2), tmp_path / "c")
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     wa, wb, wc = (load_file(tmp_path / d / "model.safetensors") for d in "abc")
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)

@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .predict import PredictInputError

@@ -153,6 +153,15 @@ def register(model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     run_key = hashlib.sha256(json.dumps([weights_sha256(model_dir), test_hash, value_key(metrics), asdict(cfg),
                                          pipeline_run], sort_keys=True).encode()).hexdigest()[:32]
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri):  # restore the caller's tracking URI afterwards: no global side effect
+        return _register_with_retries(model_dir, metrics, cfg, tracking_uri, artifact_location, params, lineage,
+                                      loss_history, artifacts, test_hash, test, max_length, run_key, model_card)
+
+
+def _register_with_retries(model_dir, metrics, cfg: RegisterConfig, tracking_uri, artifact_location, params, lineage,
+                           loss_history, artifacts, test_hash, test, max_length, run_key, model_card) -> Registration:
     delay = cfg.retry_backoff
     for attempt in range(cfg.retries + 1):
         try:
@@ -288,11 +297,9 @@ def _log_and_register(client, model_dir, metrics, cfg: RegisterConfig, exp_id, p
 
 def _register_once(model_dir, metrics, cfg: RegisterConfig, tracking_uri, artifact_location, params, lineage,
                    loss_history, artifacts, test_hash, test, max_length, run_key, model_card=None) -> Registration:
-    import mlflow
     from mlflow import MlflowClient
 
     value = float(metrics[cfg.metric])
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:  # fail early and clearly when the registry is unreachable, before anything is written
         exp = client.get_experiment_by_name(cfg.experiment)

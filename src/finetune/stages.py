@@ -86,8 +86,6 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
         return {}
     write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
     write_history(result, logs)
-    if checkpoints:  # a DVC output: must exist even when a short run wrote no checkpoint after clearing stale ones
-        Path(checkpoints).mkdir(parents=True, exist_ok=True)
     log.info("trained %d steps in %.1fs (%.1f samples/s): val accuracy %.4f", result.steps, result.seconds,
              result.samples_per_second, result.val_accuracy)
     return {k: v for k, v in asdict(result).items() if k != "history"}

@@ -244,7 +244,10 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
         start, history = _load_checkpoint(latest, model, opt, sched)
         log.info("resuming from checkpoint %s (step %d of %d)", latest, start, total)
     elif ckpt_root is not None and ckpt_root.exists() and dist.main:
-        shutil.rmtree(ckpt_root)  # checkpoints of another config/data: never resume from them
+        for stale in ckpt_root.glob("step-*"):  # checkpoints of another config/data: never resume from them
+            shutil.rmtree(stale)
+    if ckpt_root is not None and dist.main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)  # a DVC output: exists even when no checkpoint is written
     dist.barrier()
 
     runner = model
