@@ -8,6 +8,7 @@ alias moves before the version is complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -119,15 +120,22 @@ def champion_score(client, cfg: RegisterConfig, test_hash: str | None,
 
 
 def weights_sha256(model_dir: str | Path) -> dict[str, str]:
-    """sha256 of each safetensors file: recorded with the version, checked when the model is loaded."""
-    out = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
+    """sha256 of each safetensors file: recorded with the version, checked when the model is loaded.
+    Memoised on (path, mtime, size): registration needs it twice (run key, version tags) for ~100 MB of weights."""
+    files = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(Path(model_dir).glob("*.safetensors")))
+    return dict(_hash_files(files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for path, _, _ in files:
         h = hashlib.sha256()
-        with f.open("rb") as fh:
+        with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        out[f.name] = h.hexdigest()
-    return out
+        out.append((Path(path).name, h.hexdigest()))
+    return tuple(out)
 
 
 def register(model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig, *, tracking_uri: str,

@@ -267,8 +267,11 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     samples = 0
     step = start
     epoch, done_before = 0, 0  # find the epoch and offset of `start` (epochs can differ in length with max_tokens)
-    while done_before + len(steps_of(epoch)) <= start and done_before + len(steps_of(epoch)) < total:
-        done_before += len(steps_of(epoch))
+    while True:
+        n = len(steps_of(epoch))
+        if done_before + n > start or done_before + n >= total:
+            break
+        done_before += n
         epoch += 1
     runner.train()
     while step < total:
