@@ -151,3 +151,97 @@ def test_flat_params_for_mlflow():
     flat = Config().flat()
     assert flat["train.learning_rate"] == 1e-4 and flat["register.model_name"] == "rotten-tomatoes-minilm"
     assert not any(isinstance(v, float) and not math.isfinite(v) for v in flat.values())
+
+
+# ---- dvc.yaml: each stage tracks the exact keys and the code that change its results ----
+
+# Settings that change how a run goes, not what it produces: no stage lists them, so they never rerun one.
+COSMETIC = {"train.log_every", "train.threads", "train.checkpoint_every", "tokenize.batch_size",
+            "register.retries", "register.retry_backoff"}
+# Code a stage runs without importing it: register logs pyfunc_model.py as the model's code; the CLI's
+# register verb configures tracking and collects lineage.
+NOT_IMPORTED = {"register": {"pyfunc_model", "tracking", "lineage"}}
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def test_every_config_key_that_affects_results_is_a_param_of_some_stage():
+    """A new key (e.g. train.pack_tokens) must be added to a stage's params in dvc.yaml, or to COSMETIC."""
+    keys = _leaf_keys(Config().to_dict())
+    listed = {k for stage in _dvc_stages().values() for k in stage.get("params", [])}
+    assert listed <= keys, f"dvc.yaml lists keys the config does not have: {sorted(listed - keys)}"
+    assert keys - COSMETIC <= listed, f"keys no stage tracks: {sorted(keys - COSMETIC - listed)}"
+    assert not listed & COSMETIC, f"cosmetic keys that would rerun a stage: {sorted(listed & COSMETIC)}"
+
+
+def _finetune_imports(tree) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return {n for n in names if (REPO / "src" / "finetune" / f"{n}.py").is_file()}
+
+
+def _stage_modules(verb: str) -> set[str]:
+    """stages.py, its module-level imports, and everything run_<verb> (and the stages.py helpers it calls)
+    imports, transitively."""
+    import ast
+
+    src = REPO / "src" / "finetune"
+    tree = ast.parse((src / "stages.py").read_text())
+    funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    todo, seen_funcs, start = [f"run_{verb}"], set(), {"stages"}
+    start |= {m for n in tree.body if isinstance(n, ast.ImportFrom) for m in _finetune_imports(n)}
+    while todo:
+        name = todo.pop()
+        if name in seen_funcs:
+            continue
+        seen_funcs.add(name)
+        start |= _finetune_imports(funcs[name])
+        todo += [c.func.id for c in ast.walk(funcs[name]) if isinstance(c, ast.Call)
+                 and isinstance(c.func, ast.Name) and c.func.id in funcs]
+    seen, todo = set(), list(start | NOT_IMPORTED.get(verb, set()))
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo += [] if mod == "stages" else _finetune_imports(ast.parse((src / f"{mod}.py").read_text()))
+    return seen
+
+
+@pytest.mark.parametrize("verb", ["validate", "tokenize", "train", "evaluate", "register"])
+def test_each_stage_depends_on_the_code_it_runs(verb):
+    deps = {d for d in _dvc_stages()[verb]["deps"] if str(d).startswith("src/")}
+    expected = {f"src/finetune/{m}.py" for m in _stage_modules(verb)}
+    assert deps == expected, f"dvc.yaml {verb}: missing {sorted(expected - deps)}, extra {sorted(deps - expected)}"
+
+
+def test_cosmetic_settings_leave_train_up_to_date_and_learning_rate_reruns_it(tmp_path):
+    """Real DVC on a copy of the repo: train's lock entry recorded (dvc commit, no training), then
+    `dvc status train` after editing params.yaml."""
+    from conftest import copy_repo, set_params, sh
+
+    root = copy_repo(tmp_path)
+    for out in ("out/tokenize", "out/model", "out/checkpoints"):  # train's dep and outputs, stand-ins
+        (root / out).mkdir(parents=True, exist_ok=True)
+    (root / "out" / "tokenize" / "meta.json").write_text("{}")
+    (root / "out" / "model" / "config.json").write_text("{}")
+    sh(["dvc", "commit", "-f", "-q", "train"], root)
+    assert "up to date" in sh(["dvc", "status", "train"], root).stdout
+    set_params(root, train={"log_every": 7, "threads": 1, "checkpoint_every": 3})
+    status = sh(["dvc", "status", "train"], root).stdout
+    assert "up to date" in status, status
+    set_params(root, train={"learning_rate": 3e-5})
+    status = sh(["dvc", "status", "train"], root).stdout
+    assert "changed deps" in status and "train.learning_rate" in status and "log_every" not in status, status
