@@ -89,6 +89,13 @@ def test_bad_values_are_one_line_naming_file_key_value_and_range(tmp_path, overr
     assert msg.startswith(f"{p} + --set: ") and words in msg and "\n" not in msg, msg
 
 
+def test_dataclasses_check_values_built_in_code():
+    from finetune.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^train.epochs = inf: must be a finite number > 0$"):
+        TrainConfig(epochs=float("inf"))
+
+
 def test_bad_value_in_the_file_names_the_file(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("train:\n  max_grad_norm: -1\n")

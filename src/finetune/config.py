@@ -142,10 +142,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps == 0:  # 0 = no cap, as elsewhere (KFP structs cannot hold null)
             self.max_steps = None
-        _rule(self, "epochs", self.epochs > 0, "a finite number > 0")
+        _rule(self, "epochs", math.isfinite(self.epochs) and self.epochs > 0, "a finite number > 0")
         _rule(self, "max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1, or 0/null for no cap")
         _rule(self, "batch_size", self.batch_size >= 1, ">= 1")
-        _rule(self, "learning_rate", self.learning_rate > 0, "> 0")
+        _rule(self, "learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0, "> 0")
         _rule(self, "weight_decay", self.weight_decay >= 0, ">= 0")
         _rule(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
         _rule(self, "max_grad_norm", self.max_grad_norm > 0, "> 0")
