@@ -83,6 +83,23 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_downstream(projec
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
 
 
+def test_cosmetic_settings_do_not_rerun_train_after_a_real_repro(project, first_run):
+    """On the real run: log_every/threads/checkpoint_every are not train's params; learning_rate is."""
+    import yaml
+
+    before = (project / "params.yaml").read_text()
+    try:
+        set_params(project, train={"log_every": 3, "threads": 1, "checkpoint_every": 7})
+        status = sh(["dvc", "status", "train"], project).stdout
+        assert "up to date" in status, status
+        lr = yaml.safe_load(before)["train"]["learning_rate"]
+        set_params(project, train={"learning_rate": lr * 2})
+        status = sh(["dvc", "status", "train"], project).stdout
+        assert "train.learning_rate" in status and "log_every" not in status, status
+    finally:
+        (project / "params.yaml").write_text(before)
+
+
 def test_dvc_push_to_the_default_local_remote(project, first_run):
     sh(["dvc", "push", "-q", "data.dvc"], project)
     stored = [p for p in (project / ".dvc-remote").rglob("*") if p.is_file()]
