@@ -54,6 +54,10 @@ def test_repro_produces_disjoint_splits_metrics_and_a_champion(project, first_ru
     run = client.get_run(reg["run_id"])
     assert run.data.tags["lineage.git_commit"] == sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert run.data.tags["lineage.data_dvc_md5"].endswith(".dir")
+    from finetune.lineage import LINEAGE_KEYS  # the keys the KFP register step records too (test_kfp.py)
+
+    assert {k for k in run.data.tags if k.startswith("lineage.")} == {f"lineage.{k}" for k in LINEAGE_KEYS}
+    assert run.data.tags["lineage.data_uri"] == "data/reviews.csv"
     assert len(client.get_metric_history(reg["run_id"], "train_loss")) == 40
     assert (project / "mlartifacts").is_dir()  # artifacts stay inside the project by default
     # DVC metrics/plots see the files
