@@ -144,7 +144,10 @@ def test_submit_refuses_bad_arguments_before_contacting_the_api(fake_kfp, capsys
 
     assert main(["pipeline", "submit", "--host", "https://kfp.example", *argv]) == 2
     err = capsys.readouterr().err
-    assert words in err and err.count("\n") == 1 and "host" not in fake_kfp, err
+    assert err.startswith("finetune pipeline: error: ") and words in err and err.count("\n") == 1, err
+    assert "host" not in fake_kfp  # nothing sent
+    if argv[0] == "--arg" and "." not in argv[1]:  # about a flag, not about a file
+        assert "params.yaml" not in err
 
 
 def test_submit_unreachable_host_is_a_clear_error(monkeypatch, capsys):

@@ -112,14 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pipeline(args: argparse.Namespace) -> None:
+def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
     import yaml
 
     root = Path.cwd()
     if not (root / "pipelines" / "finetune_pipeline.py").is_file():
         raise FileNotFoundError(f"run `finetune pipeline` from the project root (no pipelines/ in {root})")
     sys.path.insert(0, str(root))
-    cfg = load_config(args.params, args.overrides)  # checked here, not minutes later on the cluster
     if args.action == "compile":
         from pipelines.finetune_pipeline import compile_spec
 
@@ -189,7 +188,7 @@ def _setup_logging(verbosity: int) -> None:
 
 def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
     if args.command == "pipeline":
-        _pipeline(args)
+        _pipeline(args, cfg)
     elif args.command == "validate":
         run_validate(cfg, args.data or cfg.data.path, args.out, args.report)
     elif args.command == "tokenize":

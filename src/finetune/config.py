@@ -313,17 +313,17 @@ def read_params(path: str | Path) -> dict[str, Any]:
     """params.yaml as a dict; a missing file, a YAML syntax error or a non-mapping is one ConfigError line."""
     p = Path(path)
     if not p.is_file():
-        raise _located(f"{p}: params file not found")
+        raise located_error(f"{p}: params file not found")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise _located(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+        raise located_error(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise _located(f"{p}: the top level is a {type(raw).__name__}; it must be a mapping of sections "
+        raise located_error(f"{p}: the top level is a {type(raw).__name__}; it must be a mapping of sections "
                           f"(data:, validate:, train: ...)")
     return raw
 
@@ -334,10 +334,11 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
     try:
         return config_from_dict(apply_overrides(raw, overrides))
     except ConfigError as exc:
-        raise _located(f"{path}{' + --set' if overrides else ''}: {exc}") from None
+        raise located_error(f"{path}{' + --set' if overrides else ''}: {exc}") from None
 
 
-def _located(msg: str) -> ConfigError:
+def located_error(msg: str) -> ConfigError:
+    """A ConfigError whose message already says where the value came from (a file, a flag)."""
     err = ConfigError(msg)
     err.located = True
     return err

@@ -5,7 +5,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, as_params, load_config
+from .config import as_params, load_config, located_error
 
 
 class SubmitError(RuntimeError):
@@ -22,13 +22,13 @@ def build_arguments(params_file: str | Path, overrides: list[str], args: list[st
     for item in args:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ConfigError(f"--arg {item!r} is not of the form NAME=VALUE")
+            raise located_error(f"--arg {item!r} is not of the form NAME=VALUE")
         if "." in name:
             dotted.append(item)
         elif name in per_run_names:
             per_run[name] = value  # all per-run parameters are strings: an md5 like 12e4... stays one
         else:
-            raise ConfigError(f"--arg {name}: not a per-run parameter of {package} ({', '.join(per_run_names)}); "
+            raise located_error(f"--arg {name}: not a per-run parameter of {package} ({', '.join(per_run_names)}); "
                               f"config values go through --set SECTION.KEY=VALUE, e.g. --set train.epochs=3")
     return {**per_run, "params": as_params(load_config(params_file, dotted))}
 
