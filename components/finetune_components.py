@@ -18,10 +18,11 @@ IMAGE = (Path(__file__).with_name("image.txt")).read_text().strip()
 def validate(data_uri: str, data_md5: str, params: dict, splits: Output[Dataset], report: Output[Artifact]
              ) -> NamedTuple("ValidateOutputs", passed=bool, summary=str):
     """Check the raw data; on failure return passed=False (the report artifact says why) and write no splits."""
-    from finetune.stages import StageFailed, config_for, run_validate
+    from finetune.config import config_from_dict
+    from finetune.stages import StageFailed, run_validate
 
     try:
-        run_validate(config_for(params), data_uri, splits.path, report.path, expected_md5=data_md5 or None)
+        run_validate(config_from_dict(params), data_uri, splits.path, report.path, expected_md5=data_md5 or None)
     except StageFailed as exc:
         return (False, str(exc))
     return (True, "")
@@ -34,28 +35,29 @@ def validation_failed(summary: str):
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def tokenize(splits: Input[Dataset], params: dict, base_model: str, tokens: Output[Dataset]):
-    from finetune.stages import config_for, run_tokenize
+def tokenize(splits: Input[Dataset], params: dict, tokens: Output[Dataset]):
+    from finetune.config import config_from_dict
+    from finetune.stages import run_tokenize
 
-    run_tokenize(config_for(params, {"model.base": base_model}), splits.path, tokens.path)
+    run_tokenize(config_from_dict(params), splits.path, tokens.path)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train(tokens: Input[Dataset], params: dict, base_model: str, epochs: float, max_steps: int, batch_size: int,
-          learning_rate: float, checkpoint_dir: str, model: Output[Model], train_logs: Output[Artifact]):
-    from finetune.stages import config_for, run_train
+def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, model: Output[Model],
+          train_logs: Output[Artifact]):
+    from finetune.config import config_from_dict
+    from finetune.stages import run_train
 
-    cfg = config_for(params, {"model.base": base_model, "train.epochs": epochs, "train.max_steps": max_steps or None,
-                              "train.batch_size": batch_size, "train.learning_rate": learning_rate})
-    run_train(cfg, tokens.path, model.path, train_logs.path, checkpoint_dir or None)
+    run_train(config_from_dict(params), tokens.path, model.path, train_logs.path, checkpoint_dir or None)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
-    from finetune.stages import config_for, run_evaluate
+    from finetune.config import config_from_dict
+    from finetune.stages import run_evaluate
 
-    result = run_evaluate(config_for(params), model.path, tokens.path, evaluation.path)
+    result = run_evaluate(config_from_dict(params), model.path, tokens.path, evaluation.path)
     for key in ("accuracy", "macro_f1", "loss", "ece"):  # KFP UI: scalar metrics + confusion matrix
         metrics.log_metric(key, result[key])
     confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
@@ -63,16 +65,15 @@ def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluati
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dataset], train_logs: Input[Artifact],
-             params: dict, model_name: str, gate_metric: str, min_improvement: float, floor: float, data_uri: str,
-             git_rev: str, run_name: str, registration: Output[Artifact]
-             ) -> NamedTuple("RegisterOutputs", version=str, alias=str):
-    """Needs MLFLOW_TRACKING_URI (and S3 credentials for the artifact store) in the environment."""
-    from finetune import tracking
-    from finetune.stages import config_for, run_register
+             tokens: Input[Dataset], params: dict, data_uri: str, data_md5: str, git_rev: str, run_name: str,
+             registration: Output[Artifact]) -> NamedTuple("RegisterOutputs", version=str, alias=str):
+    """Needs MLFLOW_TRACKING_URI (and S3 credentials for the artifact store) in the environment.
+    Lineage has the keys of the local path (lineage.collect); what a pod cannot know (the working tree,
+    data.dvc) is null."""
+    from finetune import config, lineage, tracking
+    from finetune.stages import run_register
 
-    cfg = config_for(params, {"register.model_name": model_name, "register.metric": gate_metric,
-                              "register.min_improvement": min_improvement, "register.floor": floor})
-    reg = run_register(cfg, model.path, evaluation.path, splits.path, train_logs.path, registration.path,
-                       {"data_uri": data_uri, "git_commit": git_rev, "kfp_run": run_name},
-                       *tracking.configure(require_env=True))
+    trail = lineage.collect(data_uri, data_md5=data_md5 or None, git_commit=git_rev or None, kfp_run=run_name)
+    reg = run_register(config.config_from_dict(params), model.path, evaluation.path, splits.path, train_logs.path,
+                       registration.path, trail, *tracking.configure(require_env=True), tokens=tokens.path)
     return (reg["version"], reg["alias"])

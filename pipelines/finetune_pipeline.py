@@ -1,16 +1,20 @@
 """The Kubeflow DAG: validate -> tokenize -> train -> evaluate -> register. Wiring only.
 
-Defaults of the pipeline parameters come from params.yaml at compile time; cluster settings (GPU, node
-selector, tolerations, secrets, retries) from pipelines/cluster.yaml. Compile with `finetune pipeline compile`.
+Parameters: ``params``, the whole resolved config (params.yaml at compile time is its default; `finetune
+pipeline submit` sends it again with --set overrides applied), plus the values that exist only per run
+(data_uri, data_md5, checkpoint_dir, git_rev). No config value is a parameter of its own, so none can
+disagree with ``params``. Cluster settings (GPU, node selector, tolerations, secrets, retries) come from
+pipelines/cluster.yaml. Compile with `finetune pipeline compile`.
 """
 
+import ast
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from finetune.config import drop_none
+from finetune.config import Config, as_params, load_config
 
 from components.finetune_components import evaluate, register, tokenize, train, validate, validation_failed
 
@@ -33,11 +37,10 @@ def _resources(task, cpu: str, memory: str) -> None:
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
 
 
-def build(params: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None):
-    """Return the pipeline function, its defaults taken from ``params`` (params.yaml) and ``cluster``."""
-    p = params or _load(ROOT / "params.yaml")
+def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
+    """Return the pipeline function; ``params`` defaults to ``cfg`` (params.yaml), cluster settings to ``cluster``."""
+    defaults = as_params(cfg or load_config(ROOT / "params.yaml"))
     c = cluster or _load(ROOT / "pipelines" / "cluster.yaml")
-    tr, reg = p["train"], p["register"]
     retry = c["retries"]
 
     @dsl.pipeline(name="finetune", description="Fine-tune a pretrained text classifier: validate, tokenize, "
@@ -45,27 +48,16 @@ def build(params: dict[str, Any] | None = None, cluster: dict[str, Any] | None =
     def finetune_pipeline(
         data_uri: str = DEFAULT_DATA_URI,
         data_md5: str = "",
-        base_model: str = p["model"]["base"],
-        epochs: float = float(tr["epochs"]),
-        max_steps: int = int(tr["max_steps"] or 0),
-        batch_size: int = int(tr["batch_size"]),
-        learning_rate: float = float(tr["learning_rate"]),
-        model_name: str = reg["model_name"],
-        gate_metric: str = reg["metric"],
-        min_improvement: float = float(reg["min_improvement"]),
-        floor: float = float(reg["floor"]),
         checkpoint_dir: str = "",
         git_rev: str = "",
-        params: dict = drop_none(p),
+        params: dict = defaults,
     ):
         v = validate(data_uri=data_uri, data_md5=data_md5, params=params)
         v.set_retry(num_retries=retry["validate"], backoff_duration=retry["backoff"])
         _secrets(v, c, "s3")
         with dsl.If(v.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (KFP condition syntax)
-            t = tokenize(splits=v.outputs["splits"], params=params, base_model=base_model)
-            m = train(tokens=t.outputs["tokens"], params=params, base_model=base_model, epochs=epochs,
-                      max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
-                      checkpoint_dir=checkpoint_dir)
+            t = tokenize(splits=v.outputs["splits"], params=params)
+            m = train(tokens=t.outputs["tokens"], params=params, checkpoint_dir=checkpoint_dir)
             g = c["gpu"]
             m.set_accelerator_type(g["accelerator"]).set_accelerator_limit(g["count"])
             _resources(m, c["resources"]["train_cpu"], c["resources"]["train_memory"])
@@ -75,9 +67,9 @@ def build(params: dict[str, Any] | None = None, cluster: dict[str, Any] | None =
                 kubernetes.add_toleration(m, **tol)
             e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
             r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
-                         train_logs=m.outputs["train_logs"], params=params, model_name=model_name,
-                         gate_metric=gate_metric, min_improvement=min_improvement, floor=floor,
-                         data_uri=data_uri, git_rev=git_rev, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+                         train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"], params=params,
+                         data_uri=data_uri, data_md5=data_md5, git_rev=git_rev,
+                         run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
             r.set_retry(num_retries=retry["register"], backoff_duration=retry["backoff"])
             _secrets(r, c, "s3", "mlflow")
@@ -92,7 +84,27 @@ def build(params: dict[str, Any] | None = None, cluster: dict[str, Any] | None =
     return finetune_pipeline
 
 
-def compile_spec(out: str | Path = SPEC, params: dict[str, Any] | None = None,
-                 cluster: dict[str, Any] | None = None) -> Path:
-    compiler.Compiler().compile(build(params, cluster), package_path=str(out))
-    return Path(out)
+def compile_spec(out: str | Path = SPEC, cfg: Config | None = None, cluster: dict[str, Any] | None = None) -> Path:
+    compiler.Compiler().compile(build(cfg, cluster), package_path=str(out))
+    path = Path(out)
+    path.write_text(_stable_header(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return path
+
+
+def _stable_header(text: str) -> str:
+    """KFP prints dict defaults in the header comment in protobuf map order, which varies run to run; sort them
+    so that compiling the same inputs writes the same bytes (the checked-in spec stays unmodified)."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        head, sep, rest = line.partition(": dict [Default: ")
+        if sep and rest.endswith("]"):
+            lines[i] = f"{head}{sep}{_sorted(ast.literal_eval(rest[:-1]))!r}]"
+    return "\n".join(lines)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return [_sorted(v) for v in value] if isinstance(value, list) else value

@@ -54,6 +54,10 @@ def test_repro_produces_disjoint_splits_metrics_and_a_champion(project, first_ru
     run = client.get_run(reg["run_id"])
     assert run.data.tags["lineage.git_commit"] == sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert run.data.tags["lineage.data_dvc_md5"].endswith(".dir")
+    from finetune.lineage import LINEAGE_KEYS  # the keys the KFP register step records too (test_kfp.py)
+
+    assert {k for k in run.data.tags if k.startswith("lineage.")} == {f"lineage.{k}" for k in LINEAGE_KEYS}
+    assert run.data.tags["lineage.data_uri"] == "data/reviews.csv"
     assert len(client.get_metric_history(reg["run_id"], "train_loss")) == 40
     assert (project / "mlartifacts").is_dir()  # artifacts stay inside the project by default
     # DVC metrics/plots see the files
@@ -68,8 +72,8 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_downstream(projec
     assert "Running stage" not in again.stdout, again.stdout
     first = json.loads((project / "out" / "evaluate" / "metrics.json").read_text())
 
-    # learning_rate 0: the classification head stays random, a worse model
-    set_params(project, train={"learning_rate": 0.0})
+    # learning_rate ~0 (0 itself is refused): the classification head stays random, a worse model
+    set_params(project, train={"learning_rate": 1e-12})
     rerun = sh(["dvc", "repro"], project).stdout
     ran = {s for s in ("validate", "tokenize", "train", "evaluate", "register") if f"Running stage '{s}'" in rerun}
     assert ran == {"train", "evaluate", "register"}, rerun
@@ -81,6 +85,23 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_downstream(projec
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
+
+
+def test_cosmetic_settings_do_not_rerun_train_after_a_real_repro(project, first_run):
+    """On the real run: log_every/threads/checkpoint_every are not train's params; learning_rate is."""
+    import yaml
+
+    before = (project / "params.yaml").read_text()
+    try:
+        set_params(project, train={"log_every": 3, "threads": 1, "checkpoint_every": 7})
+        status = sh(["dvc", "status", "train"], project).stdout
+        assert "up to date" in status, status
+        lr = yaml.safe_load(before)["train"]["learning_rate"]
+        set_params(project, train={"learning_rate": lr * 2})
+        status = sh(["dvc", "status", "train"], project).stdout
+        assert "train.learning_rate" in status and "log_every" not in status, status
+    finally:
+        (project / "params.yaml").write_text(before)
 
 
 def test_dvc_push_to_the_default_local_remote(project, first_run):
@@ -95,7 +116,7 @@ def test_register_against_a_real_mlflow_server(project, first_run, mlflow_server
 
     url = mlflow_server.url
     env = {**ENV, "MLFLOW_TRACKING_URI": url}
-    # out/model is the lr=0 model of the test before: open the gate, what is tested is where it lands
+    # out/model is the lr~0 model of the test before: open the gate, what is tested is where it lands
     sh(["finetune", "register", "--set", f"register.model_name={MODEL}-srv", "--set", "register.floor=0",
         "--set", "register.min_macro_f1=0", "--out", "out/register-server"], project, env)
     reg = json.loads((project / "out" / "register-server" / "registration.json").read_text())

@@ -160,14 +160,13 @@ def test_kfp_pipeline_reads_s3_data_and_registers_on_the_stack(stack, real_revie
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["validate"].update(val_fraction=0.15, test_fraction=0.2)
     params["tokenize"]["max_length"] = 32
-    params["train"].update(threads=2, checkpoint_every=0)
-    params["register"].update(NO_GATE)
+    params["train"].update(threads=2, checkpoint_every=0, max_steps=8, batch_size=16, learning_rate=1e-4)
+    params["register"].update(NO_GATE, model_name=KFP_MODEL)
     for name, value in stack.client_env.items():  # exactly what the two secrets give the steps on a cluster
         monkeypatch.setenv(name, value)
     stack.url
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"))
-    build()(max_steps=8, batch_size=16, learning_rate=1e-4, model_name=KFP_MODEL, floor=0.0,
-            params=drop_none(params))
+    build()(params=drop_none(params))
     version, weights = champion_in_postgres_and_s3(stack, KFP_MODEL)
     assert len(weights) > 10_000_000  # MiniLM's ~90 MB of float32 weights
     run = MlflowClient(stack.url).get_run(MlflowClient(stack.url).get_model_version(KFP_MODEL, version).run_id)

@@ -57,7 +57,7 @@ def test_exact_duplicates_dropped_and_reported(tmp_path):
 
 def test_labels_inferred_when_not_configured(tmp_path):
     toy_frame(20).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
-    r = validate(tmp_path / "d.jsonl", DataConfig(), ValidateConfig(min_rows_per_class=5))
+    r = validate(tmp_path / "d.jsonl", DataConfig(), ValidateConfig(labels=[], min_rows_per_class=5))
     assert r.ok and r.labels == ["fresh", "rotten"] and r.report["labels_inferred"] is True
 
 

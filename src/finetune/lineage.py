@@ -46,8 +46,21 @@ def dvc_data_hash(root: str | Path = ".") -> str | None:
     return outs[0].get("md5")
 
 
-def collect(data_path: str | Path, root: str | Path = ".") -> dict[str, Any]:
-    info = git_info(root)
-    info.update({"data_path": str(data_path), "data_md5": file_md5(data_path) if Path(data_path).is_file() else None,
-                 "data_dvc_md5": dvc_data_hash(root)})
+LINEAGE_KEYS = ("git_commit", "git_dirty", "data_uri", "data_md5", "data_dvc_md5", "kfp_run")
+
+
+def collect(data_uri: str | Path, root: str | Path | None = None, *, data_md5: str | None = None,
+            git_commit: str | None = None, kfp_run: str | None = None) -> dict[str, Any]:
+    """Where a model came from, with the same keys on every path (unknown = None), so that local and cluster
+    registrations can be compared. Local: ``root`` is the project (git state, data.dvc). Cluster: the
+    submitted git rev and the KFP run name. The data md5 is computed when ``data_uri`` is a local file."""
+    info: dict[str, Any] = dict.fromkeys(LINEAGE_KEYS)
+    if root is not None:
+        info.update(git_info(root), data_dvc_md5=dvc_data_hash(root))
+    else:
+        info["git_commit"] = git_commit
+    local = Path(data_uri) if "://" not in str(data_uri) else None
+    if data_md5 is None and local is not None and local.is_file():
+        data_md5 = file_md5(local)
+    info.update(data_uri=str(data_uri), data_md5=data_md5, kfp_run=kfp_run)
     return info

@@ -20,19 +20,6 @@ class StageFailed(Exception):
     """A stage refused its input: message for the user, no traceback."""
 
 
-def config_for(params: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
-    """The typed config from a params.yaml-shaped dict plus ``{"section.key": value}`` overrides (KFP path)."""
-    import copy
-
-    from .config import config_from_dict
-
-    raw = copy.deepcopy(params)
-    for key, value in (overrides or {}).items():
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = value
-    return config_from_dict(raw)
-
-
 def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | Path | None = None,
                  expected_md5: str | None = None) -> dict[str, Any]:
     """``data`` is a path or a URI (s3://, dvc://). ``expected_md5``, when given, must match the fetched bytes."""
@@ -62,10 +49,13 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
 
 def run_tokenize(cfg: Config, splits: str | Path, out: str | Path) -> dict[str, Any]:
     from .base_model import resolve_base
+    from .config import check_model_limits
     from .tokenize import read_splits, tokenize, write_tokens
 
+    base = resolve_base(cfg.model.base)
+    check_model_limits(cfg, base)
     frames, labels = read_splits(splits)
-    tokens, meta = tokenize(frames, labels, resolve_base(cfg.model.base), cfg.tokenize)
+    tokens, meta = tokenize(frames, labels, base, cfg.tokenize)
     write_tokens(tokens, meta, out)
     log.info("tokenized: %s", meta["stats"])
     return meta
@@ -76,12 +66,15 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
     from dataclasses import asdict
 
     from .base_model import resolve_base
+    from .config import check_model_limits
     from .io import write_json
     from .tokenize import read_tokens
     from .train import train, write_history
 
+    base = resolve_base(cfg.model.base)
+    check_model_limits(cfg, base)
     toks, meta = read_tokens(tokens)
-    result = train(toks, meta, resolve_base(cfg.model.base), cfg.train, model, checkpoints)
+    result = train(toks, meta, base, cfg.train, model, checkpoints)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
         return {}
     write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model

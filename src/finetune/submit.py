@@ -1,22 +1,46 @@
 """Submit the compiled pipeline (pipelines/finetune_pipeline.yaml) to a Kubeflow Pipelines API through kfp.Client."""
 
+from pathlib import Path
 from typing import Any
 
-from .config import apply_overrides, config_from_dict, drop_none
+import yaml
+
+from .config import as_params, load_config, located_error
 
 
 class SubmitError(RuntimeError):
     pass
 
 
-def build_arguments(params: dict[str, Any], args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Pipeline arguments: explicit ``--arg name=value`` plus, when ``--set`` was used, the whole params dict."""
-    arguments = dict(args)
-    if overrides:
-        merged = apply_overrides(params, overrides)
-        config_from_dict(merged)  # refuse bad values here, not minutes later on the cluster
-        arguments["params"] = drop_none(merged)
-    return arguments
+def build_arguments(params_file: str | Path, overrides: list[str], args: list[str],
+                    package: str | Path) -> dict[str, Any]:
+    """The run's arguments: ``params`` (the whole config resolved from ``params_file`` and the overrides) plus the
+    per-run parameters the compiled ``package`` declares. ``--arg`` with a dotted name is a config override, the
+    same channel as ``--set``; a config value never travels twice."""
+    per_run_names = _per_run_parameters(package)
+    per_run, dotted = {}, list(overrides)
+    for item in args:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise located_error(f"--arg {item!r} is not of the form NAME=VALUE")
+        if "." in name:
+            dotted.append(item)
+        elif name in per_run_names:
+            per_run[name] = value  # all per-run parameters are strings: an md5 like 12e4... stays one
+        else:
+            raise located_error(f"--arg {name}: not a per-run parameter of {package} ({', '.join(per_run_names)}); "
+                              f"config values go through --set SECTION.KEY=VALUE, e.g. --set train.epochs=3")
+    return {**per_run, "params": as_params(load_config(params_file, dotted))}
+
+
+def _per_run_parameters(package: str | Path) -> list[str]:
+    try:
+        spec = next(yaml.safe_load_all(Path(package).read_text(encoding="utf-8")))
+        names = spec["root"]["inputDefinitions"]["parameters"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration) as exc:
+        raise SubmitError(f"{package}: not a compiled pipeline spec ({type(exc).__name__}: {exc}); "
+                          f"run `finetune pipeline compile`") from None
+    return sorted(set(names) - {"params"})
 
 
 def submit(host: str, package: str, experiment: str, arguments: dict[str, Any], run_name: str | None = None,
