@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from finetune.config import RegisterConfig
-from finetune.register import RegistryError, gate, register
+from finetune.gate import gate
+from finetune.registry import RegistrationRequest, RegistryError, register
 
 CFG = RegisterConfig(model_name="toy", experiment="toy", metric="accuracy", min_improvement=0.01, floor=0.6)
 
@@ -26,11 +27,16 @@ def store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "artifacts").as_uri()
 
 
-def _reg(model, value, store, test_hash="h1", **kw):
+def _req(model, metrics, cfg, uri, **kw):
+    return RegistrationRequest.for_model(model, metrics, cfg, uri, **kw)
+
+
+def _reg(model, value, store, test_hash="h1", cfg=CFG, **kw):
     uri, art = store
-    return register(model, {"accuracy": value, "macro_f1": value, "per_class": {"fresh": {"f1": value}}}, CFG,
-                    tracking_uri=uri, artifact_location=art, params={"train.seed": 1}, lineage={"git_commit": "abc"},
-                    loss_history=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.5}], test_hash=test_hash, **kw)
+    return register(_req(model, {"accuracy": value, "macro_f1": value, "per_class": {"fresh": {"f1": value}}}, cfg,
+                         uri, artifact_location=art, params={"train.seed": 1}, lineage={"git_commit": "abc"},
+                         loss_history=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.5}], test_hash=test_hash,
+                         **kw))
 
 
 def test_champion_moves_only_when_gate_passes(tiny_classifier_dir, store):
@@ -80,12 +86,12 @@ def test_unreachable_registry_writes_nothing(tiny_classifier_dir, monkeypatch):
 
     cfg = RegisterConfig(**{**CFG.__dict__, "retries": 1, "retry_backoff": 0.1})
     with pytest.raises(RegistryError, match="giving up after 2 attempt.*unreachable"):
-        register(tiny_classifier_dir, {"accuracy": 0.9}, cfg, tracking_uri=f"http://127.0.0.1:{free_port()}")
+        register(_req(tiny_classifier_dir, {"accuracy": 0.9}, cfg, f"http://127.0.0.1:{free_port()}"))
 
 
 def test_missing_metric_is_refused(tiny_classifier_dir, store):
     with pytest.raises(RegistryError, match="no 'accuracy'"):
-        register(tiny_classifier_dir, {"f1": 0.9}, CFG, tracking_uri=store[0])
+        register(_req(tiny_classifier_dir, {"f1": 0.9}, CFG, store[0]))
 
 
 def _versions(store, name="toy"):
@@ -103,8 +109,7 @@ def test_rerun_of_the_same_pipeline_run_registers_once(tiny_classifier_dir, stor
 
 def test_one_class_predictor_is_refused_whatever_its_accuracy(tiny_classifier_dir, store):
     uri, art = store
-    r = register(tiny_classifier_dir, {"accuracy": 0.92, "macro_f1": 0.479}, CFG, tracking_uri=uri,
-                 artifact_location=art)
+    r = register(_req(tiny_classifier_dir, {"accuracy": 0.92, "macro_f1": 0.479}, CFG, uri, artifact_location=art))
     assert r.alias == "challenger" and "macro_f1=0.4790 is below min_macro_f1" in r.reason
 
 
@@ -123,7 +128,7 @@ def test_transient_failure_is_retried_and_registers_exactly_once(tiny_classifier
     monkeypatch.setattr(mlflow, "register_model", flaky)
     cfg = RegisterConfig(**{**CFG.__dict__, "retry_backoff": 0.01})
     uri, art = store
-    r = register(tiny_classifier_dir, {"accuracy": 0.8, "macro_f1": 0.8}, cfg, tracking_uri=uri, artifact_location=art)
+    r = register(_req(tiny_classifier_dir, {"accuracy": 0.8, "macro_f1": 0.8}, cfg, uri, artifact_location=art))
     assert len(calls) == 2 and r.alias == "champion" and _versions(store) == [int(r.version)]
 
 
@@ -141,15 +146,15 @@ def test_failure_after_version_creation_leaves_nothing_and_keeps_the_champion(ti
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", broken)
     cfg = RegisterConfig(**{**CFG.__dict__, "retries": 2, "retry_backoff": 0.01})
     uri, art = store
-    kw = dict(tracking_uri=uri, artifact_location=art, test_hash="h1")
+    kw = dict(artifact_location=art, test_hash="h1")
     with pytest.raises(RegistryError, match="giving up after 3 attempt"):
-        register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, **kw)
+        register(_req(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, uri, **kw))
     assert _versions(store) == [1]  # the half-made versions were deleted
     client = MlflowClient(uri)
     assert str(client.get_model_version_by_alias("toy", "champion").version) == champ.version
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", real)  # the outage ends: rerun registers once
-    r = register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, **kw)
-    r2 = register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, **kw)
+    r = register(_req(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, uri, **kw))
+    r2 = register(_req(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, uri, **kw))
     assert r.alias == "champion" and r2.version == r.version and len(_versions(store)) == 2
 
 

@@ -150,6 +150,8 @@ class RegisterConfig:
                                                                   "predictors), whatever the primary metric"})
     retries: int = field(default=3, metadata={"help": "retries when the registry or artifact store fails"})
     retry_backoff: float = field(default=2.0, metadata={"help": "first retry delay in seconds, doubled each time"})
+    new_lineage: bool = field(default=False, metadata={"help": "allow a champion with other labels or task under "
+                                                               "model_name to be replaced without comparison"})
 
     def __post_init__(self) -> None:
         _check(bool(self.model_name), "register.model_name must be set")
