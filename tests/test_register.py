@@ -172,3 +172,167 @@ def test_tampered_weights_are_refused_on_load(tiny_classifier_dir, store, monkey
         p.write_bytes(bytes(data))
     with pytest.raises(Exception, match="do not match the registered sha256"):
         mlflow.pyfunc.load_model(f"models:/toy/{r.version}")
+
+
+# ---- the gate without MLflow ----
+
+def test_same_lineage_compares_task_and_labels_in_order():
+    from finetune.gate import TASK, LineageMismatch, ModelKind, same_lineage
+
+    ours = ModelKind(TASK, ("fresh", "rotten"))
+    assert same_lineage(ours, ModelKind(TASK, ("fresh", "rotten")), "1", CFG) is True
+    for other in (ModelKind(TASK, ("rotten", "fresh")), ModelKind(TASK, ("pos", "neg", "neu")),
+                  ModelKind("text-classification/multi-label", ("fresh", "rotten")), None):
+        with pytest.raises(LineageMismatch) as exc:
+            same_lineage(ours, other, "4", CFG)
+        msg = str(exc.value)
+        assert "['fresh', 'rotten']" in msg and "toy@champion (v4)" in msg and "register.model_name" in msg
+        assert "register.new_lineage: true" in msg and "Nothing was registered" in msg
+        if other:
+            assert str(list(other.labels)) in msg
+    new = RegisterConfig(**{**CFG.__dict__, "new_lineage": True})
+    assert same_lineage(ours, ModelKind(TASK, ("pos", "neg")), "4", new) is False
+
+
+def test_rescoring_uses_evaluate_metrics():
+    from finetune.gate import score_predictions
+
+    truth = ["a", "a", "a", "b"]
+    pred = ["a", "a", "b", "b"]
+    assert score_predictions("accuracy", truth, pred, ["a", "b"]) == 0.75
+    # F1(a) = 2*1*(2/3)/(1+2/3) = 0.8, F1(b) = 2*0.5*1/1.5 = 2/3: macro 0.733333
+    assert score_predictions("macro_f1", truth, pred, ["a", "b"]) == pytest.approx(0.733333, abs=1e-6)
+    assert score_predictions("accuracy", ["a", "c"], ["a", "a"], ["a", "b"]) == 0.5  # a label the model lacks
+
+
+def test_kind_from_config_keeps_the_output_order():
+    from finetune.gate import TASK, kind_from_config
+
+    kind = kind_from_config({"id2label": {"1": "rotten", "0": "fresh", "2": "meh"}})
+    assert kind.task == TASK and kind.labels == ("fresh", "rotten", "meh")
+
+
+# ---- label sets in the registry ----
+
+@pytest.fixture
+def other_labels_dir(tiny_classifier_dir, tmp_path):
+    """The same weights, but labelled as another task's classes."""
+    import json
+    import shutil
+
+    out = tmp_path / "other-task"
+    shutil.copytree(tiny_classifier_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(id2label={"0": "spam", "1": "ham"}, label2id={"spam": 0, "ham": 1})
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_other_label_set_is_refused_and_the_champion_untouched(tiny_classifier_dir, other_labels_dir, store):
+    from mlflow import MlflowClient
+
+    champ = _reg(tiny_classifier_dir, 0.7, store)
+    client = MlflowClient(store[0])
+    tags = client.get_model_version("toy", champ.version).tags
+    assert tags["labels"] == '["fresh", "rotten"]' and tags["task"] == "text-classification/single-label"
+    runs_before = len(client.search_runs([client.get_experiment_by_name("toy").experiment_id]))
+    with pytest.raises(RegistryError) as exc:
+        _reg(other_labels_dir, 0.99, store, test_hash="other")
+    msg = str(exc.value)
+    assert "['fresh', 'rotten']" in msg and "['spam', 'ham']" in msg and "register.model_name" in msg
+    assert _versions(store) == [1]
+    assert str(client.get_model_version_by_alias("toy", "champion").version) == champ.version
+    assert len(client.search_runs([client.get_experiment_by_name("toy").experiment_id])) == runs_before
+
+
+def test_new_lineage_replaces_the_champion_and_says_so(tiny_classifier_dir, other_labels_dir, store):
+    from mlflow import MlflowClient
+
+    _reg(tiny_classifier_dir, 0.7, store)
+    cfg = RegisterConfig(**{**CFG.__dict__, "new_lineage": True})
+    r = _reg(other_labels_dir, 0.65, store, test_hash="other", cfg=cfg)
+    assert (r.version, r.alias) == ("2", "champion")
+    assert "previous champion v1 (labels ['fresh', 'rotten']) was not compared and loses @champion" in r.reason
+    assert r.champion_before == {"version": "1", "run_id": r.champion_before["run_id"], "source": "other lineage"}
+    client = MlflowClient(store[0])
+    assert client.get_model_version("toy", "1").tags["superseded_by"] == "2"
+    assert client.get_model_version("toy", "2").tags["labels"] == '["spam", "ham"]'
+    # the new lineage is compared with its own kind from now on
+    r3 = _reg(other_labels_dir, 0.66, store, test_hash="other", cfg=cfg)
+    assert r3.alias == "challenger" and "does not beat the champion's 0.6500" in r3.reason
+
+
+# ---- every file checked against the registry before loading ----
+
+def _stored(store, name: str) -> list[Path]:
+    found = [p for p in Path(store[1].replace("file://", "")).rglob(name) if "models" in p.parts]
+    assert found, name
+    return found
+
+
+def _swap_labels(p: Path) -> None:
+    import json
+
+    cfg = json.loads(p.read_text())
+    cfg["id2label"] = {"0": "rotten", "1": "fresh"}
+    p.write_text(json.dumps(cfg))
+
+
+def _flip_last_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, tamper", [("config.json", _swap_labels), ("model.safetensors", _flip_last_byte)])
+def test_tampered_model_files_are_refused_naming_the_file(tiny_classifier_dir, store, name, tamper):
+    from finetune.registry import load_verified
+
+    r = _reg(tiny_classifier_dir, 0.8, store)
+    assert load_verified(f"models:/toy/{r.version}", store[0]).predict(["fine"])[0] in {"fresh", "rotten"}
+    for p in _stored(store, name):
+        tamper(p)
+    with pytest.raises(RegistryError, match=rf"toy version 1: file artifacts/tiny-classifier0/{name} differs"):
+        load_verified("models:/toy@champion", store[0])
+
+
+def test_tampered_code_never_runs_and_predict_says_which_file(tiny_classifier_dir, store, tmp_path, monkeypatch,
+                                                             capsys):
+    from finetune.cli import main
+
+    _reg(tiny_classifier_dir, 0.8, store)
+    marker = tmp_path / "code-ran"
+    for p in _stored(store, "pyfunc_model.py"):
+        p.write_text(p.read_text() + f"\nopen({str(marker)!r}, 'w').write('x')\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["predict", "--model", "models:/toy@champion", "some text"]) == 1
+    err = capsys.readouterr().err
+    assert "finetune predict: error: toy version 1: file pyfunc_model.py differs from the sha256 recorded in the " \
+           "registry; refusing to load a modified model\n" in err
+    assert "Traceback" not in err and err.count("error") == 1
+    assert not marker.exists()
+
+
+def test_extra_or_missing_file_is_refused(tiny_classifier_dir, store):
+    from finetune.registry import load_verified
+
+    _reg(tiny_classifier_dir, 0.8, store)
+    (p,) = _stored(store, "MLmodel")
+    (p.parent / "sitecustomize.py").write_text("print('hi')\n")
+    with pytest.raises(RegistryError, match="file sitecustomize.py is in the artifact store but not in the registry"):
+        load_verified("models:/toy/1", store[0])
+    (p.parent / "sitecustomize.py").unlink()
+    (p.parent / "requirements.txt").unlink()
+    with pytest.raises(RegistryError, match="file requirements.txt is missing"):
+        load_verified("models:/toy/1", store[0])
+
+
+def test_tampered_champion_is_not_rescored(tiny_classifier_dir, store):
+    _reg(tiny_classifier_dir, 0.7, store, test_hash="old")
+    for p in _stored(store, "config.json"):
+        _swap_labels(p)
+    with pytest.raises(RegistryError, match="config.json differs"):
+        _reg(tiny_classifier_dir, 0.9, store, test_hash="new", test=(["a wonderful film"], ["fresh"]))
+    assert _versions(store) == [1]

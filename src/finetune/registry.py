@@ -169,10 +169,11 @@ def _register_once(req: RegistrationRequest, run_key: str) -> Registration:
         client.set_tag(run_id, "gate.promoted", str(decision.promote))
         client.set_tag(run_id, "gate.reason", decision.reason)
         client.set_tag(run_id, "model_version", version)
-    except LineageRefused:  # another lineage became champion while this one was logged: undo this version
-        _delete_version(client, cfg.model_name, version)
-        raise
-    except RegistryError:
+    except RegistryError as exc:
+        # a refusal (another lineage became champion meanwhile, an unverifiable champion) undoes this version;
+        # a busy lease (RegistryUnavailable) keeps it for the retry to reuse
+        if not isinstance(exc, RegistryUnavailable):
+            _delete_version(client, cfg.model_name, version)
         raise
     except Exception as exc:
         raise RegistryUnavailable(f"moving the alias of {cfg.model_name} v{version} failed: {exc}") from exc
@@ -480,12 +481,14 @@ def load_verified(model_uri: str, tracking_uri: str):
     name, sep, ref = model_uri[len("models:/"):].partition("@")
     if not sep:
         name, _, ref = name.rpartition("/")
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    client = MlflowClient(tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
-        with tempfile.TemporaryDirectory(prefix="finetune-verified-") as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp,
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # models:/ URIs resolve against the global tracking URI, whatever tracking_uri= says
+        with tempfile.TemporaryDirectory(prefix="finetune-verified-") as tmp, _use_tracking_uri(tracking_uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
             integrity.verify(local, integrity.from_tags(mv.tags or {}), f"{name} version {mv.version}")
             return mlflow.pyfunc.load_model(local)
     except integrity.IntegrityError as exc:
