@@ -336,3 +336,34 @@ def test_tampered_champion_is_not_rescored(tiny_classifier_dir, store):
     with pytest.raises(RegistryError, match="config.json differs"):
         _reg(tiny_classifier_dir, 0.9, store, test_hash="new", test=(["a wonderful film"], ["fresh"]))
     assert _versions(store) == [1]
+
+
+def test_held_lease_is_waited_for_and_logged(tiny_classifier_dir, store, caplog):
+    import logging
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import LOCK_TAG
+
+    _reg(tiny_classifier_dir, 0.7, store)
+    client = MlflowClient(store[0])
+    expiry = time.time() + 300
+    client.set_registered_model_tag("toy", LOCK_TAG, f"deadbeef.1234@{expiry}")
+
+    def holder_releases_once_waited_for():
+        deadline = time.time() + 240
+        while not any("waiting for the alias lock" in m for m in caplog.messages) and time.time() < deadline:
+            time.sleep(0.2)
+        client.delete_registered_model_tag("toy", LOCK_TAG)
+
+    other = threading.Thread(target=holder_releases_once_waited_for)
+    with caplog.at_level(logging.WARNING, logger="finetune.registry"):
+        other.start()
+        r = _reg(tiny_classifier_dir, 0.8, store)  # another run key (metrics), same test data
+        other.join()
+    assert r.alias == "champion"
+    waits = [m for m in caplog.messages if "waiting for the alias lock" in m]
+    until = time.strftime("%H:%M:%S", time.gmtime(expiry))
+    assert len(waits) == 1 and f"of toy: held by deadbeef.1234 until {until} UTC" in waits[0], caplog.messages

@@ -68,10 +68,11 @@ def test_sigkill_mid_training_then_rerun_resumes_and_matches(tmp_path, tokens_di
 _REGISTER = """
 import sys
 from finetune.config import RegisterConfig
-from finetune.register import register
+from finetune.registry import RegistrationRequest, register
 value = float(sys.argv[3])
-r = register(sys.argv[1], {"accuracy": value, "macro_f1": value}, RegisterConfig(model_name="race", experiment="race",
-             floor=0.0), tracking_uri=sys.argv[2], test_hash="same-test-data")
+cfg = RegisterConfig(model_name=sys.argv[4], experiment=sys.argv[4], floor=0.0)
+r = register(RegistrationRequest.for_model(sys.argv[1], {"accuracy": value, "macro_f1": value}, cfg, sys.argv[2],
+                                           test_hash="same-test-data"))
 print(r.version, r.alias)
 """
 
@@ -85,7 +86,7 @@ def test_concurrent_registrations_end_with_the_better_champion(mlflow_server, ti
         # the worse model is slowed down between its champion check and its alias move: without the
         # move-time check under a lock it would overwrite the better champion
         env = {**os.environ, "FINETUNE_ALIAS_DELAY": delay}
-        return subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), url, value],
+        return subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), url, value, "race"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     worse, better = start("0.70", "3"), start("0.80", "0")
@@ -98,3 +99,38 @@ def test_concurrent_registrations_end_with_the_better_champion(mlflow_server, ti
     assert champ.tags["accuracy"] == "0.8"
     assert outs[1][0].split()[-1] == "champion"  # the better pipeline reports what the registry shows
     assert "finetune.alias_lock" not in (client.get_registered_model("race").tags or {})
+
+
+def test_register_killed_mid_way_is_marked_failed_and_cleaned_by_the_next(tiny_classifier_dir, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from finetune import registry
+    from finetune.config import RegisterConfig
+
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("killed", art.as_uri())
+    env = {**os.environ, "FINETUNE_REGISTER_DELAY": "120"}  # the kill lands after the model was uploaded
+    proc = subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), uri, "0.8", "killed"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(art.rglob("MLmodel")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1)  # the rest of the upload
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "registration finished before it could be killed"
+    (dead,) = client.search_runs([exp_id])
+    assert dead.info.status == "RUNNING" and list(art.rglob("MLmodel"))  # what a killed process leaves behind
+
+    monkeypatch.setattr(registry, "STALE_AFTER", 0.5)  # its heartbeat (every 30 s) is older than this by now
+    r = registry.register(registry.RegistrationRequest.for_model(
+        tiny_classifier_dir, {"accuracy": 0.8, "macro_f1": 0.8},
+        RegisterConfig(model_name="killed", experiment="killed", floor=0.0), uri, test_hash="same-test-data"))
+    run = client.get_run(dead.info.run_id)
+    assert run.info.status == "FAILED" and "process died" in run.data.tags["finetune.failed"]
+    new_run = client.get_run(r.run_id)
+    assert new_run.info.status == "FINISHED" and r.alias == "champion"
+    # only the new registration's model remains in the artifact store, and only its version in the registry
+    assert len(list(art.rglob("MLmodel"))) == 1
+    assert [str(v.version) for v in client.search_model_versions("name = 'killed'")] == [r.version]

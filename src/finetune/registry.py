@@ -351,6 +351,7 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
                 # {"probabilities": True}) and the serving endpoint's "params" reach the model
                 input_example=(["An example review."], {"probabilities": False}),
                 pip_requirements=_pip_requirements())
+            time.sleep(float(os.environ.get("FINETUNE_REGISTER_DELAY", "0")))  # fault injection: a kill lands here
             tags = {"test_data_hash": req.test_hash or "", "run_id": run_id, "run_key": run_key,
                     "weights_sha256": ",".join(f"{k}={v}" for k, v in weights.items()),
                     "task": req.kind.task, "labels": json.dumps(list(req.kind.labels))}
