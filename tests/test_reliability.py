@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import BIN, toy_frame
+from test_report import stage_inputs  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +135,131 @@ def test_register_killed_mid_way_is_marked_failed_and_cleaned_by_the_next(tiny_c
     # only the new registration's model remains in the artifact store, and only its version in the registry
     assert len(list(art.rglob("MLmodel"))) == 1
     assert [str(v.version) for v in client.search_model_versions("name = 'killed'")] == [r.version]
+
+
+class BasicAuthProxy:
+    """A reverse proxy on 127.0.0.1 in front of the real MLflow server that admits only requests carrying
+    HTTP Basic credentials ``user:password`` (as a server behind an authenticating gateway would)."""
+
+    def __init__(self, upstream: str, user: str, password: str):
+        import base64
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        up = urlsplit(upstream)
+        proxy = self
+        self.admitted = self.refused = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self):
+                body = self._body()
+                if self.headers.get("Authorization") != expected:
+                    proxy.refused += 1
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                proxy.admitted += 1
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "authorization", "transfer-encoding", "connection")}
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=120)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_credentials_in_uris_are_written_nowhere(mlflow_server, stage_inputs, tiny_classifier_dir, tmp_path, caplog):
+    import logging
+    import urllib.error
+    import urllib.request
+
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from finetune.config import Config, RegisterConfig
+    from finetune.stages import run_register
+
+    password, signature = "pw-Zq81-secret", "sig0a1b2c3d4e5f"
+    proxy = BasicAuthProxy(mlflow_server.url, "alice", password)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the gateway really demands the credentials
+            urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}/api/2.0/mlflow/experiments/search?max_results=1")
+        assert refused.value.code == 401
+        uri = f"http://alice:{password}@127.0.0.1:{proxy.port}"
+        cfg = Config(register=RegisterConfig(model_name="behind-auth", experiment="auth", floor=0.0, min_macro_f1=0.0))
+        lineage = {"git_commit": "c0ffee", "data_uri": f"s3://bucket/reviews.csv?X-Amz-Signature={signature}&v=2",
+                   "data_md5": "0a1b2c"}
+        out = tmp_path / "register"
+        with caplog.at_level(logging.DEBUG):
+            reg = run_register(cfg, tiny_classifier_dir, stage_inputs / "evaluate", stage_inputs / "validate",
+                               stage_inputs / "train", out, lineage, uri, tokens=stage_inputs / "tokenize")
+        assert proxy.admitted > 10 and proxy.refused == 1  # everything went through the authenticating gateway
+
+        secrets = (password.encode(), signature.encode())
+        written = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert set(written) == {"registration.json", "model_card.md", "report.html"}
+        assert json.loads(written["registration.json"])["tracking_uri"] == f"http://***@127.0.0.1:{proxy.port}"
+        assert b"X-Amz-Signature=***" in written["report.html"]
+        client = MlflowClient(uri)
+        run = client.get_run(reg["run_id"])
+        mv = client.get_model_version("behind-auth", reg["version"])
+        registry_text = json.dumps([run.data.params, run.data.tags, mv.tags, mv.description, mv.source]).encode()
+        assert b"X-Amz-Signature=***" in registry_text
+        dl = tmp_path / "dl"
+        run_files = Path(client.download_artifacts(reg["run_id"], "", str(dl / "run")))
+        with _tracking(uri):
+            model_files = Path(mlflow.artifacts.download_artifacts(f"models:/behind-auth/{reg['version']}",
+                                                                   dst_path=str(dl / "model")))
+        files = [f for f in [*run_files.rglob("*"), *model_files.rglob("*")] if f.is_file()]
+        assert any(f.name == "report.html" for f in files) and any(f.name == "MLmodel" for f in files)
+        # and the server's own store: its database (params, tags, descriptions) and every stored artifact
+        stored = [mlflow_server.root / "server.db", *(f for f in (mlflow_server.root / "artifacts").rglob("*")
+                                                     if f.is_file())]
+        for blob in [*written.values(), registry_text, *(f.read_bytes() for f in files + stored),
+                     caplog.text.encode()]:
+            assert not any(s in blob for s in secrets)
+    finally:
+        proxy.stop()
+
+
+def _tracking(uri: str):
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(uri)

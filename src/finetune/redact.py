@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 MASK = "***"
 # Query parameter names that carry secrets: token, key, secret, password, signature, anything X-Amz-*.
 _SECRET_PARAM = re.compile(r"token|key|secret|passw|pwd|signature|sig$|credential|auth|^x-amz-", re.I)
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+(?<![.,;:)\]])")  # not the sentence's period
 
 
 def redact_uri(uri: str) -> str:
