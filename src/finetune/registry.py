@@ -299,7 +299,8 @@ def _move_alias(client, req: RegistrationRequest, version: str) -> tuple[Decisio
         if champion is not None and _check_lineage(req, champion):
             champ_info, champ_value = _champion_score(client, req, champion)
         elif champion is not None:  # register.new_lineage: the old champion is replaced, not compared
-            champ_info = {"version": str(champion.version), "run_id": champion.run_id, "source": "other lineage"}
+            champ_info = {"version": str(champion.version), "run_id": champion.run_id,
+                          "source": "another lineage: not compared (register.new_lineage)"}
         decision = gate(req.value, champ_value, cfg, req.metrics.get("macro_f1"))
         if champion is not None and champ_value is None:
             old = _kind_of(champion)

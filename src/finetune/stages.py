@@ -143,7 +143,8 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
                           token_stats)
 
     request = RegistrationRequest.for_model(
-        model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params, lineage=lineage, loss_history=history, artifacts=artifacts, test_hash=split_hash(test),
+        model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
+        lineage=lineage, loss_history=history, artifacts=artifacts, test_hash=split_hash(test),
         test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
         pipeline_run=lineage.get("kfp_run"), model_card=card)
     reg = register(request)
