@@ -16,7 +16,7 @@ from conftest import BIN, ENV, free_port
 from finetune.cli import main
 from finetune.config import RegisterConfig
 from finetune.predict import PredictInputError, predict, read_texts
-from finetune.register import register
+from finetune.registry import RegistrationRequest, register
 
 NAME = "toy-predict"
 TEXTS = ["a wonderful film", "a dull mess", "ok \u00e9t\u00e9 \u2014 \u201cfine\u201d"]
@@ -28,8 +28,9 @@ def project(tmp_path_factory, tiny_classifier_dir):
     mlartifacts/ in it (tracking.configure's default), one registered version, aliased champion."""
     root = tmp_path_factory.mktemp("predict-project")
     cfg = RegisterConfig(model_name=NAME, experiment="p", floor=0.0)
-    reg = register(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg,
-                   tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=(root / "mlartifacts").as_uri())
+    reg = register(RegistrationRequest.for_model(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg,
+                                                 f"sqlite:///{root / 'mlflow.db'}",
+                                                 artifact_location=(root / "mlartifacts").as_uri()))
     assert reg.alias == "champion"
     return root
 

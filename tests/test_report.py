@@ -223,3 +223,15 @@ def test_model_card_content():
     assert "Weakest class: `rotten`" in card and "| fresh | 72 | 18 |" in card
     assert "| train.epochs | 2.0 |" in card and "train.threads" not in card and "max_steps" not in card
     assert 'mlflow.pyfunc.load_model("models:/reviews/3")' in card and "run9" in card and "ff.dir" in card
+
+
+@pytest.mark.parametrize("ece, words", [(0.02, "well calibrated (ECE 0.020 < 0.05)"),
+                                        (0.07, "only roughly calibrated (ECE 0.070, between 0.05 and 0.1)"),
+                                        (0.25, "poorly calibrated (ECE 0.250 >= 0.1)")])
+def test_model_card_calibration_sentence_follows_the_ece(ece, words):
+    from finetune.modelcard import model_card
+
+    card = model_card("reviews", "3", {**METRICS, "ece": ece}, VALIDATION, {"tokenize.max_length": 64})
+    assert words in card
+    others = {"well calibrated", "only roughly calibrated", "poorly calibrated"} - {words.split(" (")[0]}
+    assert not any(o in card for o in others)

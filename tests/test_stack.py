@@ -180,7 +180,7 @@ def test_s3_down_at_register_time_then_rerun_registers_exactly_once(stack, tiny_
     from mlflow import MlflowClient
 
     from finetune.config import RegisterConfig
-    from finetune.register import RegistryError, register
+    from finetune.registry import RegistrationRequest, RegistryError, register
 
     url = stack.url
     cfg = RegisterConfig(model_name="outage", experiment="outage", floor=0.0, min_macro_f1=0.0, retries=1,
@@ -190,11 +190,11 @@ def test_s3_down_at_register_time_then_rerun_registers_exactly_once(stack, tiny_
     stack.kill("s3")
     try:
         with pytest.raises(RegistryError, match="giving up after 2 attempt"):
-            register(tiny_classifier_dir, metrics, cfg, tracking_uri=url, test_hash="t")
+            register(RegistrationRequest.for_model(tiny_classifier_dir, metrics, cfg, url, test_hash="t"))
         assert client.search_model_versions("name = 'outage'") == []
     finally:
         stack.restart("s3")
-    first = register(tiny_classifier_dir, metrics, cfg, tracking_uri=url, test_hash="t")
-    again = register(tiny_classifier_dir, metrics, cfg, tracking_uri=url, test_hash="t")
+    first = register(RegistrationRequest.for_model(tiny_classifier_dir, metrics, cfg, url, test_hash="t"))
+    again = register(RegistrationRequest.for_model(tiny_classifier_dir, metrics, cfg, url, test_hash="t"))
     assert first.alias == "champion" and again.version == first.version
     assert [str(v.version) for v in client.search_model_versions("name = 'outage'")] == [first.version]

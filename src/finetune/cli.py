@@ -142,13 +142,9 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
     texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None)
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
     tracking.configure(".")
-    import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
+    from .registry import load_verified
 
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as exc:
-        raise PredictInputError(f"cannot load {uri} from {os.environ.get('MLFLOW_TRACKING_URI')}: {exc}") from exc
+    model = load_verified(uri, os.environ["MLFLOW_TRACKING_URI"])  # every file checked against the registry
     records = predict(model, texts, args.batch_size)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from .compare import CompareError
     from .evaluate import MismatchError
     from .io import DataError
-    from .register import RegistryError
+    from .registry import RegistryError
     from .sample_data import DataSetMismatch
     from .sources import SourceError
     from .submit import SubmitError

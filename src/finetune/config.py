@@ -187,6 +187,8 @@ class RegisterConfig:
                                                                   "predictors), whatever the primary metric"})
     retries: int = field(default=3, metadata={"help": "retries when the registry or artifact store fails"})
     retry_backoff: float = field(default=2.0, metadata={"help": "first retry delay in seconds, doubled each time"})
+    new_lineage: bool = field(default=False, metadata={"help": "allow a champion with other labels or task under "
+                                                               "model_name to be replaced without comparison"})
 
     def __post_init__(self) -> None:
         _rule(self, "model_name", bool(self.model_name), "a registered model name")

@@ -26,15 +26,45 @@ def split_hash(frame: pd.DataFrame) -> str:
 
 
 def git_info(root: str | Path = ".") -> dict[str, Any]:
+    """The commit, and whether the code or params differ from it. The pipeline's own outputs (dvc.lock and every
+    path dvc.yaml lists as an out, metric or plot) are rewritten by each `dvc repro`, so they do not count."""
     def run(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return None
 
     commit = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit or "unknown", "git_dirty": bool(status) if status is not None else None}
+    top = run("rev-parse", "--show-toplevel")
+    status = run("status", "--porcelain=v1", "-z", "--untracked-files=no")
+    if status is None or top is None:
+        return {"git_commit": (commit or "").strip() or "unknown", "git_dirty": None}
+    ignored = pipeline_outputs(root)
+    entries, changed = iter(status.split("\0")), []
+    for entry in entries:
+        if len(entry) > 3:
+            changed.append(Path(top.strip(), entry[3:]).resolve())
+            if entry[0] in "RC":  # a rename's or copy's source path follows as its own entry
+                changed.append(Path(top.strip(), next(entries, "")).resolve())
+    dirty = any(not any(p == o or o in p.parents for o in ignored) for p in changed)
+    return {"git_commit": commit.strip() or "unknown", "git_dirty": dirty}
+
+
+def pipeline_outputs(root: str | Path = ".") -> set[Path]:
+    """Absolute paths of dvc.lock and of every out, metric and plot that dvc.yaml declares (stages and top level)."""
+    root = Path(root).resolve()
+    out = {root / "dvc.lock"}
+    p = root / "dvc.yaml"
+    spec = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}) if p.is_file() else {}
+
+    def names(entries: Any) -> list[str]:  # entries are strings or one-key dicts {path: options}
+        return [n for e in entries or [] for n in ([e] if isinstance(e, str) else e if isinstance(e, dict) else [])]
+
+    for stage in (spec.get("stages") or {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            out.update(root / n for n in names(stage.get(kind)))
+    out.update(root / n for n in names(spec.get("metrics")) + names(spec.get("plots")))
+    return {o.resolve() for o in out}
 
 
 def dvc_data_hash(root: str | Path = ".") -> str | None:

@@ -47,6 +47,24 @@ def training_settings(params: dict[str, Any]) -> list[tuple[str, Any]]:
             and params[k] is not None]
 
 
+# Expected calibration error bounds: under WELL the stated confidence is within a few points of the accuracy
+# at that confidence; over ROUGH it is off by a tenth or more.
+ECE_WELL, ECE_ROUGH = 0.05, 0.10
+
+
+def calibration_sentence(ece: float) -> str:
+    if math.isnan(ece):
+        return "Calibration was not measured: treat the probabilities as a ranking, not as exact chances."
+    if ece < ECE_WELL:
+        return (f"Probabilities are well calibrated (ECE {ece:.3f} < {ECE_WELL}): a stated 80% is right about "
+                f"80% of the time on data like the test split.")
+    if ece < ECE_ROUGH:
+        return (f"Probabilities are only roughly calibrated (ECE {ece:.3f}, between {ECE_WELL} and {ECE_ROUGH}); "
+                f"treat them as a ranking, not as exact chances.")
+    return (f"Probabilities are poorly calibrated (ECE {ece:.3f} >= {ECE_ROUGH}): do not read them as chances; "
+            f"use them only to rank texts.")
+
+
 def model_card(name: str, version: str, metrics: dict[str, Any], validation: dict[str, Any] | None,
                params: dict[str, Any], lineage: dict[str, Any] | None = None, run_id: str | None = None,
                token_stats: dict[str, Any] | None = None) -> str:
@@ -117,14 +135,15 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
         limits.append(f"Weakest class: `{weak}` (F1 {per_class[weak]['f1']:.3f}, recall "
                       f"{per_class[weak]['recall']:.3f}).")
     limits.append(f"The test split has {n} texts: the accuracy is known to about ±{(hi - lo) / 2:.3f}.")
-    limits.append(f"Probabilities are only roughly calibrated (ECE {float(metrics.get('ece', math.nan)):.3f}); "
-                  f"treat them as a ranking, not as exact chances.")
+    limits.append(calibration_sentence(float(metrics.get("ece", math.nan))))
     limits.append("It learns whatever biases its training texts and the pretrained base model carry.")
     out += [f"- {item}" for item in limits]
 
     out += ["", "## How to load it", "",
-            "Needs mlflow, torch and transformers (not the `finetune` package); set `MLFLOW_TRACKING_URI` to "
-            "the registry.", "",
+            "`finetune predict` and `finetune.registry.load_verified(uri, tracking_uri)` first check every file "
+            "against the sha256 digests recorded in the registry and refuse a modified one. Plain MLflow loading "
+            "needs only mlflow, torch and transformers (not the `finetune` package; set `MLFLOW_TRACKING_URI` to "
+            "the registry) but checks only the weights.", "",
             "```python",
             "import mlflow.pyfunc",
             f"model = mlflow.pyfunc.load_model(\"{uri}\")   # or models:/{name}@champion",

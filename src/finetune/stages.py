@@ -111,7 +111,8 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     from .io import read_json, write_json
     from .lineage import split_hash
     from .modelcard import model_card
-    from .register import as_dict, register
+    from .redact import redact_values
+    from .registry import RegistrationRequest, register
 
     metrics = read_json(Path(evaluation) / "metrics.json")
     test = pd.read_parquet(Path(splits) / "test.parquet")
@@ -124,24 +125,28 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     # Log the config the model was really trained with (saved beside it), plus this run's register settings.
     trained = Path(model) / "finetune_config.json"
     logged = config_from_dict({**read_json(trained), "register": asdict(cfg.register)}) if trained.is_file() else cfg
+    params = redact_values(logged.flat())
+    lineage = redact_values(lineage)
     validation = _optional_json(Path(splits) / "report.json")
     token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
     token_stats = (token_meta or {}).get("stats")
 
     def card(version: str, run_id: str | None) -> str:
-        return model_card(cfg.register.model_name, version, metrics, validation, logged.flat(), lineage, run_id,
+        return model_card(cfg.register.model_name, version, metrics, validation, params, lineage, run_id,
                           token_stats)
 
-    reg = register(model, metrics, cfg.register, tracking_uri=tracking_uri, artifact_location=artifact_location,
-                   params=logged.flat(), lineage=lineage, loss_history=history, artifacts=artifacts,
-                   test_hash=split_hash(test), test=(test["text"].tolist(), test["label"].tolist()),
-                   max_length=cfg.tokenize.max_length, pipeline_run=lineage.get("kfp_run"), model_card=card)
-    out_dict = as_dict(reg)
+    request = RegistrationRequest.for_model(
+        model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
+        lineage=lineage, loss_history=history, artifacts=artifacts, test_hash=split_hash(test),
+        test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
+        pipeline_run=lineage.get("kfp_run"), model_card=card)
+    reg = register(request)
+    out_dict = asdict(reg)
     write_json(Path(out) / "registration.json", out_dict)
     (Path(out) / "model_card.md").write_text(card(reg.version, reg.run_id), encoding="utf-8")
     summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
-    _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, logged.flat(), evaluation,
-                  Path(out))
+    _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, params, evaluation,
+                  Path(out), tracking_uri)
     log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
     return out_dict
 
@@ -153,7 +158,7 @@ def _optional_json(path: Path) -> Any:
 
 
 def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, summary, history, params,
-                  evaluation: str | Path, out: Path) -> None:
+                  evaluation: str | Path, out: Path, tracking_uri: str) -> None:
     """out/report.html, and the report with its plots into the MLflow run under report/."""
     import csv
     import shutil
@@ -161,7 +166,7 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
     from datetime import datetime, timezone
 
     from . import plots
-    from .register import RegistryError
+    from .registry import upload_report
     from .report import ReportData, render_report
 
     images = {"training": plots.training_curves(history, (summary or {}).get("val_history")) if history else b""}
@@ -181,9 +186,4 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
         for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths")):
             if images.get(key):
                 (Path(tmp) / name).write_bytes(images[key])
-        try:
-            from mlflow import MlflowClient
-
-            MlflowClient(reg["tracking_uri"]).log_artifacts(reg["run_id"], tmp, "report")
-        except Exception as exc:  # the version is registered; a rerun (idempotent) logs the report again
-            raise RegistryError(f"logging the run report to MLflow run {reg['run_id']} failed: {exc}") from exc
+        upload_report(tracking_uri, reg["run_id"], tmp)
