@@ -72,7 +72,7 @@ def test_write_splits_is_complete_and_refuses_failures(tmp_path):
     r = validate(tmp_path / "d.csv", DataConfig(), CFG)
     write_splits(r, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "labels.json", "report.json", "report.md", "test.parquet", "train.parquet", "val.parquet"]
+        ".finetune-output", "labels.json", "report.json", "report.md", "test.parquet", "train.parquet", "val.parquet"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["success"] is True
     bad = validate(tmp_path / "missing.csv", DataConfig(), CFG)
     with pytest.raises(ValueError):

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from .base_model import ModelNotFound
     from .compare import CompareError
     from .evaluate import MismatchError
-    from .io import DataError
+    from .io import DataError, UnsafeOutput
     from .register import RegistryError
     from .sample_data import DataSetMismatch
     from .sources import SourceError
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = (StageFailed, ConfigError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
                 RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
-                PredictInputError)
+                PredictInputError, UnsafeOutput)
     try:
         # predict and compare also work outside a project (no params.yaml): defaults then
         optional = args.command in ("predict", "compare") and not Path(args.params).exists() and not args.overrides

@@ -74,7 +74,7 @@ def _fingerprint(cfg: TrainConfig, meta: dict[str, Any], base: Path) -> str:
 def _save_checkpoint(ckpt_root: Path, step: int, fp: str, model, opt, sched, history, keep: int = 2) -> None:
     from safetensors.torch import save_file
 
-    with atomic_dir(ckpt_root / f"step-{step:07d}") as tmp:
+    with atomic_dir(ckpt_root / f"step-{step:07d}", "train") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         osd = opt.state_dict()
         tensors = {f"{pid}.{k}": v.cpu() for pid, st in osd["state"].items() for k, v in st.items()}
@@ -331,7 +331,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     seconds = time.perf_counter() - t0
 
     if dist.main:
-        with atomic_dir(model_out) as tmp:
+        with atomic_dir(model_out, "train") as tmp:
             _exportable(model).save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         if ckpt_root is not None:  # the finished model supersedes them; they only serve a killed run

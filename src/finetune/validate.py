@@ -10,7 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -250,11 +250,12 @@ def failure_message(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_splits(result: ValidationResult, out_dir: str | Path) -> Path:
-    """Write splits + labels + reports into ``out_dir`` atomically. Only for a passing result."""
+def write_splits(result: ValidationResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write splits + labels + reports into ``out_dir`` atomically. Only for a passing result.
+    ``inputs``: the raw data file(s), which ``out_dir`` must not contain (io.check_output_dir)."""
     if not result.ok:
         raise ValueError("refusing to write splits for data that failed validation")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "validate", inputs) as tmp:
         for name, frame in result.splits.items():
             frame.reset_index().to_parquet(tmp / f"{name}.parquet", index=False)
         write_json(tmp / "labels.json", result.labels)

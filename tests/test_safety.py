@@ -1,0 +1,94 @@
+"""Output folders: a stage replaces only a folder that a stage wrote (issue 14, item 1)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import toy_frame
+from finetune.cli import main
+from finetune.config import Config
+from finetune.io import MARKER, UnsafeOutput, atomic_dir, check_output_dir
+
+PARAMS = "validate:\n  labels: [fresh, rotten]\n  min_rows_per_class: 5\n"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A small project folder (params.yaml + data) that is also the cwd, as for a user at a shell."""
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    (root / "params.yaml").write_text(PARAMS)
+    toy_frame(20).to_csv(root / "data" / "d.csv", index=False)
+    monkeypatch.chdir(root)
+    return root
+
+
+def _tmp_leftovers(*folders: Path) -> list[str]:
+    return [p.name for f in folders for p in f.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_foreign_folder_is_not_deleted(project, tmp_path, capsys):
+    v = tmp_path / "v"  # the issue's /tmp/v with important.txt
+    v.mkdir()
+    (v / "important.txt").write_text("precious\n")
+    assert main(["validate", "--data", "data/d.csv", "--out", str(v)]) == 1
+    assert (v / "important.txt").read_text() == "precious\n"
+    assert sorted(p.name for p in v.iterdir()) == ["important.txt"]
+    err = capsys.readouterr().err
+    assert f"--out {v}: is a folder that no finetune stage wrote" in err and "remove it by hand" in err
+    assert _tmp_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["PWD", ".", "..", "./"])
+def test_project_root_and_its_parents_are_refused(project, tmp_path, capsys, out):
+    arg = str(project) if out == "PWD" else out
+    assert main(["validate", "--data", "data/d.csv", "--out", arg]) == 1
+    assert (project / "params.yaml").read_text() == PARAMS and (project / "data" / "d.csv").is_file()
+    assert f"--out {arg}: is the current folder or one of its parents" in capsys.readouterr().err
+    assert _tmp_leftovers(tmp_path, project) == []
+
+
+def test_folder_holding_the_input_is_refused_even_when_marked(project, capsys):
+    (project / "data" / MARKER).write_text("validate\n")  # only the input rule can refuse here
+    assert main(["validate", "--data", "data/d.csv", "--out", "data"]) == 1
+    assert "contains the stage's input data/d.csv" in capsys.readouterr().err
+    assert (project / "data" / "d.csv").is_file()
+
+
+def test_rerun_replaces_its_own_output_and_marks_it(project):
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 0
+    out = project / "out" / "validate"
+    assert (out / MARKER).read_text() == "validate\n"
+    (out / "stale.txt").write_text("from the last run")  # inside a stage's folder: replaced with it
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "report.json").read_text())["success"] is True
+    assert _tmp_leftovers(project / "out") == []
+
+
+def test_empty_existing_folder_is_used(project):
+    (project / "empty").mkdir()
+    assert main(["validate", "--data", "data/d.csv", "--out", "empty"]) == 0
+    assert (project / "empty" / "train.parquet").is_file()
+
+
+def test_tokenize_into_its_own_splits_folder_is_refused(project):
+    from finetune.stages import run_tokenize
+
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 0
+    with pytest.raises(UnsafeOutput, match="contains the stage's input out/validate"):
+        run_tokenize(Config(), "out/validate", "out/validate")
+    assert (project / "out" / "validate" / "train.parquet").is_file()
+
+
+def test_atomic_dir_checks_before_creating_anything(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "a.txt").write_text("a")
+    with pytest.raises(UnsafeOutput):
+        with atomic_dir(tmp_path / "keep", "test"):
+            pytest.fail("the block must not run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    with pytest.raises(UnsafeOutput, match="exists and is not a folder"):
+        check_output_dir(tmp_path / "keep" / "a.txt")
