@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "or the project's mlflow.db when unset.")
     s.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     s.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
-    s.add_argument("--input", help="one text per line, or a .jsonl/.csv/.parquet file with a \"text\" column "
-                                   "('-' = stdin, one text per line)")
+    s.add_argument("--input", help="one text per line ('\\n' or '\\r\\n' end a line; blank lines skipped), or a "
+                                   ".jsonl/.csv/.parquet file with a text column ('-' = stdin, one text per line)")
+    s.add_argument("--text-column", help="the text column of a table --input (default: data.text_column)")
     s.add_argument("--output", help="write JSON lines here (default: stdout)")
     s.add_argument("--batch-size", type=int, default=256)
 
@@ -139,7 +140,8 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
 
     if bool(args.texts) == bool(args.input):
         raise PredictInputError("give either TEXT arguments or --input FILE")
-    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None)
+    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None,
+                                     args.text_column or cfg.data.text_column)
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
     tracking.configure(".")
     import mlflow.pyfunc

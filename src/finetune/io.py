@@ -99,9 +99,18 @@ def read_table(path: str | Path, workspace: str | Path | None = None) -> pd.Data
     return df
 
 
+def split_lines(text: str) -> list[str]:
+    """Lines ended by '\n' or '\r\n' only. str.splitlines() also breaks at '\x85', '\u2028', '\x0c'..., which
+    occur inside real texts (and inside JSON strings), so it would cut one record into two."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _read_jsonl(text: str, p: Path) -> pd.DataFrame:
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:
