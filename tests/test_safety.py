@@ -1,11 +1,13 @@
-"""Output folders: a stage replaces only a folder that a stage wrote (issue 14, item 1)."""
+"""What a new user hits (issue 14): output folders a stage may replace (item 1), an unreachable tracking server
+(item 6)."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import toy_frame
+from conftest import BIN, ENV, free_port, toy_frame
 from finetune.cli import main
 from finetune.config import Config
 from finetune.io import MARKER, UnsafeOutput, atomic_dir, check_output_dir
@@ -92,3 +94,17 @@ def test_atomic_dir_checks_before_creating_anything(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
     with pytest.raises(UnsafeOutput, match="exists and is not a folder"):
         check_output_dir(tmp_path / "keep" / "a.txt")
+
+
+@pytest.mark.parametrize("command", [["predict", "a fine film"], ["compare", "--model", "m"]])
+def test_unreachable_tracking_server_is_said_at_once(tmp_path, command):
+    port = free_port()  # nothing listens there
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{port}/?token=t0ken"}
+    # MLflow alone retries for minutes; the subprocess timeout only turns a hang into a failure, it measures nothing
+    proc = subprocess.run([str(BIN / "finetune"), *command], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert (f"cannot reach the tracking server at http://***@127.0.0.1:{port}/?token=***: connection refused"
+            in proc.stderr)
+    assert "s3cret" not in proc.stderr and "t0ken" not in proc.stderr
+    assert "no version with alias" not in proc.stderr and "Traceback" not in proc.stderr

@@ -143,14 +143,17 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
     texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None,
                                      args.text_column or cfg.data.text_column)
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
-    tracking.configure(".")
+    store, _ = tracking.configure(".")
+    if uri.startswith(("models:", "runs:")):  # served by the tracking server: fail fast when it is down
+        tracking.require_reachable(store)
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
     try:
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        raise PredictInputError(f"cannot load {uri} from {os.environ.get('MLFLOW_TRACKING_URI')}: {exc}") from exc
+        safe = tracking.redact_uri(store)
+        raise PredictInputError(f"cannot load {uri} from {safe}: {str(exc).replace(store, safe)}") from exc
     records = predict(model, texts, args.batch_size)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,7 @@ def _compare(args: argparse.Namespace, cfg: Config) -> None:
     from .compare import compare, format_comparison, sides_from_registry, sides_from_runs
 
     uri, _ = tracking.configure(".")
+    tracking.require_reachable(uri)
     client = MlflowClient(uri)
     if args.runs:
         base, other = sides_from_runs(client, *args.runs)
@@ -229,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     from .sources import SourceError
     from .submit import SubmitError
     from .tokenize import TokenizerError
+    from .tracking import TrackingUnreachable
     from .train import TrainingError
 
     expected = (StageFailed, ConfigError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
                 RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
-                PredictInputError, UnsafeOutput)
+                PredictInputError, UnsafeOutput, TrackingUnreachable)
     try:
         # predict and compare also work outside a project (no params.yaml): defaults then
         optional = args.command in ("predict", "compare") and not Path(args.params).exists() and not args.overrides

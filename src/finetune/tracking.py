@@ -10,9 +10,56 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer: said at once instead of after MLflow's minutes of retries."""
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` fit for messages: user and password replaced by ``***``, and every query value too."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def require_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise TrackingUnreachable unless the HTTP(S) tracking server at ``uri`` answers within ``timeout`` seconds.
+
+    Any HTTP answer counts (401 behind a proxy too): the question is only whether the server is there. Local
+    stores (sqlite:, file:) are not probed. TLS settings follow MLflow's own environment variables.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    import requests
+
+    health = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path.rstrip("/") + "/health", "", ""))
+    verify: bool | str = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    try:
+        requests.get(health, timeout=timeout, verify=verify, allow_redirects=False)
+    except requests.Timeout:
+        reason = f"no answer within {timeout:g} s"
+    except requests.exceptions.SSLError:
+        reason = "TLS handshake failed (certificate?)"
+    except requests.RequestException:
+        reason = "connection refused or host unknown"
+    else:
+        return
+    raise TrackingUnreachable(f"cannot reach the tracking server at {redact_uri(uri)}: {reason}; "
+                              f"check MLFLOW_TRACKING_URI and that the server is up")
 
 
 def project_root(path: str | Path) -> Path:
