@@ -52,13 +52,17 @@ def _decode(raw: bytes, path: Path) -> str:
 def read_table(path: str | Path, workspace: str | Path | None = None) -> pd.DataFrame:
     """Read CSV/TSV/JSONL/Parquet (optionally compressed) into a frame whose index is the 1-based row number.
 
-    ``workspace``: a path given inside it must not lead out of it through a symlink.
+    ``workspace``: a relative path must stay inside it, neither through '..' nor through a symlink.
     Raises DataError with the rule broken, never a bare parser traceback.
     """
     p = Path(path)
     if workspace is not None and not p.is_absolute():
         ws = Path(workspace).resolve()
+        lexical = Path(os.path.normpath(ws / p))
         real = (Path(workspace) / p).resolve()
+        if ws not in lexical.parents and lexical != ws:
+            raise DataError("path_in_workspace", f"is outside the project folder {ws} (it leads to {lexical}); "
+                            f"copy the file into the project, or give an absolute path on purpose", p)
         if ws not in real.parents and real != ws:
             raise DataError("path_in_workspace", f"resolves to {real}, outside the workspace {ws} "
                             f"(a symlink pointing out of the project); copy the file in or pass its real path", p)
