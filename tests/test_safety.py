@@ -1,5 +1,5 @@
 """What a new user hits (issue 14): output folders a stage may replace (item 1), an unreachable tracking server
-(item 6)."""
+(item 6), -q (item 9)."""
 
 import json
 import subprocess
@@ -108,3 +108,18 @@ def test_unreachable_tracking_server_is_said_at_once(tmp_path, command):
             in proc.stderr)
     assert "s3cret" not in proc.stderr and "t0ken" not in proc.stderr
     assert "no version with alias" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quiet_silences_great_expectations_and_mlflow_info(project):
+    run = [str(BIN / "finetune"), "validate", "--data", "data/d.csv", "--out", "out/validate"]
+    quiet = subprocess.run([*run, "-q"], cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == ""  # GE logged "Created temporary directory ..." at INFO
+    default = subprocess.run(run, cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+    assert "INFO finetune: validation passed" in default.stderr and "great_expectations" not in default.stderr
+    # MLflow configures its own INFO handler when imported; register logs "Failed to infer output type hint" there
+    code = ("import logging; from finetune.cli import _setup_logging; _setup_logging(-1); import mlflow; "
+            "logging.getLogger('mlflow.models.signature').info('Failed to infer output type hint'); "
+            "logging.getLogger('mlflow.store').warning('a warning stays'); logging.getLogger('finetune').info('ours')")
+    proc = subprocess.run([str(BIN / "python"), "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Failed to infer" not in proc.stderr and "ours" not in proc.stderr and "a warning stays" in proc.stderr
