@@ -1,5 +1,5 @@
 """What a new user hits (issue 14): output folders a stage may replace (item 1), an unreachable tracking server
-(item 6), -q (item 9)."""
+(item 6), -q and a copied project's MLflow store (item 9)."""
 
 import json
 import subprocess
@@ -123,3 +123,45 @@ def test_quiet_silences_great_expectations_and_mlflow_info(project):
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Failed to infer" not in proc.stderr and "ours" not in proc.stderr and "a warning stays" in proc.stderr
+
+
+def _log_run(root: Path, name: str) -> str:
+    """A run with one artifact in the project's default store, the way register creates its experiment."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from finetune import tracking
+
+    uri, location = tracking.configure(root)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("e")
+    exp_id = exp.experiment_id if exp else client.create_experiment("e", location)
+    run = client.create_run(exp_id)
+    (root / f"{name}.txt").write_text(name)
+    client.log_artifact(run.info.run_id, str(root / f"{name}.txt"))
+    client.set_terminated(run.info.run_id)
+    mlflow.set_tracking_uri(None)
+    return run.info.run_id
+
+
+def test_copied_project_writes_mlflow_artifacts_into_itself(tmp_path, monkeypatch):
+    import shutil
+
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a = tmp_path / "a b"  # a space: the store holds percent-encoded URIs
+    a.mkdir()
+    first = _log_run(a, "first")
+    b = tmp_path / "copy"
+    shutil.copytree(a, b)
+    before = sorted(str(p.relative_to(a)) for p in a.rglob("*"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # configure() exported a's store; a new process has none
+    second = _log_run(b, "second")
+    assert sorted(str(p.relative_to(a)) for p in a.rglob("*")) == before  # nothing written in the original
+    client = MlflowClient(f"sqlite:///{b / 'mlflow.db'}")
+    for rid, name in ((first, "first"), (second, "second")):
+        assert client.get_run(rid).info.artifact_uri.startswith((b / "mlartifacts").as_uri())
+        assert (Path(client.download_artifacts(rid, f"{name}.txt", str(tmp_path / "dl"))).read_text() == name)
+    assert list((b / "mlartifacts").rglob("second.txt"))
+    assert client.get_experiment_by_name("e").artifact_location.startswith((b / "mlartifacts").as_uri())
