@@ -1,5 +1,6 @@
 """What a new user hits (issue 14): output folders a stage may replace (item 1), an unreachable tracking server
-(item 6), -q and a copied project's MLflow store (item 9)."""
+(item 6), -q a copied project's MLflow store (item 9), `make test`'s
+system packages (item 7)."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ENV, free_port, toy_frame
+from conftest import BIN, ENV, REPO, free_port, toy_frame
 from finetune.cli import main
 from finetune.config import Config
 from finetune.io import MARKER, UnsafeOutput, atomic_dir, check_output_dir
@@ -165,3 +166,61 @@ def test_copied_project_writes_mlflow_artifacts_into_itself(tmp_path, monkeypatc
         assert (Path(client.download_artifacts(rid, f"{name}.txt", str(tmp_path / "dl"))).read_text() == name)
     assert list((b / "mlartifacts").rglob("second.txt"))
     assert client.get_experiment_by_name("e").artifact_location.startswith((b / "mlartifacts").as_uri())
+
+
+def _sysdeps(tmp_path: Path, uid: str, have: tuple[str, ...], sudo: bool = False) -> tuple[subprocess.CompletedProcess, str]:
+    """`make sysdeps` with a PATH holding only the tools named in ``have`` (plus what the recipe needs), a fake
+    apt-get that records its arguments, and ``uid`` as the user's id."""
+    import os
+    import shutil
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("ls", "env", "sh"):
+        (bin_ / tool).symlink_to(shutil.which(tool))
+    (bin_ / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    for tool in have:
+        (bin_ / tool).write_text("#!/bin/sh\n")
+    (tmp_path / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "apt.log"}\n')
+    if sudo:
+        (bin_ / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && shift; [ "$1" = true ] && exit 0; exec "$@"\n')
+    for f in (*bin_.iterdir(), tmp_path / "apt-get"):
+        if not f.is_symlink():
+            f.chmod(0o755)
+    pg = tmp_path / "pg"
+    pg.mkdir()
+    if "postgres" in have:
+        (pg / "initdb").touch()
+        (pg / "pg_ctl").touch()
+    proc = subprocess.run([shutil.which("make"), "-s", "-C", str(REPO), "sysdeps", f"APT_GET={tmp_path / 'apt-get'}",
+                           f"PG_BIN_GLOB={pg}", f"PYTHON={BIN / 'python'}"],
+                          env={"PATH": str(bin_), "HOME": os.environ.get("HOME", "/")}, capture_output=True, text=True,
+                          timeout=60)
+    log = tmp_path / "apt.log"
+    return proc, log.read_text() if log.exists() else ""
+
+
+def test_make_test_installs_missing_system_packages_as_root(tmp_path):
+    proc, apt = _sysdeps(tmp_path, "0", have=("chromium",))
+    assert proc.returncode == 0, proc.stderr
+    assert apt == "update -qq\ninstall -y -qq --no-install-recommends postgresql chromium-driver\n"
+    assert "installing the system packages the tests need: postgresql chromium-driver" in proc.stdout
+
+
+def test_make_test_is_silent_when_everything_is_there(tmp_path):
+    proc, apt = _sysdeps(tmp_path, "1000", have=("chromium", "chromedriver", "postgres"))
+    assert (proc.returncode, proc.stdout, proc.stderr, apt) == (0, "", "", "")
+
+
+def test_make_test_says_what_to_install_when_it_cannot(tmp_path):
+    proc, apt = _sysdeps(tmp_path, "1000", have=("postgres",))
+    assert proc.returncode != 0 and apt == ""
+    assert ("make test needs the system packages: chromium chromium-driver (not installed, and this user is not root "
+            "and has no password-less sudo). Install them once:  sudo apt-get update && sudo apt-get install -y "
+            "chromium chromium-driver") in proc.stderr
+
+
+def test_make_test_uses_passwordless_sudo(tmp_path):
+    proc, apt = _sysdeps(tmp_path, "1000", have=("chromium", "chromedriver"), sudo=True)
+    assert proc.returncode == 0, proc.stderr
+    assert apt.endswith("install -y -qq --no-install-recommends postgresql\n")
