@@ -224,3 +224,21 @@ def test_make_test_uses_passwordless_sudo(tmp_path):
     proc, apt = _sysdeps(tmp_path, "1000", have=("chromium", "chromedriver"), sudo=True)
     assert proc.returncode == 0, proc.stderr
     assert apt.endswith("install -y -qq --no-install-recommends postgresql\n")
+
+
+def test_train_deletes_only_its_own_checkpoint_folders(tiny_model_dir, tmp_path):
+    from finetune.config import TokenizeConfig, TrainConfig
+    from finetune.tokenize import tokenize
+    from finetune.train import train
+
+    df = toy_frame(10)
+    toks, meta = tokenize({"train": df.iloc[:12], "val": df.iloc[12:16], "test": df.iloc[16:]}, ["fresh", "rotten"],
+                          tiny_model_dir, TokenizeConfig(max_length=16))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step-notes").mkdir(parents=True)  # a user's folder that merely matches the pattern
+    (ckpt / "step-notes" / "keep.txt").write_text("mine")
+    cfg = TrainConfig(epochs=1, batch_size=4, checkpoint_every=1, threads=1, seed=1)
+    train(toks, meta, tiny_model_dir, cfg, tmp_path / "model", ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-notes"]  # its own checkpoints cleaned, not this one
+    assert (ckpt / "step-notes" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "model" / MARKER).read_text() == "train\n"
