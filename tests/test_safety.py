@@ -39,7 +39,7 @@ def test_foreign_folder_is_not_deleted(project, tmp_path, capsys):
     assert (v / "important.txt").read_text() == "precious\n"
     assert sorted(p.name for p in v.iterdir()) == ["important.txt"]
     err = capsys.readouterr().err
-    assert f"--out {v}: is a folder that no finetune stage wrote" in err and "remove it by hand" in err
+    assert f"output folder {v}: is a folder that no finetune stage wrote" in err and "remove it by hand" in err
     assert _tmp_leftovers(tmp_path) == []
 
 
@@ -48,7 +48,7 @@ def test_project_root_and_its_parents_are_refused(project, tmp_path, capsys, out
     arg = str(project) if out == "PWD" else out
     assert main(["validate", "--data", "data/d.csv", "--out", arg]) == 1
     assert (project / "params.yaml").read_text() == PARAMS and (project / "data" / "d.csv").is_file()
-    assert f"--out {arg}: is the current folder or one of its parents" in capsys.readouterr().err
+    assert f"output folder {arg}: is the current folder or one of its parents" in capsys.readouterr().err
     assert _tmp_leftovers(tmp_path, project) == []
 
 
@@ -235,10 +235,12 @@ def test_train_deletes_only_its_own_checkpoint_folders(tiny_model_dir, tmp_path)
     toks, meta = tokenize({"train": df.iloc[:12], "val": df.iloc[12:16], "test": df.iloc[16:]}, ["fresh", "rotten"],
                           tiny_model_dir, TokenizeConfig(max_length=16))
     ckpt = tmp_path / "ckpt"
-    (ckpt / "step-notes").mkdir(parents=True)  # a user's folder that merely matches the pattern
-    (ckpt / "step-notes" / "keep.txt").write_text("mine")
+    for name in ("step-notes", "step-0000001"):  # a user's folders that merely match the pattern
+        (ckpt / name).mkdir(parents=True)
+        (ckpt / name / "keep.txt").write_text("mine")
     cfg = TrainConfig(epochs=1, batch_size=4, checkpoint_every=1, threads=1, seed=1)
-    train(toks, meta, tiny_model_dir, cfg, tmp_path / "model", ckpt)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-notes"]  # its own checkpoints cleaned, not this one
-    assert (ckpt / "step-notes" / "keep.txt").read_text() == "mine"
+    res = train(toks, meta, tiny_model_dir, cfg, tmp_path / "model", ckpt)
+    assert res.steps == 3  # step 1's checkpoint was skipped, training went on
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-0000001", "step-notes"]  # its own ones cleaned
+    assert all((ckpt / name / "keep.txt").read_text() == "mine" for name in ("step-notes", "step-0000001"))
     assert (tmp_path / "model" / MARKER).read_text() == "train\n"

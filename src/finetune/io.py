@@ -148,17 +148,17 @@ def check_output_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Pa
     cwd = _norm(Path.cwd())
     real = out.resolve()
     if out == cwd or out in cwd.parents or real == cwd.resolve() or real in cwd.resolve().parents:
-        raise UnsafeOutput(f"--out {final}: is the current folder or one of its parents; "
+        raise UnsafeOutput(f"output folder {final}: is the current folder or one of its parents; "
                            f"give a folder of its own, e.g. out/<stage>")
     for src in inputs:
         src_abs, src_real = _norm(src), _norm(src).resolve()
         if out == src_abs or out in src_abs.parents or real == src_real or real in src_real.parents:
-            raise UnsafeOutput(f"--out {final}: contains the stage's input {src}; replacing it would delete the "
+            raise UnsafeOutput(f"output folder {final}: contains the stage's input {src}; replacing it would delete the "
                                f"input. Give a separate output folder")
     if out.exists() and not out.is_dir():
-        raise UnsafeOutput(f"--out {final}: exists and is not a folder; refusing to replace it")
+        raise UnsafeOutput(f"output folder {final}: exists and is not a folder; refusing to replace it")
     if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
-        raise UnsafeOutput(f"--out {final}: is a folder that no finetune stage wrote (no {MARKER} file inside); "
+        raise UnsafeOutput(f"output folder {final}: is a folder that no finetune stage wrote (no {MARKER} file inside); "
                            f"refusing to delete its contents. Give an empty or new folder, or remove it by hand "
                            f"(outputs of finetune versions before the marker must also be removed once by hand)")
     return out

@@ -74,7 +74,14 @@ def _fingerprint(cfg: TrainConfig, meta: dict[str, Any], base: Path) -> str:
 def _save_checkpoint(ckpt_root: Path, step: int, fp: str, model, opt, sched, history, keep: int = 2) -> None:
     from safetensors.torch import save_file
 
-    with atomic_dir(ckpt_root / f"step-{step:07d}", "train") as tmp:
+    target = ckpt_root / f"step-{step:07d}"
+    if target.exists() and not (target / MARKER).is_file():
+        if (target / "state.json").is_file():  # a stale checkpoint of a version before the marker: ours
+            shutil.rmtree(target)
+        else:  # not train's: keep it, and train on without this checkpoint rather than fail
+            log.warning("%s exists and was not written by train: checkpoint of step %d skipped", target, step)
+            return
+    with atomic_dir(target, "train") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         osd = opt.state_dict()
         tensors = {f"{pid}.{k}": v.cpu() for pid, st in osd["state"].items() for k, v in st.items()}
