@@ -122,7 +122,8 @@ def test_cli_predict_uses_the_default_store_and_writes_jsonl(in_project, capsys)
     assert "either TEXT arguments or --input" in capsys.readouterr().err
 
     # a table whose text column is named in params.yaml (data.text_column) or with --text-column
-    (in_project / "b.csv").write_text("id,body\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(TEXTS)), encoding="utf-8")
+    rows = "".join(f'{i},"{t}"\n' for i, t in enumerate(TEXTS))
+    (in_project / "b.csv").write_text("id,body\n" + rows, encoding="utf-8")
     (in_project / "p.yaml").write_text("data:\n  text_column: body\n", encoding="utf-8")
     for flags in (["--params", "p.yaml"], ["--text-column", "body"]):
         assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "b.csv", *flags]) == 0

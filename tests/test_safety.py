@@ -168,7 +168,7 @@ def test_copied_project_writes_mlflow_artifacts_into_itself(tmp_path, monkeypatc
     assert client.get_experiment_by_name("e").artifact_location.startswith((b / "mlartifacts").as_uri())
 
 
-def _sysdeps(tmp_path: Path, uid: str, have: tuple[str, ...], sudo: bool = False) -> tuple[subprocess.CompletedProcess, str]:
+def _sysdeps(tmp_path: Path, uid: str, have: tuple[str, ...], sudo: bool = False):
     """`make sysdeps` with a PATH holding only the tools named in ``have`` (plus what the recipe needs), a fake
     apt-get that records its arguments, and ``uid`` as the user's id."""
     import os

@@ -153,14 +153,14 @@ def check_output_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Pa
     for src in inputs:
         src_abs, src_real = _norm(src), _norm(src).resolve()
         if out == src_abs or out in src_abs.parents or real == src_real or real in src_real.parents:
-            raise UnsafeOutput(f"output folder {final}: contains the stage's input {src}; replacing it would delete the "
-                               f"input. Give a separate output folder")
+            raise UnsafeOutput(f"output folder {final}: contains the stage's input {src}; replacing it would "
+                               f"delete the input. Give a separate output folder")
     if out.exists() and not out.is_dir():
         raise UnsafeOutput(f"output folder {final}: exists and is not a folder; refusing to replace it")
     if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
-        raise UnsafeOutput(f"output folder {final}: is a folder that no finetune stage wrote (no {MARKER} file inside); "
-                           f"refusing to delete its contents. Give an empty or new folder, or remove it by hand "
-                           f"(outputs of finetune versions before the marker must also be removed once by hand)")
+        raise UnsafeOutput(f"output folder {final}: is a folder that no finetune stage wrote (no {MARKER} file "
+                           f"inside); refusing to delete its contents. Give an empty or new folder, or remove it by "
+                           f"hand (outputs of finetune versions before the marker must also be removed once by hand)")
     return out
 
 

@@ -172,8 +172,8 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
                            [sp.at[i] for i in bad[: cfg.max_examples]], cfg.max_examples))
         leak = list(frame.index[sp.groupby(key).transform("nunique") > 1])
         rules.append(_rule("text_in_one_split", text, not leak, "the same text appears in more than one split "
-                           "(train/test leakage)" if leak else "every text is in one split only", leak, [frame.at[i, "text"] for i in leak[: cfg.max_examples]],
-                           cfg.max_examples))
+                           "(train/test leakage)" if leak else "every text is in one split only", leak,
+                           [frame.at[i, "text"] for i in leak[: cfg.max_examples]], cfg.max_examples))
         frame = frame.assign(_split=sp)
 
     dup = list(frame.index[key.duplicated(keep="first")])
