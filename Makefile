@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 PYTEST_ARGS ?=
 
-.PHONY: install data run test test-unit clean help
+.PHONY: install sysdeps data run test test-unit clean help
 
 help:
 	@echo "make run    - set up .venv, put the data in place, run the whole pipeline (dvc repro)"
@@ -34,8 +34,32 @@ data: install
 run: data
 	dvc repro
 
-test: install
+test: sysdeps install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# System packages the tests use: PostgreSQL's server binaries (tests/test_stack.py starts a real one) and headless
+# Chromium + its driver (tests/test_report.py renders the run report). Installed once when missing (Debian/Ubuntu,
+# as root or with password-less sudo), silent when present; otherwise one message saying what to install.
+APT_GET ?= apt-get
+PG_BIN_GLOB ?= /usr/lib/postgresql/*/bin
+sysdeps:
+	@missing=""; \
+	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	ls $(PG_BIN_GLOB)/initdb $(PG_BIN_GLOB)/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "make test needs the system packages:$$missing (not installed, and this user is not root and has no" \
+	  "password-less sudo). Install them once:  sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; fi; \
+	if ! command -v $(firstword $(APT_GET)) >/dev/null 2>&1; then \
+	  echo "make test needs the system packages:$$missing; no apt-get here: install them with this system's package" \
+	  "manager" >&2; exit 1; fi; \
+	echo "installing the system packages the tests need:$$missing"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) update -qq >/dev/null && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends$$missing >/dev/null \
+	  || { echo "installing$$missing failed (see apt-get's output above)" >&2; exit 1; }
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)

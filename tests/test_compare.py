@@ -63,6 +63,15 @@ def test_cli_compare_challenger_against_champion_and_two_runs(tmp_path, monkeypa
     assert main(["compare", "--model", "cmp", "--aliases", "champion", "gold"]) == 1
     assert "cmp has no version with alias @gold" in capsys.readouterr().err
 
+    # right after the first run there is no challenger: say why and what to do
+    client.delete_registered_model_alias("cmp", "challenger")
+    assert main(["compare", "--model", "cmp"]) == 1
+    err = capsys.readouterr().err
+    assert "cmp has no version with alias @challenger yet: a registered version gets it when it does not beat" in err
+    assert "finetune compare --runs BASE OTHER" in err
+    assert main(["compare", "--model", "nothing-here"]) == 1
+    assert "no registered model nothing-here in this registry: run the pipeline first" in capsys.readouterr().err
+
 
 def test_cli_compare_unknown_runs_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -63,6 +63,33 @@ def test_read_texts_lines_jsonl_and_tables(tmp_path):
         read_texts(tmp_path / "f.csv")
 
 
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_read_texts_one_text_per_line_of_the_projects_own_data(real_reviews, tmp_path, eol):
+    rows = [t for t in real_reviews["text"] if "\n" not in t and "\r" not in t and t.strip()]
+    assert any("\x85" in t for t in rows)  # the row that made 2,000 reviews give 2,001 predictions
+    rows += ["form\x0cfeed", "line\u2028separator", "para\u2029graph", "vertical\x0btab", "group\x1dsep"]
+    (tmp_path / "reviews.txt").write_bytes(eol.join(rows).encode("utf-8") + eol.encode())
+    assert read_texts(tmp_path / "reviews.txt") == rows  # 1:1, and each text unchanged
+    assert read_texts("-", io.StringIO("\n".join(rows))) == rows
+    # JSONL keeps such characters unescaped inside strings: a record must not be cut either
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows),
+                                      encoding="utf-8")
+    assert read_texts(tmp_path / "r.jsonl") == rows
+
+
+def test_read_texts_uses_the_given_text_column_and_refuses_empty_input(tmp_path):
+    (tmp_path / "b.csv").write_text("id,body\n1,great\n2,awful\n", encoding="utf-8")
+    assert read_texts(tmp_path / "b.csv", text_column="body") == ["great", "awful"]
+    with pytest.raises(PredictInputError, match=r'b.csv: no "text" column \(found id, body\); name the text column '
+                                                r"with --text-column"):
+        read_texts(tmp_path / "b.csv")
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(PredictInputError, match="empty.txt: no texts to label"):
+        read_texts(tmp_path / "empty.txt")
+    with pytest.raises(PredictInputError, match="stdin: no texts to label"):
+        read_texts("-", io.StringIO(""))
+
+
 def test_pyfunc_probabilities_and_unchanged_default(in_project):
     import mlflow.pyfunc
 
@@ -94,6 +121,17 @@ def test_cli_predict_uses_the_default_store_and_writes_jsonl(in_project, capsys)
     assert "cannot load models:/no-such-model@champion" in capsys.readouterr().err
     assert main(["predict", "--model", f"models:/{NAME}@champion"]) == 1
     assert "either TEXT arguments or --input" in capsys.readouterr().err
+
+    # a table whose text column is named in params.yaml (data.text_column) or with --text-column
+    rows = "".join(f'{i},"{t}"\n' for i, t in enumerate(TEXTS))
+    (in_project / "b.csv").write_text("id,body\n" + rows, encoding="utf-8")
+    (in_project / "p.yaml").write_text("data:\n  text_column: body\n", encoding="utf-8")
+    for flags in (["--params", "p.yaml"], ["--text-column", "body"]):
+        assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "b.csv", *flags]) == 0
+        assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == TEXTS
+    (in_project / "empty.txt").write_text("", encoding="utf-8")
+    assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "empty.txt"]) == 1
+    assert "empty.txt: no texts to label" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -55,6 +55,31 @@ def test_exact_duplicates_dropped_and_reported(tmp_path):
     assert not failing.ok and not failing.splits
 
 
+def test_report_names_trimmed_duplicates_and_passing_checks_neutrally(tmp_path):
+    df = toy_frame(20)
+    padded = df.head(2).assign(text=lambda f: "  " + f["text"] + " \t")  # duplicates only once trimmed
+    pd.concat([df, padded]).to_csv(tmp_path / "d.csv", index=False)
+    r = validate(tmp_path / "d.csv", DataConfig(), CFG)
+    assert r.ok
+    msg = {x["rule"]: x["message"] for x in r.report["rules"]}
+    assert msg["no_duplicate_texts"] == ("dropped 2 duplicate row(s) (same text once leading and trailing whitespace "
+                                         "is trimmed), kept the first")
+    assert msg["label_single_type"] == "all labels have one type (str)"
+    assert msg["duplicate_text_conflicting_labels"] == "no text carries two different labels"
+    assert msg["min_rows_per_class"] == "every class has >= 5 rows"
+    assert "exact" not in r.summary() and "mix types" not in r.summary()
+
+
+def test_path_out_of_the_project_is_not_blamed_on_a_symlink(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ws").mkdir()
+    monkeypatch.chdir(tmp_path / "ws")
+    params = write_params(tmp_path)
+    assert main(["validate", "--params", str(params), "--set", "data.path=../../etc/passwd", "--out", "out"]) == 1
+    err = capsys.readouterr().err
+    assert "../../etc/passwd: rule 'path_in_workspace' failed: is outside the project folder" in err, err
+    assert "symlink" not in err
+
+
 def test_labels_inferred_when_not_configured(tmp_path):
     toy_frame(20).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
     r = validate(tmp_path / "d.jsonl", DataConfig(), ValidateConfig(labels=[], min_rows_per_class=5))
@@ -72,7 +97,7 @@ def test_write_splits_is_complete_and_refuses_failures(tmp_path):
     r = validate(tmp_path / "d.csv", DataConfig(), CFG)
     write_splits(r, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "labels.json", "report.json", "report.md", "test.parquet", "train.parquet", "val.parquet"]
+        ".finetune-output", "labels.json", "report.json", "report.md", "test.parquet", "train.parquet", "val.parquet"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["success"] is True
     bad = validate(tmp_path / "missing.csv", DataConfig(), CFG)
     with pytest.raises(ValueError):
@@ -192,6 +217,11 @@ def _symlink_out(t):
     return "link.csv", "path_in_workspace", "outside the workspace", ""
 
 
+def _dotdot_out(t):
+    (t.parent / "outside.csv").write_text("text,label\n" + _good_rows())
+    return "../outside.csv", "path_in_workspace", "is outside the project folder", ""
+
+
 def _mixed_label_types(t):
     rows = [{"text": f"t{i}", "label": "fresh" if i % 2 else "rotten"} for i in range(12)] + [{"text": "x", "label": 1}]
     (t / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -209,7 +239,8 @@ def _quoted_empty(t):
 
 
 MORE_BAD = {f.__name__.strip("_"): f for f in (_utf16, _huge_text, _truncated_gzip, _parquet_wrong_schema, _directory,
-                                                 _symlink_out, _mixed_label_types, _duplicates_refused, _quoted_empty)}
+                                                 _symlink_out, _mixed_label_types, _duplicates_refused, _quoted_empty,
+                                                 _dotdot_out)}
 
 
 @pytest.mark.parametrize("case", sorted(MORE_BAD))

@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "or the project's mlflow.db when unset.")
     s.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     s.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
-    s.add_argument("--input", help="one text per line, or a .jsonl/.csv/.parquet file with a \"text\" column "
-                                   "('-' = stdin, one text per line)")
+    s.add_argument("--input", help="one text per line ('\\n' or '\\r\\n' end a line; blank lines skipped), or a "
+                                   ".jsonl/.csv/.parquet file with a text column ('-' = stdin, one text per line)")
+    s.add_argument("--text-column", help="the text column of a table --input (default: data.text_column)")
     s.add_argument("--output", help="write JSON lines here (default: stdout)")
     s.add_argument("--batch-size", type=int, default=256)
 
@@ -139,12 +140,14 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
 
     if bool(args.texts) == bool(args.input):
         raise PredictInputError("give either TEXT arguments or --input FILE")
-    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None)
+    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None,
+                                     args.text_column or cfg.data.text_column)
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
-    tracking.configure(".")
+    store, _ = tracking.configure(".")
+    tracking.require_reachable(store)  # fail fast when the server is down, not after MLflow's retries
     from .registry import load_verified
 
-    model = load_verified(uri, os.environ["MLFLOW_TRACKING_URI"])  # every file checked against the registry
+    model = load_verified(uri, store)  # every file checked against the registry's digests before loading
     records = predict(model, texts, args.batch_size)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +165,7 @@ def _compare(args: argparse.Namespace, cfg: Config) -> None:
     from .compare import compare, format_comparison, sides_from_registry, sides_from_runs
 
     uri, _ = tracking.configure(".")
+    tracking.require_reachable(uri)
     client = MlflowClient(uri)
     if args.runs:
         base, other = sides_from_runs(client, *args.runs)
@@ -170,11 +174,37 @@ def _compare(args: argparse.Namespace, cfg: Config) -> None:
     print(format_comparison(compare(base, other)), end="")
 
 
+NOISY = ("great_expectations", "mlflow", "urllib3", "alembic", "httpx", "matplotlib")
+
+
+class _LibraryFilter(logging.Filter):
+    """Drops library records below ``level``. On the handler, not on the libraries' loggers: Great Expectations
+    sets INFO on its own module loggers when imported, which would undo a level set here beforehand."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or record.name.partition(".")[0] not in NOISY
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
+    # MLflow installs its own INFO handler (propagate=False) when imported unless told not to: its records then
+    # come through ours and obey -q/-v like the rest.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if "mlflow" in sys.modules:  # imported already (in-process callers): undo what its import configured
+        logging.getLogger("mlflow").handlers, logging.getLogger("mlflow").propagate = [], True
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("great_expectations", "mlflow", "urllib3", "alembic", "httpx", "matplotlib"):
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.StreamHandler) or handler.stream not in (sys.stderr, sys.__stderr__):
+            continue  # e.g. pytest's capture handlers
+        for old in [f for f in handler.filters if isinstance(f, _LibraryFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(_LibraryFilter(max(level, logging.WARNING)))
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # Library progress bars and load reports are noise in a pipeline log; ours stay.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -217,17 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     from .base_model import ModelNotFound
     from .compare import CompareError
     from .evaluate import MismatchError
-    from .io import DataError
+    from .io import DataError, UnsafeOutput
     from .registry import RegistryError
     from .sample_data import DataSetMismatch
     from .sources import SourceError
     from .submit import SubmitError
     from .tokenize import TokenizerError
+    from .tracking import TrackingUnreachable
     from .train import TrainingError
 
     expected = (StageFailed, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
                 RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
-                PredictInputError)
+                PredictInputError, UnsafeOutput, TrackingUnreachable)
     try:
         # predict and compare also work outside a project (no params.yaml): defaults then
         optional = args.command in ("predict", "compare") and not Path(args.params).exists() and not args.overrides

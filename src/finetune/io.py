@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -52,13 +52,17 @@ def _decode(raw: bytes, path: Path) -> str:
 def read_table(path: str | Path, workspace: str | Path | None = None) -> pd.DataFrame:
     """Read CSV/TSV/JSONL/Parquet (optionally compressed) into a frame whose index is the 1-based row number.
 
-    ``workspace``: a path given inside it must not lead out of it through a symlink.
+    ``workspace``: a relative path must stay inside it, neither through '..' nor through a symlink.
     Raises DataError with the rule broken, never a bare parser traceback.
     """
     p = Path(path)
     if workspace is not None and not p.is_absolute():
         ws = Path(workspace).resolve()
+        lexical = Path(os.path.normpath(ws / p))
         real = (Path(workspace) / p).resolve()
+        if ws not in lexical.parents and lexical != ws:
+            raise DataError("path_in_workspace", f"is outside the project folder {ws} (it leads to {lexical}); "
+                            f"copy the file into the project, or give an absolute path on purpose", p)
         if ws not in real.parents and real != ws:
             raise DataError("path_in_workspace", f"resolves to {real}, outside the workspace {ws} "
                             f"(a symlink pointing out of the project); copy the file in or pass its real path", p)
@@ -99,9 +103,18 @@ def read_table(path: str | Path, workspace: str | Path | None = None) -> pd.Data
     return df
 
 
+def split_lines(text: str) -> list[str]:
+    """Lines ended by '\n' or '\r\n' only. str.splitlines() also breaks at '\x85', '\u2028', '\x0c'..., which
+    occur inside real texts (and inside JSON strings), so it would cut one record into two."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _read_jsonl(text: str, p: Path) -> pd.DataFrame:
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -114,17 +127,57 @@ def _read_jsonl(text: str, p: Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+MARKER = ".finetune-output"  # written into every folder atomic_dir creates: proof that a stage owns it
+
+
+class UnsafeOutput(Exception):
+    """An output folder that a stage must not replace: it would delete files the stage did not write."""
+
+
+def _norm(path: str | Path) -> Path:
+    return Path(os.path.abspath(path))  # '.', '..' and './x' resolved against the cwd, symlinks left alone
+
+
+def check_output_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Return ``final`` as an absolute path if a stage may replace it, else raise UnsafeOutput naming why.
+
+    Replacing deletes the old folder, so it must be one a stage wrote (it has the marker) or an empty one; never
+    the cwd or one of its ancestors (the project root), nor a folder holding the stage's own ``inputs``.
+    """
+    out = _norm(final)
+    cwd = _norm(Path.cwd())
+    real = out.resolve()
+    if out == cwd or out in cwd.parents or real == cwd.resolve() or real in cwd.resolve().parents:
+        raise UnsafeOutput(f"output folder {final}: is the current folder or one of its parents; "
+                           f"give a folder of its own, e.g. out/<stage>")
+    for src in inputs:
+        src_abs, src_real = _norm(src), _norm(src).resolve()
+        if out == src_abs or out in src_abs.parents or real == src_real or real in src_real.parents:
+            raise UnsafeOutput(f"output folder {final}: contains the stage's input {src}; replacing it would "
+                               f"delete the input. Give a separate output folder")
+    if out.exists() and not out.is_dir():
+        raise UnsafeOutput(f"output folder {final}: exists and is not a folder; refusing to replace it")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise UnsafeOutput(f"output folder {final}: is a folder that no finetune stage wrote (no {MARKER} file "
+                           f"inside); refusing to delete its contents. Give an empty or new folder, or remove it by "
+                           f"hand (outputs of finetune versions before the marker must also be removed once by hand)")
+    return out
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_dir(final: str | Path, stage: str, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder; it replaces ``final`` only if the block succeeds.
 
     Readers therefore see either the old complete folder or the new complete one, never a half-written one.
+    ``final`` must pass check_output_dir (checked before anything is created); the new folder carries the marker
+    naming ``stage``, so a later run of a stage may replace it and nothing else.
     """
-    final = Path(final)
+    final = check_output_dir(final, inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text(f"{stage}\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,23 +18,30 @@ class PredictInputError(ValueError):
     """An input file that cannot be read as texts."""
 
 
-def read_texts(path: str | Path, stream: IO[str] | None = None) -> list[str]:
-    """Texts from a table with a "text" column (.jsonl, .csv, .tsv, .parquet, optionally compressed: read as the
+def read_texts(path: str | Path, stream: IO[str] | None = None, text_column: str = "text") -> list[str]:
+    """Texts from a table's ``text_column`` (.jsonl, .csv, .tsv, .parquet, optionally compressed: read as the
     validate stage reads data, with the same precise errors), or from any other file, one text per line (blank
-    lines skipped). ``stream`` replaces the file and is read line by line (``--input -`` reads stdin)."""
-    from .io import FORMATS, read_table
+    lines skipped). ``stream`` replaces the file and is read line by line (``--input -`` reads stdin).
+    Raises PredictInputError when there is no text at all."""
+    from .io import FORMATS, read_table, split_lines
 
     p = Path(path)
     if stream is None and any(s.lower() in FORMATS for s in p.suffixes):
         frame = read_table(p)
-        if "text" not in frame.columns:
-            raise PredictInputError(f"{p}: no \"text\" column (found {', '.join(map(str, frame.columns))})")
-        bad = [int(i) for i, v in frame["text"].items() if not isinstance(v, str)]
+        if text_column not in frame.columns:
+            raise PredictInputError(f"{p}: no \"{text_column}\" column (found {', '.join(map(str, frame.columns))}); "
+                                    f"name the text column with --text-column")
+        bad = [int(i) for i, v in frame[text_column].items() if not isinstance(v, str)]
         if bad:
-            raise PredictInputError(f"{p}: \"text\" is missing or not a string in row(s) {bad[:5]}")
-        return frame["text"].tolist()
-    text = stream.read() if stream is not None else p.read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+            raise PredictInputError(f"{p}: \"{text_column}\" is missing or not a string in row(s) {bad[:5]}")
+        return frame[text_column].tolist()
+    # bytes, not read_text: no newline translation; split_lines ends a text at '\n' only ('\x85' is inside one)
+    text = stream.read() if stream is not None else p.read_bytes().decode("utf-8-sig")
+    texts = [line for line in split_lines(text) if line.strip()]
+    if not texts:
+        raise PredictInputError(f"{'stdin' if stream is not None else p}: no texts to label (the input is empty "
+                                f"or blank)")
+    return texts
 
 
 def predict(model, texts: list[str], batch_size: int = 256) -> list[dict[str, Any]]:

@@ -25,11 +25,13 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
     """``data`` is a path or a URI (s3://, dvc://). ``expected_md5``, when given, must match the fetched bytes."""
     import tempfile
 
-    from .io import write_json
+    from .io import check_output_dir, write_json
     from .lineage import file_md5
     from .sources import fetch
     from .validate import failure_message, validate, write_splits
 
+    inputs = [] if "://" in str(data) else [data]  # a URI is fetched into a temp folder: nothing local to protect
+    check_output_dir(out, inputs)  # before any work: a refused folder fails in a second, not after validation
     with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
         local = fetch(str(data), tmp)
         md5 = file_md5(local) if local.is_file() else None
@@ -42,7 +44,7 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
         write_json(report, result.report)
     if not result.ok:
         raise StageFailed("validation failed, no splits written:\n" + failure_message(result.report))
-    write_splits(result, out)
+    write_splits(result, out, inputs)
     log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
     return result.report
 
@@ -50,13 +52,15 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
 def run_tokenize(cfg: Config, splits: str | Path, out: str | Path) -> dict[str, Any]:
     from .base_model import resolve_base
     from .config import check_model_limits
+    from .io import check_output_dir
     from .tokenize import read_splits, tokenize, write_tokens
 
+    check_output_dir(out, [splits])
     base = resolve_base(cfg.model.base)
     check_model_limits(cfg, base)
     frames, labels = read_splits(splits)
     tokens, meta = tokenize(frames, labels, base, cfg.tokenize)
-    write_tokens(tokens, meta, out)
+    write_tokens(tokens, meta, out, [splits])
     log.info("tokenized: %s", meta["stats"])
     return meta
 
@@ -67,12 +71,14 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
 
     from .base_model import resolve_base
     from .config import check_model_limits
-    from .io import write_json
+    from .io import check_output_dir, write_json
     from .tokenize import read_tokens
     from .train import train, write_history
 
     base = resolve_base(cfg.model.base)
     check_model_limits(cfg, base)
+    # train replaces the model folder (io.atomic_dir) only after training: refuse a wrong --model before it
+    check_output_dir(model, [tokens, base, *([checkpoints] if checkpoints else []), logs])
     toks, meta = read_tokens(tokens)
     result = train(toks, meta, base, cfg.train, model, checkpoints)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes

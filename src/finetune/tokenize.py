@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -104,8 +104,9 @@ def read_splits(split_dir: str | Path) -> tuple[dict[str, pd.DataFrame], list[st
     return {s: pd.read_parquet(d / f"{s}.parquet") for s in SPLITS}, read_json(d / "labels.json")
 
 
-def write_tokens(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], out_dir: str | Path) -> None:
-    with atomic_dir(out_dir) as tmp:
+def write_tokens(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], out_dir: str | Path,
+                 inputs: Iterable[str | Path] = ()) -> None:
+    with atomic_dir(out_dir, "tokenize", inputs) as tmp:
         for name, ts in tokens.items():
             np.savez(tmp / f"{name}.npz", ids=ts.ids, offsets=ts.offsets, labels=ts.labels)
         rows = length_shares(tokens, meta["max_length"])

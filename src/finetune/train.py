@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .io import atomic_dir, read_json, write_json
+from .io import MARKER, atomic_dir, read_json, write_json
 from .modeling import collate, epoch_batches, pick_device, predict_logits
 from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 
@@ -74,7 +74,14 @@ def _fingerprint(cfg: TrainConfig, meta: dict[str, Any], base: Path) -> str:
 def _save_checkpoint(ckpt_root: Path, step: int, fp: str, model, opt, sched, history, keep: int = 2) -> None:
     from safetensors.torch import save_file
 
-    with atomic_dir(ckpt_root / f"step-{step:07d}") as tmp:
+    target = ckpt_root / f"step-{step:07d}"
+    if target.exists() and not (target / MARKER).is_file():
+        if (target / "state.json").is_file():  # a stale checkpoint of a version before the marker: ours
+            shutil.rmtree(target)
+        else:  # not train's: keep it, and train on without this checkpoint rather than fail
+            log.warning("%s exists and was not written by train: checkpoint of step %d skipped", target, step)
+            return
+    with atomic_dir(target, "train") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         osd = opt.state_dict()
         tensors = {f"{pid}.{k}": v.cpu() for pid, st in osd["state"].items() for k, v in st.items()}
@@ -82,8 +89,14 @@ def _save_checkpoint(ckpt_root: Path, step: int, fp: str, model, opt, sched, his
         save_file(tensors, tmp / "optimizer.safetensors")
         write_json(tmp / "state.json", {"step": step, "fingerprint": fp, "param_groups": osd["param_groups"],
                                         "scheduler": sched.state_dict(), "history": history})
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+    for old in sorted(_checkpoint_dirs(ckpt_root))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_dirs(ckpt_root: Path) -> list[Path]:
+    """The ``step-*`` folders train wrote (marker, or state.json from before the marker): the only ones it deletes,
+    whatever else --checkpoints holds."""
+    return [p for p in ckpt_root.glob("step-*") if (p / MARKER).is_file() or (p / "state.json").is_file()]
 
 
 def _latest_checkpoint(ckpt_root: Path | None, fp: str) -> Path | None:
@@ -244,7 +257,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
         start, history = _load_checkpoint(latest, model, opt, sched)
         log.info("resuming from checkpoint %s (step %d of %d)", latest, start, total)
     elif ckpt_root is not None and ckpt_root.exists() and dist.main:
-        for stale in ckpt_root.glob("step-*"):  # checkpoints of another config/data: never resume from them
+        for stale in _checkpoint_dirs(ckpt_root):  # checkpoints of another config/data: never resume from them
             shutil.rmtree(stale)
     if ckpt_root is not None and dist.main:
         ckpt_root.mkdir(parents=True, exist_ok=True)  # a DVC output: exists even when no checkpoint is written
@@ -331,11 +344,11 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     seconds = time.perf_counter() - t0
 
     if dist.main:
-        with atomic_dir(model_out) as tmp:
+        with atomic_dir(model_out, "train") as tmp:
             _exportable(model).save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         if ckpt_root is not None:  # the finished model supersedes them; they only serve a killed run
-            for old in ckpt_root.glob("step-*"):
+            for old in _checkpoint_dirs(ckpt_root):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     last = val_history[-1] if val_history else {"val_loss": float("nan"), "val_accuracy": float("nan")}

@@ -10,7 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -112,7 +112,7 @@ def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame
 def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
              workspace: str | Path | None = None) -> ValidationResult:
     """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
-    A relative ``data_path`` may not leave ``workspace`` through a symlink."""
+    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink)."""
     path = str(data_path)
     text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
     report: dict[str, Any] = {"data": path, "rules": [], "success": False}
@@ -142,8 +142,9 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     label_types = df[label].dropna().map(lambda v: type(v).__name__)
     mixed = label_types.nunique() > 1
     odd = list(label_types[label_types != label_types.mode().iat[0]].index) if mixed else []
+    types = sorted(label_types.unique())
     rules.append(_rule("label_single_type", label, not mixed,
-                       f"labels mix types {sorted(label_types.unique())}", odd,
+                       f"labels mix types {types}" if mixed else f"all labels have one type ({', '.join(types)})", odd,
                        [df.at[i, label] for i in odd[: cfg.max_examples]], cfg.max_examples))
     if not_str or mixed:
         return fail(rules)
@@ -160,7 +161,8 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     n_labels = frame.groupby(key)["label"].transform("nunique")
     conflict = list(frame.index[n_labels > 1])
     rules.append(_rule("duplicate_text_conflicting_labels", text, not conflict,
-                       "the same text carries different labels", conflict,
+                       "the same text carries different labels" if conflict else
+                       "no text carries two different labels", conflict,
                        [frame.at[i, "text"] for i in conflict[: cfg.max_examples]], cfg.max_examples))
 
     if split in df.columns:
@@ -170,16 +172,18 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
                            [sp.at[i] for i in bad[: cfg.max_examples]], cfg.max_examples))
         leak = list(frame.index[sp.groupby(key).transform("nunique") > 1])
         rules.append(_rule("text_in_one_split", text, not leak, "the same text appears in more than one split "
-                           "(train/test leakage)", leak, [frame.at[i, "text"] for i in leak[: cfg.max_examples]],
-                           cfg.max_examples))
+                           "(train/test leakage)" if leak else "every text is in one split only", leak,
+                           [frame.at[i, "text"] for i in leak[: cfg.max_examples]], cfg.max_examples))
         frame = frame.assign(_split=sp)
 
     dup = list(frame.index[key.duplicated(keep="first")])
     if cfg.duplicates == "fail":
-        rules.append(_rule("no_duplicate_texts", text, not dup, "duplicate texts (validate.duplicates=fail)", dup,
+        rules.append(_rule("no_duplicate_texts", text, not dup, "duplicate texts, compared after trimming leading and "
+                           "trailing whitespace (validate.duplicates=fail)" if dup else "no duplicate texts", dup,
                            [frame.at[i, "text"] for i in dup[: cfg.max_examples]], cfg.max_examples))
     else:
-        r = _rule("no_duplicate_texts", text, True, f"dropped {len(dup)} exact duplicate row(s), kept the first",
+        r = _rule("no_duplicate_texts", text, True, f"dropped {len(dup)} duplicate row(s) (same text once leading and "
+                  f"trailing whitespace is trimmed), kept the first",
                   dup, [frame.at[i, "text"] for i in dup[: cfg.max_examples]], cfg.max_examples)
         r["dropped"] = len(dup)
         rules.append(r)
@@ -197,7 +201,8 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     small = {k: int(v) for k, v in counts.items() if v < cfg.min_rows_per_class}
     absent = [lab for lab in labels if lab not in counts.index]
     rules.append(_rule("min_rows_per_class", label, not small and not absent,
-                       f"each class needs >= {cfg.min_rows_per_class} rows; too few: {small}, absent: {absent}"))
+                       f"each class needs >= {cfg.min_rows_per_class} rows; too few: {small}, absent: {absent}"
+                       if small or absent else f"every class has >= {cfg.min_rows_per_class} rows"))
     if not all(r["success"] for r in rules):
         return fail(rules)
 
@@ -206,7 +211,8 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     else:
         splits = split_frame(frame, cfg)
     empty = [s for s, f in splits.items() if len(f) == 0]
-    rules.append(_rule("splits_not_empty", None, not empty, f"empty split(s): {empty}"))
+    rules.append(_rule("splits_not_empty", None, not empty,
+                       f"empty split(s): {empty}" if empty else "train, val and test all have rows"))
     if empty:
         return fail(rules)
 
@@ -250,11 +256,12 @@ def failure_message(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_splits(result: ValidationResult, out_dir: str | Path) -> Path:
-    """Write splits + labels + reports into ``out_dir`` atomically. Only for a passing result."""
+def write_splits(result: ValidationResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write splits + labels + reports into ``out_dir`` atomically. Only for a passing result.
+    ``inputs``: the raw data file(s), which ``out_dir`` must not contain (io.check_output_dir)."""
     if not result.ok:
         raise ValueError("refusing to write splits for data that failed validation")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "validate", inputs) as tmp:
         for name, frame in result.splits.items():
             frame.reset_index().to_parquet(tmp / f"{name}.parquet", index=False)
         write_json(tmp / "labels.json", result.labels)
