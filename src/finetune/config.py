@@ -111,6 +111,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU; pays off on long runs)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fused attention) or eager"})
     eval_every: int = field(default=0, metadata={"help": "validation every N steps; 0 = at each epoch end"})
+    pack_tokens: int = field(default=0, metadata={"help": "packed batches of this many tokens (one shape; GPU); "
+                                                           "0 = padded batches"})
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +127,7 @@ class TrainConfig:
                "train: grad_accum_steps >= 1, max_tokens >= 0, pad_to_multiple_of >= 1")
         _check(self.attn_implementation in ("sdpa", "eager"), "train.attn_implementation must be sdpa or eager")
         _check(self.eval_every >= 0, "train.eval_every must be >= 0")
+        _check(self.pack_tokens >= 0, "train.pack_tokens must be >= 0 (0 = off)")
 
 
 @dataclass
