@@ -122,8 +122,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if query.is_cuda and varlen is not None and query.dtype in (torch.float16, torch.bfloat16):
         # flash kernel over the cut points; it has no dropout on the attention probabilities (hidden dropout stays)
         max_len = kwargs["max_length_q"]
-        out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
-                     max_len, max_len, scale=scaling)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+        out = varlen(q, k, v, cu, cu, max_len, max_len, scale=scaling)
         return out.unsqueeze(0), None
     tokens = query.shape[2]
     doc = torch.searchsorted(cu[1:], torch.arange(tokens, device=cu.device, dtype=cu.dtype), right=True)

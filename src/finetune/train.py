@@ -27,9 +27,9 @@ from .config import TrainConfig
 from .distributed import Dist
 from .io import atomic_dir, write_json
 from .modeling import build_model, build_optimizer, exportable, predict_logits
-from .packing import PackedClassifier, can_pack, pack_shape
+from .packing import PackedClassifier, PackShape, can_pack, pack_shape
 from .progress import Progress
-from .steps import StepPlan
+from .steps import Step, StepPlan
 from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -122,15 +122,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
         raise TrainingError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['tokenizer']['vocab_size']}")
 
     train_split = tokens["train"]
-    shape = None
-    if cfg.pack_tokens and can_pack(model):
-        try:
-            shape = pack_shape(train_split, cfg.pack_tokens)
-        except ValueError as exc:
-            raise TrainingError(str(exc)) from exc
-    elif cfg.pack_tokens:
-        log.info("train.pack_tokens=%d: model type %r cannot be packed; training on padded batches",
-                 cfg.pack_tokens, mcfg.model_type)
+    shape = _pack_shape(cfg, model, train_split)
     pad_id = tok.pad_token_id or 0
     mult = min(cfg.pad_to_multiple_of, max(1, getattr(mcfg, "max_position_embeddings", 512)))
     plan = StepPlan(train_split, cfg, dist.world, dist.rank, pad_id, mult, shape, device)
@@ -153,10 +145,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     if ckpt_root is not None and dist.main:
         ckpt_root.mkdir(parents=True, exist_ok=True)  # a DVC output: exists even when no checkpoint is written
     dist.barrier()
-    epoch, done_before = 0, 0  # the epoch and offset of `start` (epochs can differ in length)
-    while done_before + len(plan.groups(epoch)) <= start and done_before + len(plan.groups(epoch)) < total:
-        done_before += len(plan.groups(epoch))
-        epoch += 1
+    epoch, done_before = _locate(plan, start, total)
 
     # ---- loop ----
     packed = PackedClassifier(model, shape) if shape is not None else None
@@ -174,18 +163,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
         while step < total:
             n_steps = len(plan.groups(epoch))
             for batch in plan.steps(epoch, skip=step - done_before):
-                loss_sum = torch.zeros((), device=device)
-                for j, b in enumerate(batch.micro):
-                    last = j == len(batch.micro) - 1
-                    sync = contextlib.nullcontext() if last or dist.world == 1 else runner.no_sync()
-                    with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        logits = plan.forward(runner, b)
-                        # sum over this rank's rows / rows of the whole step: DDP's gradient averaging over
-                        # ranks then yields exactly the mean over the global batch (-100: empty packed slots)
-                        ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="sum",
-                                                               ignore_index=-100)
-                        (ce * dist.world / batch.rows).backward()
-                    loss_sum += ce.detach()
+                loss_sum = _forward_backward(runner, plan, batch, dist, use_bf16)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 sched.step()
@@ -237,6 +215,45 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
                        parameters=sum(p.numel() for p in model.parameters()),
                        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                        world_size=dist.world, history=history, val_history=val_history)
+
+
+def _pack_shape(cfg: TrainConfig, model, split: TokenizedSplit) -> PackShape | None:
+    """The packed shape, or None for padded batches (packing off, or a model type it cannot pack)."""
+    if not cfg.pack_tokens:
+        return None
+    if not can_pack(model):
+        log.info("train.pack_tokens=%d: model type %r cannot be packed; training on padded batches",
+                 cfg.pack_tokens, getattr(model.config, "model_type", None))
+        return None
+    try:
+        return pack_shape(split, cfg.pack_tokens)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+
+
+def _locate(plan: StepPlan, start: int, total: int) -> tuple[int, int]:
+    """The epoch holding step ``start`` and the steps before it (epochs can differ in length)."""
+    epoch, done_before = 0, 0
+    while done_before + len(plan.groups(epoch)) <= start and done_before + len(plan.groups(epoch)) < total:
+        done_before += len(plan.groups(epoch))
+        epoch += 1
+    return epoch, done_before
+
+
+def _forward_backward(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool) -> torch.Tensor:
+    """Gradients of one optimizer step (all its micro-batches); returns this rank's loss sum, on the device."""
+    loss_sum = torch.zeros((), device=plan.device)
+    for j, b in enumerate(batch.micro):
+        last = j == len(batch.micro) - 1
+        sync = contextlib.nullcontext() if last or dist.world == 1 else runner.no_sync()
+        with sync, torch.autocast(plan.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = plan.forward(runner, b)
+            # sum over this rank's rows / rows of the whole step: DDP's gradient averaging over ranks then
+            # yields exactly the mean over the global batch (label -100: empty packed slots, no loss)
+            ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="sum", ignore_index=-100)
+            (ce * dist.world / batch.rows).backward()
+        loss_sum += ce.detach()
+    return loss_sum
 
 
 def _val_metrics(model, split: TokenizedSplit | None, pad_id: int, device: torch.device) -> dict[str, float]:
