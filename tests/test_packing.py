@@ -149,3 +149,15 @@ def test_golden_losses_of_eight_cpu_steps(toks, tiny_model_nodropout, tmp_path, 
     res = train(tokens, meta, tiny_model_nodropout, _train_cfg(pack_tokens=pack_tokens, max_steps=8), tmp_path / "m")
     assert res.packed == bool(pack_tokens)
     assert [h["loss"] for h in res.history] == pytest.approx(GOLDEN[pack_tokens], abs=1e-4)
+
+
+def test_a_model_it_cannot_pack_trains_padded_and_says_so(toks, tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import finetune.packing
+    from finetune.train import train
+
+    monkeypatch.setattr(finetune.packing, "PACKABLE", ("roberta",))  # as if the tiny BERT were an unknown type
+    tokens, meta = toks
+    with caplog.at_level("INFO", logger="finetune.train"):
+        res = train(tokens, meta, tiny_model_dir, _train_cfg(pack_tokens=96, max_steps=2), tmp_path / "m")
+    assert not res.packed and res.steps == 2
+    assert any("cannot be packed; training on padded batches" in r.getMessage() for r in caplog.records)
