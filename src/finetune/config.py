@@ -137,6 +137,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU; pays off on long runs)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fused attention) or eager"})
     eval_every: int = field(default=0, metadata={"help": "validation every N steps; 0 = at each epoch end"})
+    pack_tokens: int = field(default=0, metadata={"help": "packed batches of this many tokens (one shape; GPU); "
+                                                           "0 = padded batches"})
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
@@ -159,6 +161,7 @@ class TrainConfig:
         _rule(self, "pad_to_multiple_of", self.pad_to_multiple_of >= 1, ">= 1")
         _rule(self, "attn_implementation", self.attn_implementation in ("sdpa", "eager"), "sdpa or eager")
         _rule(self, "eval_every", self.eval_every >= 0, ">= 0 (0 = each epoch end)")
+        _rule(self, "pack_tokens", self.pack_tokens >= 0, ">= 0 (0 = off)")
 
 
 @dataclass

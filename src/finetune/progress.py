@@ -26,6 +26,7 @@ class Progress:
     def __init__(self, total: int, desc: str, unit: str, every: float = 10.0, stream: TextIO | None = None):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.done = 0
+        self.note = ""  # e.g. the latest loss, shown after the counts
         self.start = self.last = time.perf_counter()
         stream = stream or sys.stderr
         self.bar = None
@@ -34,10 +35,13 @@ class Progress:
 
             self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=stream, dynamic_ncols=True)
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, note: str = "") -> None:
         self.done += n
+        self.note = note or self.note
         if self.bar is not None:
             self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note)
             return
         now = time.perf_counter()
         if now - self.last >= self.every and self.done < self.total:
@@ -51,7 +55,7 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta_text = _clock(eta) if eta != float("inf") else "?"
         return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.1f} {self.unit}/s, "
-                f"elapsed {_clock(elapsed)}, ETA {eta_text}")
+                f"elapsed {_clock(elapsed)}, ETA {eta_text}" + (f", {self.note}" if self.note else ""))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -85,7 +85,9 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
         return {}
     write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
     write_history(result, logs)
-    log.info("trained %d steps in %.1fs (%.1f samples/s): val accuracy %.4f", result.steps, result.seconds,
+    log.info("trained %d steps in this run (steps %d-%d; %d before the resume) in %.1fs (%.1f samples/s): "
+             "val accuracy %.4f", result.steps_run, result.resumed_from_step + 1, result.steps,
+             result.resumed_from_step, result.seconds,
              result.samples_per_second, result.val_accuracy)
     return {k: v for k, v in asdict(result).items() if k != "history"}
 
