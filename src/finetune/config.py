@@ -128,6 +128,19 @@ class TrainConfig:
 
 
 @dataclass
+class LaunchConfig:
+    launcher: str = field(default="local", metadata={"help": "local: train in the step's own pod (or process); "
+                                                             "trainjob: a Kubeflow Trainer v2 TrainJob (cluster)"})
+    nodes: int = field(default=1, metadata={"help": "TrainJob nodes (pods); > 1 needs launcher: trainjob"})
+    procs_per_node: int = field(default=0, metadata={"help": "torchrun processes per node; 0 = one per GPU"})
+
+    def __post_init__(self) -> None:
+        _check(self.launcher in ("local", "trainjob"), "launch.launcher must be local or trainjob")
+        _check(self.nodes >= 1 and self.procs_per_node >= 0, "launch.nodes >= 1, launch.procs_per_node >= 0")
+        _check(self.nodes == 1 or self.launcher == "trainjob", "launch.nodes > 1 needs launch.launcher: trainjob")
+
+
+@dataclass
 class EvaluateConfig:
     batch_size: int = 128
     calibration_bins: int = 10
@@ -165,6 +178,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
