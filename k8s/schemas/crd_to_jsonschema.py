@@ -3,7 +3,7 @@
     python k8s/schemas/crd_to_jsonschema.py CRD.yaml OUT.json --source "kubeflow/trainer v2.2.1 (<commit>) <path>"
 
 What the API server does with a structural schema, made explicit for an offline validator: an object that lists
-its ``properties`` accepts no other field (server-side strict field validation), unless the CRD marks it
+its ``properties`` (or lists none and is no map) accepts no other field (server-side strict field validation), unless the CRD marks it
 ``x-kubernetes-preserve-unknown-fields``; apiVersion and kind are fixed to the CRD's group/version and kind.
 Descriptions are dropped (the CRD is the documentation). CEL rules (``x-kubernetes-validations``) are kept as
 annotations: jsonschema does not evaluate them.
@@ -25,7 +25,10 @@ def _strict(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     out = {k: _strict(v) for k, v in node.items() if k != "description"}
-    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+    # an object with properties, or an object with none and no map values (e.g. mlPolicy.torch: {}), keeps
+    # nothing else: the server prunes, or with strict field validation refuses, any other field
+    closed = "properties" in node or (node.get("type") == "object" and "additionalProperties" not in node)
+    if closed and not node.get("x-kubernetes-preserve-unknown-fields"):
         out.setdefault("additionalProperties", False)
     if out.pop("nullable", False) and isinstance(out.get("type"), str):
         out["type"] = [out["type"], "null"]
