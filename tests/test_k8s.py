@@ -143,11 +143,16 @@ def test_pytorchjob_runs_the_five_verbs_with_options_the_cli_accepts(rendered):
     (lambda j: j.update(apiVersion="kubeflow.org/v2"), "kubeflow.org/v1"),
 ])
 def test_pytorchjob_schema_rejects_broken_jobs(rendered, mutate, message):
-    schema = json.loads((K8S / "schemas" / "pytorchjob-v1.json").read_text())
-    job = copy.deepcopy(pytorchjob(rendered))
-    mutate(job)
+    assert_schema_rejects("pytorchjob-v1.json", pytorchjob(rendered), mutate, message)
+
+
+def assert_schema_rejects(schema_file: str, obj: dict, mutate, message: str) -> None:
+    """``mutate`` (on a copy of ``obj``) breaks it: the checked-in schema refuses it, naming ``message``."""
+    schema = json.loads((K8S / "schemas" / schema_file).read_text())
+    broken = copy.deepcopy(obj)
+    mutate(broken)
     with pytest.raises(jsonschema.ValidationError) as err:
-        jsonschema.Draft202012Validator(schema).validate(job)
+        jsonschema.Draft202012Validator(schema).validate(broken)
     assert message in str(err.value)
 
 
@@ -392,12 +397,7 @@ def test_training_runtime_matches_the_crd_schema_and_the_cluster_settings(render
     (lambda r: r.update(kind="ClusterTrainingRuntimes"), "TrainingRuntime"),
 ])
 def test_training_runtime_schema_rejects_broken_runtimes(rendered, mutate, message):
-    schema = json.loads((K8S / "schemas" / "trainingruntime-v1alpha1.json").read_text())
-    runtime = copy.deepcopy(training_runtime(rendered))
-    mutate(runtime)
-    with pytest.raises(jsonschema.ValidationError) as err:
-        jsonschema.Draft202012Validator(schema).validate(runtime)
-    assert message in str(err.value)
+    assert_schema_rejects("trainingruntime-v1alpha1.json", training_runtime(rendered), mutate, message)
 
 
 def test_trainjob_pods_as_the_trainer_builds_them_validate_and_reach_mlflow_and_their_peers(rendered):
