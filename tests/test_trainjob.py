@@ -157,14 +157,18 @@ class FakeKube:
         self.objects.pop(name, None)
 
     def list_namespaced_pod(self, namespace, label_selector):
-        name = label_selector.split("=", 1)[1]
-        assert label_selector.startswith(JOBSET_LABEL)
-        pods = [f"{name}-node-0-1-bbbbb", f"{name}-node-0-0-aaaaa"] if name in self.objects else []
-        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=p),
-                                                      status=SimpleNamespace(phase="Running")) for p in pods])
+        selector = dict(term.split("=") for term in label_selector.split(","))
+        assert selector == {JOBSET_LABEL: selector[JOBSET_LABEL], "batch.kubernetes.io/job-completion-index": "0"}
+        name = selector[JOBSET_LABEL]
+        if name not in self.objects:
+            return SimpleNamespace(items=[])
+        # rank 0 before and after a restart: the replaced pod failed, the new one runs
+        pods = [(f"{name}-node-0-0-old00", "Failed", 1), (f"{name}-node-0-0-aaaaa", "Running", 2)]
+        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=n, creation_timestamp=t),
+                                                      status=SimpleNamespace(phase=phase)) for n, phase, t in pods])
 
     def read_namespaced_pod_log(self, name, namespace, container):
-        assert container == "node" and "-node-0-0-" in name  # rank 0's trainer container
+        assert container == "node" and name.endswith("-node-0-0-aaaaa")  # rank 0's current trainer container
         return self.logs.pop(0) if len(self.logs) > 1 else self.logs[0]
 
 
@@ -238,6 +242,20 @@ def test_create_refused_by_the_api_is_one_clear_error():
     kube = FakeKube([{}], create_error=ApiException(status=403, reason="Forbidden"))
     with pytest.raises(TrainJobFailed, match=r"cannot create TrainJob finetune/finetune-\w+: 403 Forbidden"):
         launch(kube, job())
+
+
+def test_a_complete_job_without_a_model_fails_the_step_and_leaves_the_outputs_empty(tmp_path):
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "meta.json").write_text("{}")
+    kube = FakeKube([{"conditions": [condition("Complete")]}])
+    cfg = config_from_dict({"launch": {"launcher": "trainjob"}})
+    with pytest.raises(TrainJobFailed, match=r"completed but wrote no .*/model \(rank 0 writes it\)"):
+        train_on_cluster(cfg, settings(mount=str(tmp_path / "shared")), IMAGE, "run-9", str(tmp_path / "tokens"),
+                         str(tmp_path / "model"), str(tmp_path / "logs"), apis=(kube, kube))
+    work = tmp_path / "shared" / job_name("run-9")
+    assert (work / "tokenize" / "meta.json").read_text() == "{}"  # staged for the nodes
+    assert yaml.safe_load((work / "params.yaml").read_text())["launch"]["launcher"] == "trainjob"
+    assert not (tmp_path / "model").exists() and not (tmp_path / "logs").exists()
 
 
 # ---- the TrainJob's command trains (2 CPU processes, as the Trainer starts them) ----

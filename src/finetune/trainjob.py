@@ -30,6 +30,7 @@ GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRAINER_VERSION = "v2.2.1"  # the release whose CRDs k8s/schemas/*-v1alpha1.json are derived from
 CONTAINER = "node"  # the trainer container of the runtime's "node" replicated job
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet names it after the TrainJob and labels every pod
+RANK0_LABEL = "batch.kubernetes.io/job-completion-index=0"  # the nodes are one indexed Job: index = node rank
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PATCH_MANAGER = "finetune"  # owner of our entry in spec.runtimePatches
 LOG_TAIL = 40  # log lines quoted in a failure
@@ -163,9 +164,14 @@ class _LogTail:
         self.lines: list[str] = []
 
     def _rank0(self) -> str | None:
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOBSET_LABEL}={self.name}").items
-        started = sorted((p.metadata.name for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")))
-        return started[0] if started else None  # <job>-node-0-0-xxxxx sorts first
+        pods = self.core.list_namespaced_pod(self.namespace,
+                                             label_selector=f"{JOBSET_LABEL}={self.name},{RANK0_LABEL}").items
+        started = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
+        if not started:
+            return None
+        # after a restart the new pod (running, newest) is the one to follow, not the failed one it replaced
+        newest = max(started, key=lambda p: (p.status.phase != "Failed", p.metadata.creation_timestamp or 0))
+        return newest.metadata.name
 
     def poll(self) -> None:
         from kubernetes.client import ApiException
@@ -203,7 +209,7 @@ def _delete(custom: Any, namespace: str, name: str) -> None:
 
 
 def _create_or_adopt(custom: Any, job: dict[str, Any], emit: Callable[[str], None],
-                     sleep: Callable[[float], None], poll: float) -> dict[str, Any]:
+                     sleep: Callable[[float], None], poll: float, expired: Callable[[], bool]) -> dict[str, Any]:
     """Create the TrainJob; when a retried step finds one of the same name, follow it, or replace it when it had
     failed (its checkpoints stay on the shared volume, so the new one resumes)."""
     from kubernetes.client import ApiException
@@ -231,6 +237,8 @@ def _create_or_adopt(custom: Any, job: dict[str, Any], emit: Callable[[str], Non
                 if exc.status == 404:
                     break
                 raise
+            if expired():
+                raise TrainJobFailed(f"the failed TrainJob {ns}/{name} is still being deleted; delete it by hand")
             sleep(poll)
     raise TrainJobFailed(f"cannot create TrainJob {ns}/{name}: it keeps existing")
 
@@ -243,7 +251,7 @@ def run_trainjob(job: dict[str, Any], custom: Any, core: Any, timeout: float, po
     seconds (queueing included), having deleted the job so it frees its nodes."""
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
     deadline = clock() + timeout
-    state = _create_or_adopt(custom, job, emit, sleep, poll)
+    state = _create_or_adopt(custom, job, emit, sleep, poll, lambda: clock() >= deadline)
     tail = _LogTail(core, ns, name, emit)
     last = None
     while True:
