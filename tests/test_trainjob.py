@@ -285,14 +285,17 @@ def test_the_trainjob_command_trains_with_two_processes_and_hands_the_model_on(t
                "PET_NNODES": str(t["numNodes"]), "PET_NPROC_PER_NODE": str(t["numProcPerNode"]),
                "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
         runs.append(subprocess.run(t["command"], env=env, capture_output=True, text=True, timeout=600))
+        kube.logs = [runs[-1].stdout + runs[-1].stderr]  # what rank 0's container would have logged
 
-    kube = FakeKube([{"conditions": [condition("Complete")]}], on_create=trainer)
+    kube, lines = FakeKube([{"conditions": [condition("Complete")]}], on_create=trainer), []
     result = train_on_cluster(cfg, settings(mount=str(shared), gpus=0), IMAGE, "run-7", str(tmp_path / "step-tokens"),
-                              str(tmp_path / "out-model"), str(tmp_path / "out-logs"), apis=(kube, kube))
+                              str(tmp_path / "out-model"), str(tmp_path / "out-logs"), apis=(kube, kube),
+                              emit=lines.append)
     (proc,) = runs
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = shared / job_name("run-7")
     assert result == {"trainjob": job_name("run-7"), "workdir": str(work)}
+    assert any("trained 16 steps" in line for line in lines), lines  # the step shows the nodes' log
     assert kube.created[0]["spec"]["trainer"]["command"][4:] == [
         "--params", f"{work}/params.yaml", "--tokens", f"{work}/tokenize", "--model", f"{work}/model",
         "--train-logs", f"{work}/train", "--checkpoints", f"{work}/checkpoints"]

@@ -287,9 +287,11 @@ def kubernetes_apis() -> tuple[Any, Any]:
 
 
 def train_on_cluster(cfg: Config, settings: TrainJobSettings, image: str, run_id: str, tokens: str,
-                     model: str, logs: str, apis: tuple[Any, Any] | None = None) -> dict[str, Any]:
+                     model: str, logs: str, apis: tuple[Any, Any] | None = None,
+                     emit: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The pipeline's train step with ``launch.launcher: trainjob``: stage tokens and params on the shared volume
-    (mounted here at ``settings.mount``), run the TrainJob, copy model and training logs into ``model``/``logs``."""
+    (mounted here at ``settings.mount``), run the TrainJob, copy model and training logs into ``model``/``logs``.
+    Progress and rank 0's log go to stdout (the step's log in the KFP UI; no logging is configured there)."""
     import shutil
     from pathlib import Path
 
@@ -310,7 +312,7 @@ def train_on_cluster(cfg: Config, settings: TrainJobSettings, image: str, run_id
     custom, core = apis or kubernetes_apis()
     job = build_trainjob(name, cfg.launch, settings, image)
     run_trainjob(job, custom, core, settings.timeout_seconds, settings.poll_seconds,
-                 emit=lambda line: log.info("%s", line))
+                 emit=emit or (lambda line: print(line, flush=True)))
     for src, dst in ((work / "model", Path(model)), (work / "train", Path(logs))):
         if not src.is_dir():
             raise TrainJobFailed(f"TrainJob {name} completed but wrote no {src} (rank 0 writes it)")
