@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,9 +52,12 @@ def test_trainjob_validates_against_the_crd_schema_and_carries_the_cluster_setti
     assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": CLUSTER["trainjob"]["runtime_kind"],
                                         "name": CLUSTER["trainjob"]["runtime"]}
     (patch,) = tj["spec"]["runtimePatches"]
+    # what Trainer v2.2.1's webhook checks beyond the schema: the manager is a domain-prefixed path, the patched
+    # replicated job exists in the runtime, and no env is patched into the node container
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[\w./-]+", patch["manager"])
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = node["template"]["spec"]["template"]
-    assert node["name"] == "node"
+    assert node["name"] == "node" and "containers" not in pod.get("spec", {})
     assert pod["metadata"]["labels"] == {CLUSTER["pod_label"]["key"]: CLUSTER["pod_label"]["value"]}
     assert pod["spec"]["nodeSelector"] == gpu["node_selector"] and pod["spec"]["tolerations"] == gpu["tolerations"]
     assert tj["metadata"]["namespace"] == CLUSTER["trainjob"]["namespace"]

@@ -32,7 +32,9 @@ CONTAINER = "node"  # the trainer container of the runtime's "node" replicated j
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet names it after the TrainJob and labels every pod
 RANK0_LABEL = "batch.kubernetes.io/job-completion-index=0"  # the nodes are one indexed Job: index = node rank
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-PATCH_MANAGER = "finetune"  # owner of our entry in spec.runtimePatches
+# owner of our entry in spec.runtimePatches; the Trainer's webhook wants a domain-prefixed path (as Kueue's
+# "kueue.x-k8s.io/manager")
+PATCH_MANAGER = "finetune-project.github.io/launcher"
 LOG_TAIL = 40  # log lines quoted in a failure
 
 
