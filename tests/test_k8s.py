@@ -387,7 +387,8 @@ def test_training_runtime_matches_the_crd_schema_and_the_cluster_settings(render
                 if o["metadata"]["name"] == tj["shared_volume"]["claim"]]
     (config,) = objs(rendered, "prod-trainjob", "ConfigMap")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node and the pipeline step mount it
-    assert claim["spec"]["storageClassName"] == config["data"]["SHARED_STORAGE_CLASS"] != config["data"]["STORAGE_CLASS"]
+    data = config["data"]
+    assert claim["spec"]["storageClassName"] == data["SHARED_STORAGE_CLASS"] != data["STORAGE_CLASS"]
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -21,8 +21,8 @@ from kubernetes.client import ApiException
 
 from conftest import BIN, REPO, free_port, toy_frame
 from finetune.config import ConfigError, LaunchConfig, config_from_dict
-from finetune.trainjob import (JOBSET_LABEL, QUEUE_LABEL, TrainJobFailed, TrainJobSettings, build_trainjob, job_name,
-                               run_trainjob, train_on_cluster)
+from finetune.trainjob import (JOBSET_LABEL, QUEUE_LABEL, TRAINER_VERSION, TrainJobFailed, TrainJobSettings,
+                               build_trainjob, job_name, run_trainjob, train_on_cluster)
 
 CLUSTER = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text())
 IMAGE = (REPO / "components" / "image.txt").read_text().strip()
@@ -41,6 +41,7 @@ def job(nodes: int = 2, **changes) -> dict:
 
 def test_trainjob_validates_against_the_crd_schema_and_carries_the_cluster_settings():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    assert f"kubeflow/trainer {TRAINER_VERSION} " in SCHEMA["description"]  # the schema of the pinned release
     tj = job(nodes=3)
     jsonschema.Draft202012Validator(SCHEMA).validate(tj)
     gpu, res = CLUSTER["gpu"], CLUSTER["resources"]
@@ -198,7 +199,8 @@ RUNNING = {"jobsStatus": [{"name": "node", "active": 2, "ready": 2}]}
 
 def test_follows_the_job_to_completion_streaming_rank0_log_once_per_line():
     kube = FakeKube([{}, RUNNING, RUNNING, {"conditions": [condition("Complete")]}],
-                    logs=["", "step 1 loss 0.7", "step 1 loss 0.7\nstep 2 loss 0.5", "step 1 loss 0.7\nstep 2 loss 0.5"])
+                    logs=["", "step 1 loss 0.7", "step 1 loss 0.7\nstep 2 loss 0.5",
+                          "step 1 loss 0.7\nstep 2 loss 0.5"])
     tj = job()
     state, lines = launch(kube, tj)
     assert kube.created == [tj] and not kube.deleted

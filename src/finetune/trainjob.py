@@ -36,6 +36,7 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # "kueue.x-k8s.io/manager")
 PATCH_MANAGER = "finetune-project.github.io/launcher"
 LOG_TAIL = 40  # log lines quoted in a failure
+WHERE = "pipelines/cluster.yaml"  # the cluster settings file, named in errors
 
 
 class TrainJobFailed(RuntimeError):
@@ -76,13 +77,13 @@ class TrainJobSettings:
                            node_selector={str(k): str(v) for k, v in (gpu.get("node_selector") or {}).items()},
                            tolerations=list(gpu.get("tolerations") or []))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"cluster settings: trainjob/gpu/resources/pod_label incomplete or wrong: {exc!r}") from exc
+            raise ConfigError(f"{WHERE}: trainjob/gpu/resources/pod_label incomplete or wrong: {exc!r}") from exc
         if settings.runtime_kind not in ("TrainingRuntime", "ClusterTrainingRuntime"):
-            raise ConfigError("cluster settings: trainjob.runtime_kind must be TrainingRuntime or ClusterTrainingRuntime")
+            raise ConfigError(f"{WHERE}: trainjob.runtime_kind must be TrainingRuntime or ClusterTrainingRuntime")
         if not PurePosixPath(settings.mount).is_absolute():
-            raise ConfigError(f"cluster settings: trainjob.shared_volume.mount must be absolute, got {settings.mount!r}")
+            raise ConfigError(f"{WHERE}: trainjob.shared_volume.mount must be absolute, got {settings.mount!r}")
         if settings.timeout_seconds < 1 or settings.poll_seconds <= 0:
-            raise ConfigError("cluster settings: trainjob.timeout_seconds >= 1 and poll_seconds > 0")
+            raise ConfigError(f"{WHERE}: trainjob.timeout_seconds must be >= 1 and poll_seconds > 0")
         return settings
 
 
