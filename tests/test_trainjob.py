@@ -315,3 +315,36 @@ def test_the_trainjob_command_trains_with_two_processes_and_hands_the_model_on(t
     # checkpoints went to the shared volume (a restarted job resumes from there; resume: tests/test_train.py);
     # the finished model supersedes them, so none is left
     assert (work / "checkpoints").is_dir() and not list((work / "checkpoints").glob("step-*"))
+
+
+# ---- the pipeline with the TrainJob launcher ----
+
+def test_pipeline_compiles_with_the_trainjob_launcher(tmp_path):
+    from pipelines.finetune_pipeline import compile_spec
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["launch"] = {"launcher": "trainjob", "nodes": 2, "procs_per_node": 0}
+    docs = list(yaml.safe_load_all(compile_spec(tmp_path / "p.yaml", params, CLUSTER).read_text()))
+    spec, k8s = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    program = "\n".join(train["command"] + train.get("args", []))
+    assert "train_on_cluster" in program and "run_train" not in program  # the launcher, not the single-pod step
+    assert "accelerator" not in train["resources"]  # the nodes hold the GPUs, not this step
+    assert train["resources"]["cpuLimit"] == float(CLUSTER["resources"]["cpu"])
+    volume = CLUSTER["trainjob"]["shared_volume"]
+    assert k8s["exec-train"]["pvcMount"] == [{"constant": volume["claim"], "mountPath": volume["mount"],
+                                              "pvcNameParameter": {"runtimeValue": {"constant": volume["claim"]}}}]
+    assert "nodeSelector" not in k8s["exec-train"] and "tolerations" not in k8s["exec-train"]
+    tasks = next(c for n, c in spec["components"].items() if n.startswith("comp-condition")
+                 and "train" in c["dag"]["tasks"])["dag"]["tasks"]
+    inputs = tasks["train"]["inputs"]["parameters"]
+    assert inputs["image"]["runtimeValue"]["constant"] == IMAGE
+    assert inputs["cluster"]["runtimeValue"]["constant"]["trainjob"] == CLUSTER["trainjob"]
+    assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    # evaluate and register read the train step's artifacts exactly as in the single-pod DAG
+    assert tasks["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "train"}
+    assert k8s["exec-train"]["podMetadata"]["labels"] == {CLUSTER["pod_label"]["key"]: CLUSTER["pod_label"]["value"]}
+    # params.yaml's default (launch.launcher: local) keeps the single-pod GPU step
+    single = next(yaml.safe_load_all(compile_spec(tmp_path / "s.yaml", None, CLUSTER).read_text()))
+    assert "run_train" in "\n".join(single["deploymentSpec"]["executors"]["exec-train"]["container"]["command"])
