@@ -14,9 +14,10 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from finetune.config import Config, as_params, load_config
+from finetune.config import Config, as_params, drop_none, load_config
 
 from components.finetune_components import evaluate, register, tokenize, train, validate, validation_failed
+from components import trainjob_component
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "pipelines" / "finetune_pipeline.yaml"
@@ -57,14 +58,21 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
         _secrets(v, c, "s3")
         with dsl.If(v.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (KFP condition syntax)
             t = tokenize(splits=v.outputs["splits"], params=params)
-            m = train(tokens=t.outputs["tokens"], params=params, checkpoint_dir=checkpoint_dir)
-            g = c["gpu"]
-            m.set_accelerator_type(g["accelerator"]).set_accelerator_limit(g["count"])
-            _resources(m, c["resources"]["train_cpu"], c["resources"]["train_memory"])
-            for key, value in (g.get("node_selector") or {}).items():
-                kubernetes.add_node_selector(m, label_key=key, label_value=str(value))
-            for tol in g.get("tolerations") or []:
-                kubernetes.add_toleration(m, **tol)
+            trainjob = trainjob_component.on_trainjob(defaults)  # launch.launcher: trainjob: the TrainJob's nodes train
+            m = (trainjob_component.train if trainjob else train)(
+                tokens=t.outputs["tokens"], params=params, checkpoint_dir=checkpoint_dir,
+                **(trainjob_component.launch_args(drop_none(c)) if trainjob else {}))
+            if trainjob:  # this step launches and waits; the TrainJob's nodes get the GPUs
+                trainjob_component.mount_shared_volume(m, c)
+                _resources(m, c["resources"]["cpu"], c["resources"]["memory"])
+            else:
+                g = c["gpu"]
+                m.set_accelerator_type(g["accelerator"]).set_accelerator_limit(g["count"])
+                _resources(m, c["resources"]["train_cpu"], c["resources"]["train_memory"])
+                for key, value in (g.get("node_selector") or {}).items():
+                    kubernetes.add_node_selector(m, label_key=key, label_value=str(value))
+                for tol in g.get("tolerations") or []:
+                    kubernetes.add_toleration(m, **tol)
             e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
             r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
                          train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"], params=params,

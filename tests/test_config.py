@@ -164,7 +164,9 @@ def test_flat_params_for_mlflow():
 
 # Settings that change how a run goes, not what it produces: no stage lists them, so they never rerun one.
 COSMETIC = {"train.log_every", "train.threads", "train.checkpoint_every", "tokenize.batch_size",
-            "register.retries", "register.retry_backoff"}
+            "register.retries", "register.retry_backoff",
+            # where training runs on a cluster (KFP compile time); `dvc repro` always trains in-process
+            "launch.launcher", "launch.nodes", "launch.procs_per_node"}
 # Code a stage runs without importing it: register logs pyfunc_model.py as the model's code; the CLI's
 # register verb configures tracking and collects lineage.
 NOT_IMPORTED = {"register": {"pyfunc_model", "tracking", "lineage"}}

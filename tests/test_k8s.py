@@ -19,7 +19,7 @@ from conftest import BIN, REPO
 from stack import PLACEHOLDER, Manifests, read_env_file, render_text
 
 K8S = REPO / "k8s"
-OVERLAYS = ["dev", "prod", "prod-distributed"]
+OVERLAYS = ["dev", "prod", "prod-distributed", "prod-trainjob"]
 K8S_VERSION = "1.32.0"
 SETTINGS = yaml.safe_load((K8S / "components" / "settings" / "kustomization.yaml").read_text())
 NAMESPACE = SETTINGS["namespace"]
@@ -47,6 +47,8 @@ def objs(rendered, overlay: str, kind: str | None = None) -> list[dict]:
 def pod_specs(obj: dict) -> list[dict]:
     if obj["kind"] == "PyTorchJob":
         return [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "TrainingRuntime":
+        return [r["template"]["spec"]["template"]["spec"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
     if obj["kind"] in WORKLOADS:
         return [obj["spec"]["template"]["spec"]]
     return []
@@ -141,11 +143,16 @@ def test_pytorchjob_runs_the_five_verbs_with_options_the_cli_accepts(rendered):
     (lambda j: j.update(apiVersion="kubeflow.org/v2"), "kubeflow.org/v1"),
 ])
 def test_pytorchjob_schema_rejects_broken_jobs(rendered, mutate, message):
-    schema = json.loads((K8S / "schemas" / "pytorchjob-v1.json").read_text())
-    job = copy.deepcopy(pytorchjob(rendered))
-    mutate(job)
+    assert_schema_rejects("pytorchjob-v1.json", pytorchjob(rendered), mutate, message)
+
+
+def assert_schema_rejects(schema_file: str, obj: dict, mutate, message: str) -> None:
+    """``mutate`` (on a copy of ``obj``) breaks it: the checked-in schema refuses it, naming ``message``."""
+    schema = json.loads((K8S / "schemas" / schema_file).read_text())
+    broken = copy.deepcopy(obj)
+    mutate(broken)
     with pytest.raises(jsonschema.ValidationError) as err:
-        jsonschema.Draft202012Validator(schema).validate(job)
+        jsonschema.Draft202012Validator(schema).validate(broken)
     assert message in str(err.value)
 
 
@@ -228,7 +235,9 @@ def test_secret_values_reach_pods_only_through_secret_references(rendered):
 
 def test_images_are_pinned_never_latest(rendered):
     pods = all_pods(rendered)
-    assert len(pods) == 8  # dev: mlflow, s3, postgres, bucket job; prod: mlflow; prod-distributed: mlflow + 2 replicas
+    # dev: mlflow, s3, postgres, bucket job; prod: mlflow; prod-distributed: mlflow + 2 replicas;
+    # prod-trainjob: mlflow + the TrainingRuntime's node
+    assert len(pods) == 10
     for overlay, name, spec in pods:
         for c in containers(spec):
             image = c["image"]
@@ -330,3 +339,107 @@ def test_pipeline_identity_can_read_only_its_secrets(rendered):
                              "resourceNames": ["finetune-s3", "finetune-mlflow"], "verbs": ["get"]}]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "finetune-pipeline", "namespace": NAMESPACE}]
     assert {o["metadata"]["name"] for o in objs(rendered, "dev", "ServiceAccount")} >= {"finetune-pipeline"}
+
+
+# ---- Kubeflow Trainer v2: the TrainingRuntime and the TrainJobs built against it ----
+
+CLUSTER = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text())
+
+
+def training_runtime(rendered) -> dict:
+    (runtime,) = objs(rendered, "prod-trainjob", "TrainingRuntime")
+    return runtime
+
+
+def runtime_pod(runtime: dict) -> dict:
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    return node["template"]["spec"]["template"]
+
+
+def strict_pod_template(template: dict) -> None:
+    import kubernetes_validate as kv
+
+    kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "node"}, "template": template},
+                K8S_VERSION, strict=True)  # raises on any unknown field or bad type
+
+
+def test_training_runtime_matches_the_crd_schema_and_the_cluster_settings(rendered):
+    schema = json.loads((K8S / "schemas" / "trainingruntime-v1alpha1.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    runtime = training_runtime(rendered)
+    jsonschema.Draft202012Validator(schema).validate(runtime)
+    tj = CLUSTER["trainjob"]
+    assert (runtime["kind"], runtime["metadata"]["name"]) == (tj["runtime_kind"], tj["runtime"])
+    assert runtime["metadata"]["namespace"] == tj["namespace"] == NAMESPACE
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}  # the Trainer's torch plugin: PET_* variables for torchrun
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node" and node["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    pod = runtime_pod(runtime)
+    strict_pod_template(pod)
+    (container,) = pod["spec"]["containers"]
+    assert container["name"] == "node"
+    assert container["image"] == (REPO / "components" / "image.txt").read_text().strip()
+    shared = next(v for v in pod["spec"]["volumes"] if v["name"] == "shared")
+    assert shared["persistentVolumeClaim"]["claimName"] == tj["shared_volume"]["claim"]
+    assert {"name": "shared", "mountPath": tj["shared_volume"]["mount"]} in container["volumeMounts"]
+    (claim,) = [o for o in objs(rendered, "prod-trainjob", "PersistentVolumeClaim")
+                if o["metadata"]["name"] == tj["shared_volume"]["claim"]]
+    (config,) = objs(rendered, "prod-trainjob", "ConfigMap")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node and the pipeline step mount it
+    data = config["data"]
+    assert claim["spec"]["storageClassName"] == data["SHARED_STORAGE_CLASS"] != data["STORAGE_CLASS"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["spec"]["mlPolicy"].update(torch={"numProcPerNode": 2}), "numProcPerNode"),
+    (lambda r: r["spec"]["mlPolicy"].update(numNodes="2"), "'2'"),
+    (lambda r: r["spec"]["template"]["spec"].update(replicatedJob=[]), "replicatedJob"),
+    (lambda r: r.update(kind="ClusterTrainingRuntimes"), "TrainingRuntime"),
+])
+def test_training_runtime_schema_rejects_broken_runtimes(rendered, mutate, message):
+    assert_schema_rejects("trainingruntime-v1alpha1.json", training_runtime(rendered), mutate, message)
+
+
+def test_trainjob_pods_as_the_trainer_builds_them_validate_and_reach_mlflow_and_their_peers(rendered):
+    """The runtime's pod with what the pipeline's TrainJob (built from cluster.yaml) sets on it, merged as the
+    Trainer does: strict core schema, GPU pool placement, the labels the network policies admit."""
+    from finetune.config import LaunchConfig
+    from finetune.trainjob import TrainJobSettings, build_trainjob
+
+    tj = build_trainjob("finetune-abc", LaunchConfig(launcher="trainjob", nodes=2), TrainJobSettings.from_cluster(
+        CLUSTER), (REPO / "components" / "image.txt").read_text().strip())
+    pod = copy.deepcopy(runtime_pod(training_runtime(rendered)))
+    (patch,) = tj["spec"]["runtimePatches"]
+    (node_patch,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod_patch = node_patch["template"]["spec"]["template"]
+    pod["metadata"]["labels"].update(pod_patch["metadata"]["labels"])
+    pod["spec"].update(pod_patch["spec"])
+    trainer, container = tj["spec"]["trainer"], pod["spec"]["containers"][0]
+    container.update(image=trainer["image"], command=trainer["command"], resources=trainer["resourcesPerNode"])
+    strict_pod_template(pod)
+    assert pod["spec"]["nodeSelector"] == CLUSTER["gpu"]["node_selector"]
+    assert pod["spec"]["tolerations"] == CLUSTER["gpu"]["tolerations"]
+    assert container["resources"]["limits"][CLUSTER["gpu"]["accelerator"]] == str(CLUSTER["gpu"]["count"])
+    policies = objs(rendered, "prod-trainjob", "NetworkPolicy")
+    labels = pod["metadata"]["labels"]
+    mlflow_peers = allowed_peers(policies, {"app.kubernetes.io/name": "mlflow"})
+    assert any(selects(peer["podSelector"], labels) for peer in mlflow_peers)  # rank 0 may talk to MLflow/S3
+    node_peers = allowed_peers(policies, labels)
+    assert any(selects(peer["podSelector"], labels) for peer in node_peers)  # torchrun rendezvous, NCCL
+
+
+def test_pipeline_identity_may_run_trainjobs_and_the_nodes_have_no_api_rights(rendered):
+    roles = {o["metadata"]["name"]: o for o in objs(rendered, "prod-trainjob", "Role")}
+    bindings = {o["metadata"]["name"]: o for o in objs(rendered, "prod-trainjob", "RoleBinding")}
+    rules = [r for r in roles["finetune-trainjob"]["rules"] if "trainer.kubeflow.org" in r["apiGroups"]]
+    assert rules == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                      "verbs": ["get", "list", "watch", "create", "delete"]}]
+    assert bindings["finetune-trainjob"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "finetune-pipeline", "namespace": NAMESPACE}]
+    pipeline_rules = roles["finetune-pipeline"]["rules"]  # follows the nodes' logs with the base Role
+    assert {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]} in pipeline_rules
+    pod = runtime_pod(training_runtime(rendered))["spec"]
+    assert pod["serviceAccountName"] == "finetune-train" and pod["automountServiceAccountToken"] is False
+    subjects = [s["name"] for b in bindings.values() for s in b["subjects"]]
+    assert "finetune-train" not in subjects

@@ -165,6 +165,21 @@ class TrainConfig:
 
 
 @dataclass
+class LaunchConfig:
+    SECTION: typing.ClassVar[str] = "launch"
+    launcher: str = field(default="local", metadata={"help": "local: train in the step's own pod (or process); "
+                                                             "trainjob: a Kubeflow Trainer v2 TrainJob (cluster)"})
+    nodes: int = field(default=1, metadata={"help": "TrainJob nodes (pods); > 1 needs launcher: trainjob"})
+    procs_per_node: int = field(default=0, metadata={"help": "torchrun processes per node; 0 = one per GPU"})
+
+    def __post_init__(self) -> None:
+        _rule(self, "launcher", self.launcher in ("local", "trainjob"), "local or trainjob")
+        _rule(self, "nodes", self.nodes >= 1, ">= 1")
+        _rule(self, "procs_per_node", self.procs_per_node >= 0, ">= 0 (0 = one per GPU)")
+        _rule(self, "nodes", self.nodes == 1 or self.launcher == "trainjob", "1 unless launch.launcher is trainjob")
+
+
+@dataclass
 class EvaluateConfig:
     SECTION: typing.ClassVar[str] = "evaluate"
     batch_size: int = 128
@@ -211,6 +226,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 

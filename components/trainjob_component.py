@@ -1,0 +1,37 @@
+"""The train step when params.yaml says ``launch.launcher: trainjob``: it launches a Kubeflow Trainer v2 TrainJob and
+waits for it (``finetune.trainjob.train_on_cluster``). Same verb, inputs and outputs as the single-pod ``train`` in
+finetune_components.py, so evaluate and register are wired the same way. No stage logic here."""
+
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+IMAGE = (Path(__file__).with_name("image.txt")).read_text().strip()
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, cluster: dict, image: str, run_id: str,
+          model: Output[Model], train_logs: Output[Artifact]):
+    """Checkpoints live on the shared volume per run (``checkpoint_dir`` is not used here)."""
+    from finetune.config import config_from_dict
+    from finetune.trainjob import TrainJobSettings, train_on_cluster
+
+    train_on_cluster(config_from_dict(params), TrainJobSettings.from_cluster(cluster), image, run_id, tokens.path, model.path,
+                     train_logs.path)
+
+
+def on_trainjob(params: dict[str, Any]) -> bool:
+    return (params.get("launch") or {}).get("launcher") == "trainjob"
+
+
+def launch_args(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The TrainJob step's extra arguments: cluster settings, the image its nodes run, the run it belongs to."""
+    return {"cluster": cluster, "image": IMAGE, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+
+
+def mount_shared_volume(task, cluster: dict[str, Any]) -> None:
+    """The step only launches and waits (no GPU); it shares the tokens and the model with the nodes here."""
+    volume = cluster["trainjob"]["shared_volume"]
+    kubernetes.mount_pvc(task, pvc_name=volume["claim"], mount_path=volume["mount"])

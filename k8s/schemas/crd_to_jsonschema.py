@@ -1,0 +1,62 @@
+"""Turn a CustomResourceDefinition's openAPIV3Schema into the strict JSON schema checked in next to it.
+
+    python k8s/schemas/crd_to_jsonschema.py CRD.yaml OUT.json --source "kubeflow/trainer v2.2.1 (<commit>) <path>"
+
+What the API server does with a structural schema, made explicit for an offline validator: an object that lists
+its ``properties`` (or lists none and is no map) accepts no other field (server-side strict field validation), unless the CRD marks it
+``x-kubernetes-preserve-unknown-fields``; apiVersion and kind are fixed to the CRD's group/version and kind.
+Descriptions are dropped (the CRD is the documentation). CEL rules (``x-kubernetes-validations``) are kept as
+annotations: jsonschema does not evaluate them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _strict(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if k != "description"}
+    # an object with properties, or an object with none and no map values (e.g. mlPolicy.torch: {}), keeps
+    # nothing else: the server prunes, or with strict field validation refuses, any other field
+    closed = "properties" in node or (node.get("type") == "object" and "additionalProperties" not in node)
+    if closed and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def convert(crd: dict[str, Any], source: str) -> dict[str, Any]:
+    (version,) = [v for v in crd["spec"]["versions"] if v.get("served", True) and v.get("storage", True)]
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["apiVersion"] = {"const": f"{group}/{version['name']}"}
+    schema["properties"]["kind"] = {"const": kind}
+    schema["properties"]["metadata"] = {"type": "object", "required": ["name"]}
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": f"{kind}, {group}/{version['name']} ({crd['spec']['scope']})",
+            "description": f"Derived by k8s/schemas/crd_to_jsonschema.py from {source}.", **schema}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("crd", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--source", required=True, help="where the CRD came from: repository, tag, commit, path")
+    a = p.parse_args()
+    schema = convert(yaml.safe_load(a.crd.read_text(encoding="utf-8")), a.source)
+    a.out.write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
