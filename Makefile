@@ -58,3 +58,10 @@ stack-up: install
 
 stack-down:
 	@if [ -d $(STACK_DIR) ]; then $(BIN)/python tests/stack.py down --root $(STACK_DIR); fi
+
+# The image every pipeline step runs in, built without a container runtime (root; Debian's debootstrap):
+# build/image/cpu-<inputs hash>/image.oci.tar + rootfs/, reused while the recipe, pyproject.toml and src/ are unchanged.
+.PHONY: image
+image: install
+	@command -v debootstrap >/dev/null || { echo "make image needs debootstrap: apt-get install -y debootstrap" >&2; exit 1; }
+	$(BIN)/python components/image/build.py
