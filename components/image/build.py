@@ -35,8 +35,11 @@ OUT = REPO / "build" / "image"
 SUITE = "bookworm"
 # Debian's Python 3.11 and the CA bundle go into the base, so the RUN step needs no apt-get update
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
-RECIPE_FILES = ("components/Dockerfile", "components/image/install.sh", "components/image/build.py",
-                "pyproject.toml", "README.md")
+# What the image is made from, hashed to reuse a build. README.md (copied only as the package's long description)
+# is left out so that editing docs does not rebuild; this file is represented by BUILDER_VERSION: bump it when a
+# change here changes what is built.
+RECIPE_FILES = ("components/Dockerfile", "components/image/install.sh", "pyproject.toml")
+BUILDER_VERSION = "1"
 PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf")
 
 
@@ -114,8 +117,8 @@ def parse_dockerfile(text: str, build_args: dict[str, str] | None = None) -> Rec
 
 
 def inputs_hash(build_args: dict[str, str]) -> str:
-    """Content hash of everything that goes into the image: recipe, package metadata, src/, build args."""
-    h = hashlib.sha256(json.dumps(sorted(build_args.items())).encode())
+    """Content hash of what goes into the image: recipe, package metadata, src/, build args, builder version."""
+    h = hashlib.sha256(json.dumps([BUILDER_VERSION, sorted(build_args.items())]).encode())
     files = [REPO / f for f in RECIPE_FILES]
     files += sorted(p for p in (REPO / "src").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for path in files:
