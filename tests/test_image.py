@@ -20,7 +20,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))
 from components.image import build, netns, sandbox, steps  # noqa: E402
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 CHECK_IMAGE = r"""
 import importlib.metadata as md, json, os, shutil, subprocess, sys
@@ -65,6 +65,7 @@ def image() -> dict:
     return build.build()
 
 
+@integration
 def test_image_contents(image):
     proc = sandbox.run(Path(image["rootfs"]), image["config"], ["python3", "-c", CHECK_IMAGE])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,6 +85,7 @@ def test_image_contents(image):
     assert not list((rootfs / "var/lib/apt/lists").glob("*_Packages"))
 
 
+@integration
 def test_archive_is_an_oci_image(image):
     import tarfile
 
@@ -99,10 +101,12 @@ def test_archive_is_an_oci_image(image):
     assert layer.size == manifest["layers"][0]["size"] > 500_000_000
 
 
+@integration
 def test_rebuild_with_same_inputs_is_reused(image):
     assert build.build() == image
 
 
+@integration
 def test_pipeline_steps_run_inside_the_image(image, mlflow_server, real_reviews, tmp_path):
     from mlflow import MlflowClient
 
@@ -137,3 +141,29 @@ def test_pipeline_steps_run_inside_the_image(image, mlflow_server, real_reviews,
     alias = run.outputs["register"]["alias"]
     assert client.get_model_version_by_alias("image-minilm", alias).version == version.version
     assert client.get_run(version.run_id).data.params["train.max_steps"] == "3"
+
+
+# ---- unit: the builder's reading of the Dockerfile (no root, no image) ----
+
+def test_dockerfile_gives_the_image_config():
+    recipe = build.parse_dockerfile(build.DOCKERFILE.read_text())
+    config = build.image_config(recipe)
+    assert config["User"] == "10001:10001" and config["WorkingDir"] == "/tmp"
+    env = dict(v.split("=", 1) for v in config["Env"])
+    assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert recipe.args["TORCH"] == "torch==2.13.0+cpu"
+    assert [kind for kind, _ in recipe.steps] == ["COPY", "COPY", "COPY", "RUN"]
+    gpu = build.parse_dockerfile(build.DOCKERFILE.read_text(), {"TORCH": "torch==2.13.0"})
+    assert gpu.args["TORCH"] == "torch==2.13.0"
+    assert build.inputs_hash(gpu.args) != build.inputs_hash(recipe.args)
+
+
+@pytest.mark.parametrize("text, args, message", [
+    ("FROM x\nADD a /b\n", {}, "instruction ADD is not supported"),
+    ("ARG A=1\nFROM x\n", {"B": "2"}, "no ARG named B"),
+    ("FROM x\nENV JUSTKEY\n", {}, "only the KEY=VALUE form"),
+])
+def test_dockerfile_outside_the_supported_subset_is_refused(text, args, message):
+    with pytest.raises(build.BuildError, match=message):
+        build.parse_dockerfile(text, args)
