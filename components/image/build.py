@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import hashlib
+import io
 import json
 import os
 import re
@@ -177,10 +178,9 @@ def _pip_settings() -> tuple[str, dict[str, str], list[str]]:
             path = str(Path(path).parent)  # a local index's pages link to files beside simple/
         if path.startswith("/") and Path(path).exists():
             paths.add(path.rstrip("/") or "/")
-    text = tempfile.SpooledTemporaryFile(mode="w+")
+    text = io.StringIO()
     cfg.write(text)
-    text.seek(0)
-    return text.read(), env, sorted(paths)
+    return text.getvalue(), env, sorted(paths)
 
 
 RUN_SCRIPT = r"""
@@ -294,16 +294,10 @@ def write_oci_archive(rootfs: Path, config: dict, dest: Path, ref_name: str) -> 
                                *((f"blobs/sha256/{d[7:]}", b) for d, b in blobs.items())]:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
-                tar.addfile(info, _bytes_io(data))
+                tar.addfile(info, io.BytesIO(data))
             tar.add(layer, arcname=f"blobs/sha256/{layer_digest[7:]}")
         partial.replace(dest)
     return manifest_desc["digest"]
-
-
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def _size(path: Path) -> int:

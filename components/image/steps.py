@@ -100,7 +100,8 @@ def run_pipeline(image: dict, work: Path, values: dict[str, Any], env: dict[str,
     p = {**pipeline_defaults(spec), **values}
     work.mkdir(parents=True, exist_ok=True)
     os.chown(work, *_ids(image))
-    run = Run(work, image, {}, netns)
+    run = Run(work, image, netns=netns)
+    # ``env`` goes where pipelines/cluster.yaml puts the secrets: validate (S3) and register (S3 + MLflow)
     out = run.step(spec, "validate", {k: p[k] for k in ("data_uri", "data_md5", "params")}, env)
     if not out["passed"]:
         raise StepFailed(f"validate refused the data: {out['summary']}")
