@@ -167,3 +167,13 @@ def test_dockerfile_gives_the_image_config():
 def test_dockerfile_outside_the_supported_subset_is_refused(text, args, message):
     with pytest.raises(build.BuildError, match=message):
         build.parse_dockerfile(text, args)
+
+
+def test_skip_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert why_not() == "needs root (debootstrap, chroot, mount namespaces)"
+    with pytest.raises(build.BuildError, match="needs root"):
+        build.build()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "debootstrap" else f"/usr/bin/{tool}")
+    assert why_not() == "debootstrap is not installed"
