@@ -40,7 +40,7 @@ BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 # is left out so that editing docs does not rebuild; this file is represented by BUILDER_VERSION: bump it when a
 # change here changes what is built.
 RECIPE_FILES = ("components/Dockerfile", "components/image/install.sh", "pyproject.toml")
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf")
 
 
@@ -265,8 +265,9 @@ def write_oci_archive(rootfs: Path, config: dict, dest: Path, ref_name: str) -> 
     manifest digest, the image's `@sha256:` once pushed."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         layer = Path(tmp) / "layer.tar"
-        _check(["tar", "--numeric-owner", "--xattrs", "--sort=name", "--mtime=@0", "-C", str(rootfs),
-                "-cf", str(layer), "."], "tar of the root file system")
+        # real mtimes: the installed .pyc files are checked against their sources' mtimes
+        _check(["tar", "--numeric-owner", "--xattrs", "--sort=name", "-C", str(rootfs), "-cf", str(layer), "."],
+               "tar of the root file system")
         layer_digest, layer_size = _blob(layer)
         image = {"architecture": "amd64", "os": "linux", "config": config,
                  "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
