@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps data run test test-unit clean help
+.PHONY: install sysdeps data run test test-image test-unit clean help
 
 help:
 	@echo "make run    - set up .venv, put the data in place, run the whole pipeline (dvc repro)"
@@ -35,7 +35,12 @@ run: data
 	dvc repro
 
 test: sysdeps install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not image" $(PYTEST_ARGS)
+
+# The container image's tests (tests/test_image.py): build the CPU image here, run the compiled steps inside it.
+test-image: install
+	@$(MAKE) --no-print-directory sysdeps SYSDEPS_EXTRA="debootstrap iproute2"
+	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
 
 # System packages the tests use: PostgreSQL's server binaries (tests/test_stack.py starts a real one) and headless
 # Chromium + its driver (tests/test_report.py renders the run report). Installed once when missing (Debian/Ubuntu,
@@ -48,6 +53,7 @@ sysdeps:
 	ls $(PG_BIN_GLOB)/initdb $(PG_BIN_GLOB)/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	for pkg in $(SYSDEPS_EXTRA); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
@@ -62,7 +68,7 @@ sysdeps:
 	  || { echo "installing$$missing failed (see apt-get's output above)" >&2; exit 1; }
 
 test-unit: install
-	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration and not image" $(PYTEST_ARGS)
 
 clean:
 	rm -rf out mlflow.db mlartifacts
@@ -82,3 +88,10 @@ stack-up: install
 
 stack-down:
 	@if [ -d $(STACK_DIR) ]; then $(BIN)/python tests/stack.py down --root $(STACK_DIR); fi
+
+# The image every pipeline step runs in, built without a container runtime (root; Debian's debootstrap):
+# build/image/cpu-<inputs hash>/image.oci.tar + rootfs/, reused while the recipe, pyproject.toml and src/ are unchanged.
+.PHONY: image
+image: install
+	@command -v debootstrap >/dev/null || { echo "make image needs debootstrap: apt-get install -y debootstrap" >&2; exit 1; }
+	$(BIN)/python components/image/build.py
