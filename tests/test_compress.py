@@ -1,0 +1,162 @@
+"""compress: ONNX export + int8 quantization of a tiny classifier, the accuracy gate, unexportable models, and
+the self-contained ONNX pyfunc logged to (and loaded back from) a local MLflow store."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from conftest import toy_frame
+from finetune.compress import (ONNX_FP32, ONNX_INT8, compress, export_onnx, measure, onnx_runner, quantize_int8,
+                               torch_runner)
+from finetune.config import CompressConfig, TokenizeConfig
+from finetune.modeling import load_classifier
+from finetune.tokenize import tokenize
+
+# fp32 ONNX is the same arithmetic as PyTorch up to kernel order; int8 weights move probabilities a little
+FP32_PROB_TOL = 1e-4
+INT8_PROB_TOL = 0.05
+INT8_MIN_AGREEMENT = 0.9
+
+
+@pytest.fixture(scope="module")
+def toy_test(tiny_classifier_dir):
+    df = toy_frame(20)
+    toks, meta = tokenize({"train": df, "val": df, "test": df}, ["fresh", "rotten"], tiny_classifier_dir,
+                          TokenizeConfig(max_length=16))
+    return toks["test"], meta
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_classifier_dir, toy_test, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compress") / "out"
+    test, meta = toy_test
+    result = compress(tiny_classifier_dir, test, meta, CompressConfig(threads=1, latency_requests=5), out)
+    return out, result
+
+
+def test_onnx_variants_predict_like_pytorch(tiny_classifier_dir, toy_test, compressed):
+    out, result = compressed
+    test, _ = toy_test
+    reference, _ = measure(torch_runner(load_classifier(tiny_classifier_dir), 1), test, 0, 8, 1)
+    fp32, _ = measure(onnx_runner(out / ONNX_FP32, 1), test, 0, 8, 1)
+    int8, _ = measure(onnx_runner(out / ONNX_INT8, 1), test, 0, 8, 1)
+    assert np.abs(fp32 - reference).max() < FP32_PROB_TOL
+    assert (fp32.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(int8 - reference).max() < INT8_PROB_TOL
+    assert (int8.argmax(1) == reference.argmax(1)).mean() >= INT8_MIN_AGREEMENT
+    v = result.metrics["variants"]
+    assert v["onnx_fp32"]["label_agreement"] == 1.0
+    assert v["onnx_int8"]["max_probability_diff"] == pytest.approx(np.abs(int8 - reference).max(), abs=1e-5)
+
+
+def test_output_folder_and_metrics(compressed):
+    out, result = compressed
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(result.metrics))
+    assert on_disk["exported"] is True and on_disk["int8_passed"] is True and result.passed
+    assert {"model.onnx", "model.int8.onnx", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.safetensors"))
+    v = on_disk["variants"]
+    assert set(v) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert v["onnx_int8"]["size_mb"] < v["onnx_fp32"]["size_mb"]  # int8 weights: smaller on disk
+    assert v["onnx_int8"]["size_mb"] == pytest.approx((out / ONNX_INT8).stat().st_size / 2 ** 20, abs=0.01)
+    for name, m in v.items():
+        assert m["texts_per_s"] > 0 and 0 < m["latency_ms_p50"] <= m["latency_ms_p95"], name
+    assert v["onnx_int8"]["accuracy_delta"] == pytest.approx(v["onnx_int8"]["accuracy"] - v["pytorch_fp32"]["accuracy"])
+
+
+def test_gate_refuses_variant_past_the_drop_limit(tiny_classifier_dir, toy_test, tmp_path, monkeypatch):
+    """The int8 variant is made to answer every text wrongly: any baseline with one right answer drops more
+    than the tiny limit, so the variant is refused and the stage still completes."""
+    import finetune.compress as mod
+
+    test, meta = toy_test
+    truth = {tuple(test.sequence(i)): int(test.labels[i]) for i in range(len(test))}
+    real = mod.onnx_runner
+
+    def wrong_int8(path, threads):
+        run = real(path, threads)
+        if not str(path).endswith(ONNX_INT8):
+            return run
+
+        def always_wrong(ids, mask):
+            logits = run(ids, mask)
+            for row in range(len(ids)):
+                wrong = 1 - truth[tuple(ids[row][mask[row] == 1])]
+                logits[row] = np.where(np.arange(logits.shape[1]) == wrong, 5.0, -5.0)
+            return logits
+        return always_wrong
+
+    monkeypatch.setattr(mod, "onnx_runner", wrong_int8)
+    res = compress(tiny_classifier_dir, test, meta, CompressConfig(threads=1, latency_requests=2,
+                                                                   max_accuracy_drop=1e-4), tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["variants"]["pytorch_fp32"]["accuracy"] > 0 and m["variants"]["onnx_int8"]["accuracy"] == 0
+    assert res.passed is False and m["int8_passed"] is False and m["exported"] is True
+    assert "int8 variant refused" in m["message"] and "compress.max_accuracy_drop 0.0001" in m["message"]
+    assert m["variants"]["onnx_fp32"]["accuracy_delta"] == 0  # the fp32 export itself was not touched
+
+
+def test_unexportable_model_names_model_and_operator(tiny_classifier_dir, toy_test, tmp_path, monkeypatch):
+    import torch
+
+    import finetune.compress as mod
+
+    class SpectralHead(torch.nn.Module):  # an "architecture" with an op the ONNX exporter lacks
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask):
+            logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+            return types.SimpleNamespace(logits=torch.fft.fft(logits).real)
+
+    monkeypatch.setattr(mod, "load_classifier", lambda d: SpectralHead(load_classifier(d)))
+    test, meta = toy_test
+    res = compress(tiny_classifier_dir, test, meta, CompressConfig(threads=1), tmp_path / "out",
+                   model_name="spectral-bert")
+    assert res.exported is False and res.passed is False
+    assert "model spectral-bert cannot be exported to ONNX" in res.message
+    assert "operator aten::fft_fft is not supported" in res.message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json"]  # no compressed variant
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["exported"] is False and m["variants"] == {} and m["message"] == res.message
+
+
+def test_failed_compress_leaves_previous_output(tiny_classifier_dir, toy_test, tmp_path, monkeypatch):
+    import finetune.compress as mod
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}')
+
+    def broken(src, dst, per_channel=False):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mod, "quantize_int8", broken)
+    test, meta = toy_test
+    with pytest.raises(OSError, match="disk full"):
+        compress(tiny_classifier_dir, test, meta, CompressConfig(threads=1), out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    assert json.loads((out / "metrics.json").read_text()) == {"old": True}
+
+
+def test_per_channel_quantization_also_runs(compressed, tmp_path):
+    out, _ = compressed
+    quantize_int8(out / ONNX_FP32, tmp_path / "pc.onnx", per_channel=True)
+    ids = np.array([[101, 2307, 102]], dtype=np.int64)
+    logits = onnx_runner(tmp_path / "pc.onnx", 1)(ids, np.ones_like(ids))
+    assert logits.shape == (1, 2) and np.isfinite(logits).all()
+
+
+def test_export_writes_dynamic_axes(tiny_classifier_dir, tmp_path):
+    import onnx
+
+    export_onnx(load_classifier(tiny_classifier_dir), tmp_path / "m.onnx", 17, "tiny")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
