@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from finetune.compress import (ONNX_FP32, ONNX_INT8, compress, export_onnx, meas
 from finetune.config import CompressConfig, TokenizeConfig
 from finetune.modeling import load_classifier
 from finetune.tokenize import tokenize
+
+finetune_src = Path(__file__).resolve().parents[1] / "src" / "finetune"
 
 # fp32 ONNX is the same arithmetic as PyTorch up to kernel order; int8 weights move probabilities a little
 FP32_PROB_TOL = 1e-4
@@ -160,3 +163,57 @@ def test_export_writes_dynamic_axes(tiny_classifier_dir, tmp_path):
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+
+
+def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path):
+    """Logged with mlflow.pyfunc.log_model to a local store, loaded back by URI: the same labels and
+    probabilities as the ONNX Runtime session fed by the model's own (transformers) tokenizer."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from finetune.compress import pyfunc_model_config, pyfunc_requirements
+
+    out, _ = compressed
+    texts = ["a wonderful film", "boring and far too long, " * 20, "", "ok"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("c", (tmp_path / "art").as_uri()))
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(finetune_src) / "onnx_pyfunc_model.py"),
+                artifacts={"model": str(out)}, model_config=pyfunc_model_config(out, ONNX_INT8, 32),
+                input_example=(["An example review."], {"probabilities": False}),
+                pip_requirements=pyfunc_requirements())
+        loaded = mlflow.pyfunc.load_model(info.model_uri)
+        labels = loaded.predict(texts)
+        records = loaded.predict(texts, params={"probabilities": True})
+    finally:
+        mlflow.set_tracking_uri(None)
+    enc = AutoTokenizer.from_pretrained(str(out)).__call__(texts, truncation=True, max_length=32, padding=True,
+                                                           return_tensors="np")
+    logits = onnx_runner(out / ONNX_INT8, 1)(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    expected = [["fresh", "rotten"][i] for i in probs.argmax(1)]
+    assert labels == expected
+    assert [r["label"] for r in records] == expected
+    got = np.array([[r["probabilities"]["fresh"], r["probabilities"]["rotten"]] for r in records])
+    assert np.abs(got - probs).max() < 1e-5
+
+
+def test_onnx_pyfunc_refuses_modified_onnx_file(compressed, tmp_path):
+    import mlflow
+
+    from finetune.compress import pyfunc_model_config
+
+    out, _ = compressed
+    saved = tmp_path / "saved"
+    mlflow.pyfunc.save_model(str(saved), python_model=str(Path(finetune_src) / "onnx_pyfunc_model.py"),
+                             artifacts={"model": str(out)}, model_config=pyfunc_model_config(out),
+                             pip_requirements=["onnxruntime"])
+    onnx_copy = next(saved.rglob(ONNX_INT8))
+    data = bytearray(onnx_copy.read_bytes())
+    data[-1] ^= 0xFF
+    onnx_copy.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="does not match the registered sha256"):
+        mlflow.pyfunc.load_model(str(saved))

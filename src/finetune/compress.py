@@ -228,3 +228,26 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
     return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8})
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def pyfunc_model_config(folder: str | Path, onnx_file: str = ONNX_INT8, max_length: int = 512) -> dict[str, Any]:
+    """model_config for onnx_pyfunc_model.OnnxTextClassifier over a compress output folder."""
+    from .tokenize import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    return {"onnx_file": onnx_file, "onnx_sha256": file_sha256(Path(folder) / onnx_file), "max_length": max_length,
+            "pad_token": tok.pad_token, "pad_token_id": int(tok.pad_token_id or 0)}
+
+
+def pyfunc_requirements() -> list[str]:
+    """What serving the ONNX pyfunc needs (explicit: MLflow's inference imports around, which fails offline)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "onnxruntime", "tokenizers", "numpy")]
