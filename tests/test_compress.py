@@ -217,3 +217,21 @@ def test_onnx_pyfunc_refuses_modified_onnx_file(compressed, tmp_path):
     onnx_copy.write_bytes(bytes(data))
     with pytest.raises(Exception, match="does not match the registered sha256"):
         mlflow.pyfunc.load_model(str(saved))
+
+
+def test_serving_benchmark_smoke_runs_every_variant(tmp_path):
+    """The benchmark's harness end to end on a tiny random model. Speed itself is never asserted."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "serve_latency.py"),
+                           "--smoke", "--threads", "1", "--latency-requests", "5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_per_channel"}
+    for name, v in variants.items():
+        assert v["texts_per_s"] > 0 and 0 <= v["accuracy"] <= 1, name
+    assert variants["onnx_fp32"]["label_agreement"] == 1.0
+    assert "| onnx_int8 |" in proc.stdout and "| onnx_int8_per_channel |" in proc.stdout

@@ -182,3 +182,14 @@ def test_deploy_refuses_a_uri_kserve_cannot_fetch(docs):
     with pytest.raises(DeployError, match="mlflow-artifacts:/1/x"):
         deploy_champion(PROMOTED, "mlflow-artifacts:/1/x", api, "finetune-champion", NAMESPACE)
     assert api.patches == []
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("mlflow-artifacts:/1/models/m-abc/artifacts", "s3://b/mlflow-artifacts/1/models/m-abc/artifacts"),
+    ("mlflow-artifacts://mlflow:5000/1/models/m-abc/artifacts", "s3://b/mlflow-artifacts/1/models/m-abc/artifacts"),
+    ("s3://other/1/models/m-abc/artifacts", "s3://other/1/models/m-abc/artifacts"),
+])
+def test_proxied_artifact_uris_resolve_to_the_bucket(uri, expected):
+    from finetune.deploy import resolve_proxied
+
+    assert resolve_proxied(uri, "s3://b/mlflow-artifacts/") == expected

@@ -47,6 +47,7 @@ class CompressResult:
     passed: bool
     message: str
     files: dict[str, Path] = field(default_factory=dict)  # variant -> ONNX file inside the output folder
+    probs: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> test-split class probabilities
 
 
 def export_onnx(model, path: str | Path, opset: int, model_name: str) -> None:
@@ -164,7 +165,7 @@ def gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float) -
                    f"drop {drop:.4f} > compress.max_accuracy_drop {max_drop}; the pipeline goes on with the fp32 model")
 
 
-def _variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str], timing: dict[str, float],
+def variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str], timing: dict[str, float],
                      size: int, reference: np.ndarray | None) -> dict[str, Any]:
     scores, _ = classification_metrics(split.labels, probs, labels, bins=10)
     out = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "size_mb": round(size / 2 ** 20, 2),
@@ -175,7 +176,7 @@ def _variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str]
     return out
 
 
-def _with_deltas(variants: dict[str, dict[str, Any]]) -> None:
+def with_deltas(variants: dict[str, dict[str, Any]]) -> None:
     base = variants["pytorch_fp32"]
     for name, v in variants.items():
         if name != "pytorch_fp32":
@@ -217,17 +218,18 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         runs = {"pytorch_fp32": (torch_runner(model, cfg.threads), torch_size),
                 "onnx_fp32": (onnx_runner(tmp / ONNX_FP32, cfg.threads), (tmp / ONNX_FP32).stat().st_size),
                 "onnx_int8": (onnx_runner(tmp / ONNX_INT8, cfg.threads), (tmp / ONNX_INT8).stat().st_size)}
-        variants, reference = {}, None
+        variants, probs = {}, {}
         for variant, (run, size) in runs.items():
-            probs, timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
-            variants[variant] = _variant_metrics(probs, test, labels, timing, size, reference)
-            reference = probs if reference is None else reference
-        _with_deltas(variants)
+            probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+            variants[variant] = variant_metrics(probs[variant], test, labels, timing, size, probs.get("pytorch_fp32")
+                                                if variant != "pytorch_fp32" else None)
+        with_deltas(variants)
         passed, message = gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
         metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants}
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
-    return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8})
+    return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},
+                          probs)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -62,8 +62,21 @@ def deploy_champion(registration: dict[str, Any], storage_uri: str | None, api: 
                             f"from {storage_uri}", storage_uri)
 
 
-def version_storage_uri(tracking_uri: str, model_name: str, version: str) -> str:
-    """Where the artifact store holds the registered version's model files (an s3:// folder in the cluster)."""
+def version_storage_uri(tracking_uri: str, model_name: str, version: str, artifacts_destination: str) -> str:
+    """Where the artifact store holds the registered version's model files, as a URI KServe can fetch.
+
+    A server that proxies artifacts (``mlflow server --artifacts-destination``) answers ``mlflow-artifacts:/<path>``;
+    the files are then at ``<artifacts_destination>/<path>``."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri).get_model_version_download_uri(model_name, version)
+    uri = MlflowClient(tracking_uri).get_model_version_download_uri(model_name, version)
+    return resolve_proxied(uri, artifacts_destination)
+
+
+def resolve_proxied(uri: str, artifacts_destination: str) -> str:
+    if not uri.startswith("mlflow-artifacts:"):
+        return uri
+    path = uri.removeprefix("mlflow-artifacts:").lstrip("/")
+    if "://" in uri:  # mlflow-artifacts://host:port/path: drop the server part
+        path = path.split("/", 1)[1] if "/" in path else ""
+    return f"{artifacts_destination.rstrip('/')}/{path}"
