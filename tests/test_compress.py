@@ -235,3 +235,22 @@ def test_serving_benchmark_smoke_runs_every_variant(tmp_path):
         assert v["texts_per_s"] > 0 and 0 <= v["accuracy"] <= 1, name
     assert variants["onnx_fp32"]["label_agreement"] == 1.0
     assert "| onnx_int8 |" in proc.stdout and "| onnx_int8_per_channel |" in proc.stdout
+
+
+def test_cli_compress_writes_the_stage_output(tiny_classifier_dir, tmp_path):
+    """`finetune compress` (what dvc.yaml runs) on the tiny model: exit 0, metrics.json with the gate's verdict."""
+    from finetune.cli import main
+    from finetune.tokenize import write_tokens
+
+    df = toy_frame(8)
+    tokens = tmp_path / "tokens"
+    write_tokens(*tokenize({"train": df, "val": df, "test": df}, ["fresh", "rotten"], tiny_classifier_dir,
+                           TokenizeConfig(max_length=16)), tokens)
+    out = tmp_path / "compress"
+    rc = main(["compress", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"),
+               "--model", str(tiny_classifier_dir), "--tokens", str(tokens), "--out", str(out),
+               "--set", "compress.threads=1", "--set", "compress.latency_requests=2"])
+    assert rc in (0, None)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["exported"] is True and m["n"] > 0 and set(m["variants"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert (out / ONNX_INT8).stat().st_size > 0 and isinstance(m["int8_passed"], bool)

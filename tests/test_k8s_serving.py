@@ -193,3 +193,23 @@ def test_proxied_artifact_uris_resolve_to_the_bucket(uri, expected):
     from finetune.deploy import resolve_proxied
 
     assert resolve_proxied(uri, "s3://b/mlflow-artifacts/") == expected
+
+
+def test_run_deploy_does_nothing_for_a_challenger(tmp_path):
+    """Not promoted: no registry lookup, no cluster client, nothing patched."""
+    from finetune.stages import run_deploy
+
+    (tmp_path / "registration.json").write_text(json.dumps({**PROMOTED, "alias": "challenger", "promoted": False,
+                                                            "tracking_uri": "http://127.0.0.1:9"}))
+    result = run_deploy(tmp_path, "finetune-champion", NAMESPACE, "s3://b/mlflow-artifacts")
+    assert result == {"changed": False, "storage_uri": None,
+                      "message": "rotten-tomatoes-minilm version 7 was not promoted (challenger): "
+                                 "InferenceService finetune/finetune-champion left as it is"}
+
+
+def test_pipeline_service_account_may_patch_only_the_inferenceservice(docs):
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "finetune-deploy")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "finetune-deploy")
+    assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+                              "resourceNames": [isvc(docs)["metadata"]["name"]], "verbs": ["get", "patch"]}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "finetune-pipeline", "namespace": NAMESPACE}]
