@@ -159,6 +159,23 @@ class RegisterConfig:
 
 
 @dataclass
+class CompressConfig:
+    max_accuracy_drop: float = field(default=0.01, metadata={"help": "int8 accuracy may fall at most this much "
+                                                                      "below fp32 PyTorch on the test split"})
+    per_channel: bool = field(default=False, metadata={"help": "int8 weights quantized per output channel"})
+    opset: int = field(default=17, metadata={"help": "ONNX opset of the export"})
+    batch_size: int = field(default=32, metadata={"help": "texts per call when measuring throughput"})
+    latency_requests: int = field(default=200, metadata={"help": "single-text requests timed for p50/p95"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for PyTorch and ONNX Runtime; 0 = all cores"})
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_accuracy_drop <= 1, "compress.max_accuracy_drop must be in [0, 1]")
+        _check(11 <= self.opset <= 21, "compress.opset must be in [11, 21]")
+        _check(self.batch_size >= 1 and self.latency_requests >= 1 and self.threads >= 0,
+               "compress.batch_size, latency_requests >= 1 and threads >= 0")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
@@ -167,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
