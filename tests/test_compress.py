@@ -254,3 +254,28 @@ def test_cli_compress_writes_the_stage_output(tiny_classifier_dir, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["exported"] is True and m["n"] > 0 and set(m["variants"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
     assert (out / ONNX_INT8).stat().st_size > 0 and isinstance(m["int8_passed"], bool)
+
+
+def test_onnx_pyfunc_serves_without_torch(compressed, tmp_path):
+    """Loaded and run in a process where importing torch or transformers fails."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from finetune.compress import pyfunc_model_config
+
+    out, _ = compressed
+    saved = tmp_path / "saved"
+    mlflow.pyfunc.save_model(str(saved), python_model=str(finetune_src / "onnx_pyfunc_model.py"),
+                             artifacts={"model": str(out)}, model_config=pyfunc_model_config(out),
+                             input_example=(["An example review."], {"probabilities": False}),
+                             pip_requirements=["onnxruntime"])
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+              "import json, mlflow.pyfunc\n"
+              f"m = mlflow.pyfunc.load_model({str(saved)!r})\n"
+              "print(json.dumps(m.predict(['a wonderful film'], params={'probabilities': True})))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["label"] in ("fresh", "rotten") and sum(record["probabilities"].values()) == pytest.approx(1.0)
