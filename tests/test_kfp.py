@@ -179,6 +179,11 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
     cm = out["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [a["displayName"] for a in cm["annotationSpecs"]] == ["fresh", "rotten"]
     assert sum(sum(r["row"]) for r in cm["rows"]) == 80  # every test row counted once
+    # compress ran in the DAG: ONNX files and the gate's verdict (a 12-step model: whatever it scores)
+    compressed = run_dir / "compress" / "compressed"
+    gate = json.loads((compressed / "metrics.json").read_text())
+    assert gate["exported"] is True and set(gate["variants"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert (compressed / "model.int8.onnx").stat().st_size < (compressed / "model.onnx").stat().st_size
 
 
 @pytest.mark.integration
