@@ -77,3 +77,24 @@ def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dat
     reg = run_register(config.config_from_dict(params), model.path, evaluation.path, splits.path, train_logs.path,
                        registration.path, trail, *tracking.configure(require_env=True), tokens=tokens.path)
     return (reg["version"], reg["alias"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def compress(model: Input[Model], tokens: Input[Dataset], params: dict, compressed: Output[Model],
+             metrics: Output[Metrics]):
+    """ONNX + int8 variants; a refused or unexportable variant is reported in metrics, never a failed run."""
+    from finetune.config import config_from_dict
+    from finetune.stages import run_compress
+
+    result = run_compress(config_from_dict(params), model.path, tokens.path, compressed.path)
+    metrics.log_metric("int8_passed", float(result["int8_passed"]))
+    for key, value in result["variants"].get("onnx_int8", {}).items():  # KFP UI: the gated variant's figures
+        metrics.log_metric(f"int8_{key}", value)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def deploy(registration: Input[Artifact], inference_service: str, namespace: str, artifacts_destination: str):
+    """Needs MLFLOW_TRACKING_URI and a service account that may patch the InferenceService."""
+    from finetune.stages import run_deploy
+
+    run_deploy(registration.path, inference_service, namespace, artifacts_destination)

@@ -1,4 +1,4 @@
-"""The Kubeflow DAG: validate -> tokenize -> train -> evaluate -> register. Wiring only.
+"""The Kubeflow DAG: validate -> tokenize -> train -> evaluate -> register (+ compress; optional deploy). Wiring only.
 
 Parameters: ``params``, the whole resolved config (params.yaml at compile time is its default; `finetune
 pipeline submit` sends it again with --set overrides applied), plus the values that exist only per run
@@ -16,7 +16,8 @@ from kfp import compiler, dsl, kubernetes
 
 from finetune.config import Config, as_params, drop_none, load_config
 
-from components.finetune_components import evaluate, register, tokenize, train, validate, validation_failed
+from components.finetune_components import (compress, deploy, evaluate, register, tokenize, train, validate,
+                                            validation_failed)
 from components import trainjob_component
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
         data_md5: str = "",
         checkpoint_dir: str = "",
         git_rev: str = "",
+        deploy_champion: bool = False,
         params: dict = defaults,
     ):
         v = validate(data_uri=data_uri, data_md5=data_md5, params=params)
@@ -81,10 +83,21 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
             r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
             r.set_retry(num_retries=retry["register"], backoff_duration=retry["backoff"])
             _secrets(r, c, "s3", "mlflow")
-            for task in (t, e, r):
+            z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+            for task in (t, e, r, z):
                 _resources(task, c["resources"]["cpu"], c["resources"]["memory"])
-            for task in (v, t, m, e, r):  # k8s/ network policies admit only labelled pods to MLflow and S3
+            for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3
                 kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
+            # optional last step: only a newly promoted champion moves the InferenceService
+            with dsl.If(deploy_champion == True, name="deploy-enabled"):  # noqa: E712
+                with dsl.If(r.outputs["alias"] == "champion", name="promoted"):
+                    s = c["serving"]
+                    d = deploy(registration=r.outputs["registration"], inference_service=s["inference_service"],
+                               namespace=s["namespace"], artifacts_destination=s["artifacts_destination"])
+                    d.set_caching_options(False)
+                    _secrets(d, c, "mlflow")
+                    _resources(d, c["resources"]["cpu"], c["resources"]["memory"])
+                    kubernetes.add_pod_label(d, c["pod_label"]["key"], c["pod_label"]["value"])
         with dsl.Else(name="data-invalid"):
             validation_failed(summary=v.outputs["summary"]).set_caching_options(False)
         _resources(v, c["resources"]["cpu"], c["resources"]["memory"])

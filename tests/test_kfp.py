@@ -34,15 +34,23 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     spec, platform = docs[0], docs[1]
     image = (REPO / "components" / "image.txt").read_text().strip()
     execs = spec["deploymentSpec"]["executors"]
-    assert all(e["container"]["image"] == image for e in execs.values()) and len(execs) == 6
+    assert all(e["container"]["image"] == image for e in execs.values()) and len(execs) == 8
     # the five stages live in the data-valid branch; dependencies form the chain
     branch = next(c for n, c in spec["components"].items() if n.startswith("comp-condition") and
                   "train" in c["dag"]["tasks"])
     tasks = branch["dag"]["tasks"]
-    assert set(tasks) == set(STAGES) - {"validate"}
+    (deploy_gate,) = [n for n in tasks if n.startswith("condition-")]  # deploy_champion == true
+    assert set(tasks) == set(STAGES) - {"validate"} | {"compress", deploy_gate}
     deps = {n: set(t.get("dependentTasks", [])) for n, t in tasks.items()}
     assert deps["tokenize"] == set() and deps["train"] == {"tokenize"}
     assert deps["evaluate"] == {"tokenize", "train"} and deps["register"] == {"evaluate", "tokenize", "train"}
+    assert deps["compress"] == {"tokenize", "train"} and deps[deploy_gate] == {"register"}
+    # deploy runs only when enabled and register promoted: two nested conditions
+    (promoted,) = spec["components"][f"comp-{deploy_gate}"]["dag"]["tasks"].values()
+    assert "deploy_champion" in tasks[deploy_gate]["triggerPolicy"]["condition"]
+    assert "'champion'" in promoted["triggerPolicy"]["condition"]
+    inner = spec["components"][promoted["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(inner) == ["deploy"] and inner["deploy"]["cachingOptions"].get("enableCache") is not True
     root = spec["root"]["dag"]["tasks"]
     assert "validate" in root and root["validate"]["retryPolicy"]["maxRetryCount"] == 2
     conds = [t["triggerPolicy"]["condition"] for c in spec["components"].values() if "dag" in c
@@ -54,7 +62,7 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     assert res["accelerator"]["resourceCount"] == "1" and res["accelerator"]["resourceType"] == "nvidia.com/gpu"
     # one channel: the whole config in `params`, per-run values beside it, no config value mirrored
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"params", "data_uri", "data_md5", "checkpoint_dir", "git_rev"}
+    assert set(params) == {"params", "data_uri", "data_md5", "checkpoint_dir", "git_rev", "deploy_champion"}
     from finetune.config import config_from_dict, load_config
 
     assert config_from_dict(params["params"]["defaultValue"]) == load_config(REPO / "params.yaml")
@@ -63,14 +71,15 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     assert inputs["evaluate"] == {"params"} and inputs["register"] == {"params", "data_uri", "data_md5", "git_rev",
                                                                        "run_name"}
     assert all(t["inputs"]["parameters"]["params"] == {"componentInputParameter": "pipelinechannel--params"}
-               for t in tasks.values())
+               for n, t in tasks.items() if n != deploy_gate)
     # register gets the tokenize output (token-length section of the report), as the local path does
     assert tasks["register"]["inputs"]["artifacts"]["tokens"]["taskOutputArtifact"]["producerTask"] == "tokenize"
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-train"]["nodeSelector"] and k8s["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert {s["secretName"] for s in k8s["exec-register"]["secretAsEnv"]} == {"finetune-s3", "finetune-mlflow"}
     # the network policies in k8s/ admit only pods with this label to MLflow and S3
-    for name in ("exec-validate", "exec-tokenize", "exec-train", "exec-evaluate", "exec-register"):
+    for name in ("exec-validate", "exec-tokenize", "exec-train", "exec-evaluate", "exec-register", "exec-compress",
+                 "exec-deploy"):
         assert k8s[name]["podMetadata"]["labels"] == {"finetune/pipeline-access": "true"}, name
 
 
@@ -134,7 +143,7 @@ def test_submit_builds_the_request(fake_kfp):
 
 @pytest.mark.parametrize("argv, words", [
     (["--arg", "epochs=3"], "--arg epochs: not a per-run parameter of pipelines/finetune_pipeline.yaml "
-                            "(checkpoint_dir, data_md5, data_uri, git_rev); config values go through --set"),
+                            "(checkpoint_dir, data_md5, data_uri, deploy_champion, git_rev); config values go through --set"),
     (["--arg", "data_uri"], "--arg 'data_uri' is not of the form NAME=VALUE"),
     (["--set", "train.learning_rate=0"], "params.yaml + --set: train.learning_rate = 0.0: must be > 0"),
     (["--arg", "train.nonsense=1"], "unknown key train.nonsense"),
@@ -272,6 +281,11 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
     cm = out["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [a["displayName"] for a in cm["annotationSpecs"]] == ["fresh", "rotten"]
     assert sum(sum(r["row"]) for r in cm["rows"]) == 80  # every test row counted once
+    # compress ran in the DAG: ONNX files and the gate's verdict (a 12-step model: whatever it scores)
+    compressed = run_dir / "compress" / "compressed"
+    gate = json.loads((compressed / "metrics.json").read_text())
+    assert gate["exported"] is True and set(gate["variants"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert (compressed / "model.int8.onnx").stat().st_size < (compressed / "model.onnx").stat().st_size
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 from .predict import PredictInputError
-from .stages import StageFailed, run_evaluate, run_register, run_tokenize, run_train, run_validate
+from .stages import StageFailed, run_compress, run_evaluate, run_register, run_tokenize, run_train, run_validate
 
 log = logging.getLogger("finetune")
 
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="out/model")
     s.add_argument("--tokens", default="out/tokenize")
     s.add_argument("--out", default="out/evaluate")
+
+    s = sub.add_parser("compress", parents=[common], help="ONNX + int8 variants, measured and gated on the test split")
+    s.add_argument("--model", default="out/model")
+    s.add_argument("--tokens", default="out/tokenize")
+    s.add_argument("--out", default="out/compress")
 
     s = sub.add_parser("register", parents=[common], help="log to MLflow, register, gate the champion alias")
     s.add_argument("--model", default="out/model")
@@ -223,6 +228,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
         run_train(cfg, args.tokens, args.model, args.train_logs, args.checkpoints or None)
     elif args.command == "evaluate":
         run_evaluate(cfg, args.model, args.tokens, args.out)
+    elif args.command == "compress":
+        run_compress(cfg, args.model, args.tokens, args.out)
     elif args.command == "register":
         from . import lineage, tracking
 

