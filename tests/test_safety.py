@@ -244,3 +244,39 @@ def test_train_deletes_only_its_own_checkpoint_folders(tiny_model_dir, tmp_path)
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-0000001", "step-notes"]  # its own ones cleaned
     assert all((ckpt / name / "keep.txt").read_text() == "mine" for name in ("step-notes", "step-0000001"))
     assert (tmp_path / "model" / MARKER).read_text() == "train\n"
+
+
+# ---- evaluate, register and the training logs: the same rules for every stage that writes a folder ----
+
+@pytest.mark.parametrize("verb, args", [
+    ("evaluate", ["--model", "m", "--tokens", "t"]),
+    ("register", ["--model", "m", "--evaluation", "e", "--splits", "s", "--train-logs", "l", "--tokens", "t"]),
+    ("train", ["--tokens", "t", "--model", "out/model", "--checkpoints", ""]),
+])
+def test_every_stage_refuses_the_project_root(project, capsys, verb, args):
+    """Refused before any input is read or anything registered: the inputs here do not even exist."""
+    flag = "--train-logs" if verb == "train" else "--out"
+    assert main([verb, *args, flag, "."]) == 1
+    err = capsys.readouterr().err
+    assert "output folder .: is the current folder or one of its parents" in err, err
+    assert sorted(p.name for p in project.iterdir()) == ["data", "params.yaml"]  # nothing written, no mlflow.db
+
+
+def test_evaluate_replaces_only_its_own_folder(tmp_path):
+    from finetune.evaluate import write_evaluation
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UnsafeOutput, match="no finetune stage wrote"):
+        write_evaluation(object(), foreign)  # refused before the result is even looked at
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_log_lines_never_carry_uri_credentials():
+    """A library's log line (here MLflow's logger) with a URI holding a password, through the CLI's logging."""
+    code = ("import logging; from finetune.cli import _setup_logging; _setup_logging(0); "
+            "logging.getLogger('mlflow.tracking').warning('retrying http://alice:s3cret@127.0.0.1:5057/api?token=abc')")
+    err = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=ENV, timeout=120).stderr
+    assert "retrying http://" in err and "127.0.0.1:5057" in err, err
+    assert "s3cret" not in err and "token=abc" not in err, err

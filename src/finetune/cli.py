@@ -194,6 +194,19 @@ class _LibraryFilter(logging.Filter):
         return record.levelno >= self.level or record.name.partition(".")[0] not in NOISY
 
 
+class _RedactFilter(logging.Filter):
+    """Credentials in a URI never reach the log, whoever logs it (our code, MLflow, urllib3...)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .redact import redact_text
+
+        message = record.getMessage()
+        safe = redact_text(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
     # MLflow installs its own INFO handler (propagate=False) when imported unless told not to: its records then
@@ -209,6 +222,8 @@ def _setup_logging(verbosity: int) -> None:
         for old in [f for f in handler.filters if isinstance(f, _LibraryFilter)]:
             handler.removeFilter(old)
         handler.addFilter(_LibraryFilter(max(level, logging.WARNING)))
+        if not any(isinstance(f, _RedactFilter) for f in handler.filters):
+            handler.addFilter(_RedactFilter())
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # Library progress bars and load reports are noise in a pipeline log; ours stay.

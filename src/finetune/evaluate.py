@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from .config import EvaluateConfig
-from .io import write_json
+from .io import atomic_dir, write_json
 from .modeling import load_classifier, pick_device, predict_logits
 from .progress import Progress
 from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
@@ -154,11 +154,14 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib, roc)
 
 
-def write_evaluation(result: EvalResult, out_dir: str | Path) -> None:
-    """metrics.json, predictions.csv, calibration.csv, roc.csv and PNG plots. metrics.json is written last, so
-    a folder with metrics.json is complete."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def write_evaluation(result: EvalResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """metrics.json, predictions.csv, calibration.csv, roc.csv and PNG plots, replacing ``out_dir`` as a whole
+    (io.atomic_dir: never a folder another tool wrote, never a half-written one)."""
+    with atomic_dir(out_dir, "evaluate", inputs) as tmp:
+        _write_files(result, tmp)
+
+
+def _write_files(result: EvalResult, out: Path) -> None:
     names = result.labels
     with (out / "predictions.csv").open("w", encoding="utf-8") as fh:
         fh.write("actual,predicted,confidence\n")

@@ -138,12 +138,9 @@ def _norm(path: str | Path) -> Path:
     return Path(os.path.abspath(path))  # '.', '..' and './x' resolved against the cwd, symlinks left alone
 
 
-def check_output_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
-    """Return ``final`` as an absolute path if a stage may replace it, else raise UnsafeOutput naming why.
-
-    Replacing deletes the old folder, so it must be one a stage wrote (it has the marker) or an empty one; never
-    the cwd or one of its ancestors (the project root), nor a folder holding the stage's own ``inputs``.
-    """
+def check_output_place(final: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Return ``final`` as an absolute path if a stage may write into it, else raise UnsafeOutput naming why:
+    never the cwd or one of its ancestors (the project root), nor a folder holding the stage's own ``inputs``."""
     out = _norm(final)
     cwd = _norm(Path.cwd())
     real = out.resolve()
@@ -157,6 +154,16 @@ def check_output_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Pa
                                f"delete the input. Give a separate output folder")
     if out.exists() and not out.is_dir():
         raise UnsafeOutput(f"output folder {final}: exists and is not a folder; refusing to replace it")
+    return out
+
+
+def check_output_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Return ``final`` as an absolute path if a stage may replace it, else raise UnsafeOutput naming why.
+
+    Replacing deletes the old folder, so on top of check_output_place it must be one a stage wrote (it has the
+    marker) or an empty one.
+    """
+    out = check_output_place(final, inputs)
     if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
         raise UnsafeOutput(f"output folder {final}: is a folder that no finetune stage wrote (no {MARKER} file "
                            f"inside); refusing to delete its contents. Give an empty or new folder, or remove it by "

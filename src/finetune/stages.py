@@ -71,7 +71,7 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
 
     from .base_model import resolve_base
     from .config import check_model_limits
-    from .io import check_output_dir, write_json
+    from .io import check_output_dir, check_output_place, write_json
     from .tokenize import read_tokens
     from .train import train, write_history
 
@@ -79,6 +79,7 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
     check_model_limits(cfg, base)
     # train replaces the model folder (io.atomic_dir) only after training: refuse a wrong --model before it
     check_output_dir(model, [tokens, base, *([checkpoints] if checkpoints else []), logs])
+    check_output_place(logs, [tokens, base, model])  # the logs are written by name; still never the project root
     toks, meta = read_tokens(tokens)
     result = train(toks, meta, base, cfg.train, model, checkpoints)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
@@ -94,11 +95,13 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
 
 def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
     from .evaluate import evaluate, write_evaluation
+    from .io import check_output_dir
     from .tokenize import read_tokens
 
+    check_output_dir(out, [model, tokens])  # before the work, not after it
     toks, meta = read_tokens(tokens, names=("test",))
     result = evaluate(model, toks["test"], meta, cfg.evaluate, device=cfg.train.device)
-    write_evaluation(result, out)
+    write_evaluation(result, out, [model, tokens])
     log.info("test accuracy %.4f, macro-F1 %.4f", result.metrics["accuracy"], result.metrics["macro_f1"])
     return result.metrics
 
@@ -116,12 +119,14 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     import pandas as pd
 
     from .config import config_from_dict
-    from .io import read_json, write_json
+    from .io import check_output_place, read_json, write_json
     from .lineage import split_hash
     from .modelcard import model_card
     from .redact import redact_values
     from .registry import RegistrationRequest, register
 
+    # register writes its three files by name (deletes nothing), but never into the project root or an input
+    check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens) if p])
     metrics = read_json(Path(evaluation) / "metrics.json")
     test = pd.read_parquet(Path(splits) / "test.parquet")
     history = []
