@@ -14,11 +14,11 @@ import pytest
 from conftest import toy_frame
 from finetune.cli import main
 from finetune.compress import ONNX_INT8, compress, onnx_runner
-from finetune.config import CompressConfig, TokenizeConfig, config_from_dict
+from finetune.config import CompressConfig, config_from_dict
 from finetune.io import write_json
 from finetune.registry import RegistryError, load_verified
 from finetune.stages import run_register
-from finetune.tokenize import tokenize
+from test_compress import toy_test  # noqa: F401 (a fixture)
 from test_predict import serving
 
 NAME = "toy"
@@ -27,12 +27,10 @@ PROB_TOL = 1e-5  # the registered pyfunc and a bare ONNX Runtime session run the
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_classifier_dir, tmp_path_factory):
-    df = toy_frame(10)
-    toks, meta = tokenize({"train": df, "val": df, "test": df}, ["fresh", "rotten"], tiny_classifier_dir,
-                          TokenizeConfig(max_length=16))
+def compressed(tiny_classifier_dir, toy_test, tmp_path_factory):
+    test, meta = toy_test
     out = tmp_path_factory.mktemp("compress") / "out"
-    result = compress(tiny_classifier_dir, toks["test"], meta, CompressConfig(threads=1, latency_requests=3), out)
+    result = compress(tiny_classifier_dir, test, meta, CompressConfig(threads=1, latency_requests=3), out)
     assert result.passed
     return out
 
@@ -155,8 +153,14 @@ def test_refused_variant_is_not_registered_and_registration_says_why(tiny_classi
     assert "The int8 variant was not registered: no int8 variant: int8 variant refused" in \
         (project / "r1" / "model_card.md").read_text()
 
-    reg = _register(project, tiny_classifier_dir, None, 0.95, "r2")
-    assert reg["int8"] == {"registered": False, "reason": "no int8 variant: no compress output was given"}
+    reg = _register(project, tiny_classifier_dir, compressed, 0.95, "r2")
+    assert reg["alias"] == "champion" and reg["int8"]["alias"] == "champion"
+    # a new fp32 champion without a variant: -int8@champion must not stay on the old champion's variant
+    reg = _register(project, tiny_classifier_dir, None, 0.99, "r3")
+    assert reg["alias"] == "champion" and reg["version"] == "3"
+    assert reg["int8"] == {"registered": False, "reason": "no int8 variant: no compress output was given; "
+                                                          "@champion removed from version 1 of the int8 model"}
+    assert "champion" not in {a for mv in client.search_model_versions(f"name = '{NAME}-int8'") for a in mv.aliases}
 
 
 def test_tampered_int8_file_in_the_store_is_refused_naming_the_file(tiny_classifier_dir, compressed, project):

@@ -525,6 +525,25 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
                       f"v{parent.version} (@{parent.alias})"}
 
 
+def drop_int8_champion(req: RegistrationRequest) -> str | None:
+    """The fp32 version of ``req`` was promoted without an int8 variant: ``<name>-int8@champion`` would still
+    name the variant of the previous champion, so the alias is removed. Returns the version it named."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = req.cfg.model_name + INT8_SUFFIX
+    client = MlflowClient(req.tracking_uri)
+    try:
+        if not client.search_registered_models(f"name = '{name}'"):
+            return None
+        old = _champion(client, name)
+        if old is not None:
+            client.delete_registered_model_alias(name, CHAMPION)
+        return None if old is None else str(old.version)
+    except MlflowException as exc:
+        raise RegistryError(redact_text(f"removing {name}@{CHAMPION} failed: {exc}")) from None
+
+
 def _variant_files(folder: Path, dst: Path) -> Path:
     """Only what serving the int8 model needs: the int8 ONNX file, tokenizer and config (not the fp32 ONNX)."""
     from .compress import METRICS, ONNX_FP32

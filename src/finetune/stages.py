@@ -168,20 +168,31 @@ def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str
     """The int8 variant of ``reg``, registered when the compress stage passed it; else why not. A registry
     failure here does not undo the fp32 version: it is reported in registration.json and the log (a rerun
     registers the variant)."""
-    from .registry import RegistryError, VariantRequest, register_variant
+    from .registry import RegistryError, VariantRequest, drop_int8_champion, register_variant
 
+    why = None
     if compressed is None:
         why = "no compress output was given" if not folder else f"{folder}/metrics.json does not exist"
-        return {"registered": False, "reason": f"no int8 variant: {why}"}
-    if not (compressed.get("exported") and compressed.get("int8_passed")):
-        return {"registered": False, "reason": f"no int8 variant: {compressed.get('message', 'not passed')}"}
-    try:
-        result = register_variant(VariantRequest(request, reg, Path(folder), compressed))
-    except RegistryError as exc:
-        log.error("the int8 variant was not registered: %s", exc)
-        return {"registered": False, "reason": f"registering the int8 variant failed: {exc}"}
-    log.info("registered %s version %s as @%s", result["model_name"], result["version"], result["alias"])
-    return result
+    elif not (compressed.get("exported") and compressed.get("int8_passed")):
+        why = compressed.get("message", "not passed")
+    else:
+        try:
+            result = register_variant(VariantRequest(request, reg, Path(folder), compressed))
+            log.info("registered %s version %s as @%s", result["model_name"], result["version"], result["alias"])
+            return result
+        except RegistryError as exc:
+            log.error("the int8 variant was not registered: %s", exc)
+            why = f"registering it failed: {exc}"
+    out = {"registered": False, "reason": f"no int8 variant: {why}"}
+    if reg.promoted:  # the new champion has no variant: -int8@champion must not name the old champion's
+        try:
+            dropped = drop_int8_champion(request)
+        except RegistryError as exc:
+            dropped = None
+            out["reason"] += f"; {exc}"
+        if dropped:
+            out["reason"] += f"; @champion removed from version {dropped} of the int8 model"
+    return out
 
 
 def _optional_json(path: Path) -> Any:
