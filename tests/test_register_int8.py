@@ -63,7 +63,8 @@ def _session_probs(folder: Path, texts: list[str]) -> np.ndarray:
     """What a bare ONNX Runtime session on the compress output answers (tokenized by transformers)."""
     from transformers import AutoTokenizer
 
-    enc = AutoTokenizer.from_pretrained(str(folder))(texts, truncation=True, max_length=config_from_dict({}).tokenize.max_length, padding=True,
+    max_length = config_from_dict({}).tokenize.max_length  # what run_register gives the pyfunc
+    enc = AutoTokenizer.from_pretrained(str(folder))(texts, truncation=True, max_length=max_length, padding=True,
                                                      return_tensors="np")
     logits = onnx_runner(folder / ONNX_INT8, 1)(enc["input_ids"].astype(np.int64),
                                                enc["attention_mask"].astype(np.int64))
