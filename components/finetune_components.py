@@ -65,17 +65,18 @@ def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluati
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dataset], train_logs: Input[Artifact],
-             tokens: Input[Dataset], params: dict, data_uri: str, data_md5: str, git_rev: str, run_name: str,
-             registration: Output[Artifact]) -> NamedTuple("RegisterOutputs", version=str, alias=str):
+             tokens: Input[Dataset], compressed: Input[Model], params: dict, data_uri: str, data_md5: str,
+             git_rev: str, run_name: str, registration: Output[Artifact]) -> NamedTuple("RegisterOutputs", version=str, alias=str):
     """Needs MLFLOW_TRACKING_URI (and S3 credentials for the artifact store) in the environment.
     Lineage has the keys of the local path (lineage.collect); what a pod cannot know (the working tree,
-    data.dvc) is null."""
+    data.dvc) is null. ``compressed``: the compress output; its int8 variant is registered when it passed."""
     from finetune import config, lineage, tracking
     from finetune.stages import run_register
 
     trail = lineage.collect(data_uri, data_md5=data_md5 or None, git_commit=git_rev or None, kfp_run=run_name)
     reg = run_register(config.config_from_dict(params), model.path, evaluation.path, splits.path, train_logs.path,
-                       registration.path, trail, *tracking.configure(require_env=True), tokens=tokens.path)
+                       registration.path, trail, *tracking.configure(require_env=True), tokens=tokens.path,
+                       compress=compressed.path)
     return (reg["version"], reg["alias"])
 
 

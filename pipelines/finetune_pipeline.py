@@ -1,4 +1,4 @@
-"""The Kubeflow DAG: validate -> tokenize -> train -> evaluate -> register (+ compress; optional deploy). Wiring only.
+"""The Kubeflow DAG: validate -> tokenize -> train -> evaluate, compress -> register; optional deploy. Wiring only.
 
 Parameters: ``params``, the whole resolved config (params.yaml at compile time is its default; `finetune
 pipeline submit` sends it again with --set overrides applied), plus the values that exist only per run
@@ -76,14 +76,15 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
                 for tol in g.get("tolerations") or []:
                     kubernetes.add_toleration(m, **tol)
             e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+            z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
             r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
-                         train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"], params=params,
+                         train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"],
+                         compressed=z.outputs["compressed"], params=params,
                          data_uri=data_uri, data_md5=data_md5, git_rev=git_rev,
                          run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
             r.set_retry(num_retries=retry["register"], backoff_duration=retry["backoff"])
             _secrets(r, c, "s3", "mlflow")
-            z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
             for task in (t, e, r, z):
                 _resources(task, c["resources"]["cpu"], c["resources"]["memory"])
             for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3

@@ -43,7 +43,8 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     assert set(tasks) == set(STAGES) - {"validate"} | {"compress", deploy_gate}
     deps = {n: set(t.get("dependentTasks", [])) for n, t in tasks.items()}
     assert deps["tokenize"] == set() and deps["train"] == {"tokenize"}
-    assert deps["evaluate"] == {"tokenize", "train"} and deps["register"] == {"evaluate", "tokenize", "train"}
+    assert deps["evaluate"] == {"tokenize", "train"}
+    assert deps["register"] == {"evaluate", "tokenize", "train", "compress"}  # it registers the int8 variant
     assert deps["compress"] == {"tokenize", "train"} and deps[deploy_gate] == {"register"}
     # deploy runs only when enabled and register promoted: two nested conditions
     (promoted,) = spec["components"][f"comp-{deploy_gate}"]["dag"]["tasks"].values()
@@ -286,6 +287,13 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
     gate = json.loads((compressed / "metrics.json").read_text())
     assert gate["exported"] is True and set(gate["variants"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
     assert (compressed / "model.int8.onnx").stat().st_size < (compressed / "model.onnx").stat().st_size
+    # register got the compress output: the int8 variant is registered exactly when it passed its gate
+    int8 = json.loads(next(run_dir.joinpath("register").rglob("registration.json")).read_text())["int8"]
+    assert int8["registered"] is gate["int8_passed"]
+    if gate["int8_passed"]:
+        assert client.get_model_version_by_alias("kfp-it-int8", "champion").tags["fp32_model"] == f"kfp-it/{mv.version}"
+    else:
+        assert int8["reason"] == f"no int8 variant: {gate['message']}"
 
 
 @pytest.mark.integration

@@ -51,6 +51,11 @@ def test_repro_produces_disjoint_splits_metrics_and_a_champion(project, first_ru
     assert reg["alias"] == "champion" and reg["version"] == "1"
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    # register read out/compress: the int8 variant is registered exactly when its gate passed
+    gate = json.loads((project / "out" / "compress" / "metrics.json").read_text())
+    assert reg["int8"]["registered"] is gate["int8_passed"], (reg["int8"], gate["message"])
+    if gate["int8_passed"]:
+        assert client.get_model_version_by_alias(f"{MODEL}-int8", "champion").tags["fp32_model"] == f"{MODEL}/1"
     run = client.get_run(reg["run_id"])
     assert run.data.tags["lineage.git_commit"] == sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert run.data.tags["lineage.data_dvc_md5"].endswith(".dir")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -137,10 +138,22 @@ def test_cli_predict_uses_the_default_store_and_writes_jsonl(in_project, capsys)
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_with_labels_and_probabilities(project):
     """`mlflow models serve -m models:/<name>/<version> --env-manager local` (about 15 s to start)."""
+    with serving(project, f"models:/{NAME}/1") as post:
+        labels = post({"inputs": TEXTS})
+        assert len(labels) == 3 and set(labels) <= {"fresh", "rotten"}
+        records = post({"inputs": TEXTS, "params": {"probabilities": True}})
+        assert [r["label"] for r in records] == labels
+        assert all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for r in records)
+
+
+@contextlib.contextmanager
+def serving(project, model_uri: str):
+    """`mlflow models serve` of ``model_uri`` from ``project``/mlflow.db on 127.0.0.1; yields post(body) ->
+    the "predictions" of /invocations. Stopped (its process group) on exit."""
     port = free_port()
     env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     log = open(project / "serve.log", "wb")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager",
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -161,11 +174,7 @@ def test_mlflow_models_serve_answers_with_labels_and_probabilities(project):
             except OSError:
                 assert time.time() < deadline, "mlflow models serve did not answer /ping in 180 s"
                 time.sleep(1)
-        labels = post({"inputs": TEXTS})
-        assert len(labels) == 3 and set(labels) <= {"fresh", "rotten"}
-        records = post({"inputs": TEXTS, "params": {"probabilities": True}})
-        assert [r["label"] for r in records] == labels
-        assert all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for r in records)
+        yield post
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

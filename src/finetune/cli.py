@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--splits", default="out/validate")
     s.add_argument("--train-logs", default="out/train")
     s.add_argument("--tokens", default="out/tokenize", help="tokenize output: token-length stats for the report")
+    s.add_argument("--compress", default="", help="compress output: register its int8 variant when it passed its "
+                                                  "gate (as <register.model_name>-int8); add its figures to the report")
     s.add_argument("--out", default="out/register", help="folder for registration.json, model_card.md, report.html")
 
     s = sub.add_parser("predict", parents=[common], help="label texts with a registered model",
@@ -250,7 +252,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
 
         uri, artifact_location = tracking.configure(".")
         run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
-                     lineage.collect(cfg.data.path, root="."), uri, artifact_location, tokens=args.tokens or None)
+                     lineage.collect(cfg.data.path, root="."), uri, artifact_location, tokens=args.tokens or None,
+                     compress=args.compress or None)
     elif args.command == "predict":
         _predict(args, cfg)
     elif args.command == "compare":

@@ -36,6 +36,35 @@ def per_class_rows(metrics: dict[str, Any]) -> list[list[Any]]:
             for lab, r in (metrics.get("per_class") or {}).items()]
 
 
+COMPRESS_HEADER = ["variant", "accuracy", "accuracy delta", "macro-F1", "macro-F1 delta", "size MB",
+                   "p50 ms (batch 1)", "p95 ms (batch 1)", "texts/s (batch {batch})"]
+
+
+def compress_rows(compressed: dict[str, Any]) -> list[list[Any]]:
+    """One row per variant of the compress stage's metrics.json: shared by the card and the run report."""
+    rows = []
+    for name, v in (compressed.get("variants") or {}).items():
+        rows.append([name, v["accuracy"], v.get("accuracy_delta", "-"), v["macro_f1"], v.get("macro_f1_delta", "-"),
+                     v["size_mb"], v["latency_ms_p50"], v["latency_ms_p95"], v["texts_per_s"]])
+    return rows
+
+
+def compress_header(compressed: dict[str, Any]) -> list[str]:
+    return [h.format(batch=compressed.get("batch_size", "?")) for h in COMPRESS_HEADER]
+
+
+def int8_status(name: str, compressed: dict[str, Any], int8: dict[str, Any] | None) -> str:
+    """One sentence: was the int8 variant registered, as what, or why not."""
+    int8 = int8 or {}
+    if int8.get("registered"):
+        return f"The int8 variant is registered as `{int8['model_uri']}` (@{int8['alias']})."
+    if int8.get("reason"):
+        return f"The int8 variant was not registered: {int8['reason']}."
+    if compressed.get("exported") and compressed.get("int8_passed"):
+        return f"The int8 variant passed its gate and is registered as `{name}-int8` with this version."
+    return f"The int8 variant is not registered: {compressed.get('message', 'it did not pass its gate')}."
+
+
 PER_CLASS_HEADER = ["class", "precision", "recall", "F1", "ROC AUC", "support"]
 _OPERATIONAL = {"train.checkpoint_every", "train.log_every", "train.threads", "train.device", "train.eval_every"}
 
@@ -67,9 +96,11 @@ def calibration_sentence(ece: float) -> str:
 
 def model_card(name: str, version: str, metrics: dict[str, Any], validation: dict[str, Any] | None,
                params: dict[str, Any], lineage: dict[str, Any] | None = None, run_id: str | None = None,
-               token_stats: dict[str, Any] | None = None) -> str:
+               token_stats: dict[str, Any] | None = None, compressed: dict[str, Any] | None = None,
+               int8: dict[str, Any] | None = None) -> str:
     """The card of ``name`` version ``version``. ``params`` is the flat config (``train.epochs``...) the model
-    was trained with; ``token_stats`` the tokenize stage's per-split stats, if at hand."""
+    was trained with; ``token_stats`` the tokenize stage's per-split stats, if at hand; ``compressed`` the
+    compress stage's metrics.json and ``int8`` what registering its int8 variant did (registration.json)."""
     validation, lineage = validation or {}, lineage or {}
     labels = list(metrics.get("labels") or (metrics.get("per_class") or {}).keys())
     n = int(metrics.get("n", 0))
@@ -120,6 +151,12 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
         out += ["", "Confusion matrix (rows: actual, columns: predicted):", "",
                 _table(["", *labels], [[lab, *row] for lab, row in zip(labels, cm)])]
 
+    if compressed:
+        out += ["", "## Compressed variants", "",
+                f"Measured on the same test split in one process ({compressed.get('threads') or 'default'} "
+                f"threads); deltas against the fp32 PyTorch model.", "",
+                _table(compress_header(compressed), compress_rows(compressed)), "",
+                int8_status(name, compressed, int8)]
     out += ["", "## Limitations", ""]
     limits = [f"Texts longer than {max_length} tokens are cut to their first {max_length} tokens."]
     if token_stats and "test" in token_stats:

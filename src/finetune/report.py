@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .modelcard import PER_CLASS_HEADER, accuracy_interval, per_class_rows, training_settings
+from .modelcard import (PER_CLASS_HEADER, accuracy_interval, compress_header, compress_rows, int8_status,
+                        per_class_rows, training_settings)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ReportData:
     params: dict[str, Any] = field(default_factory=dict)  # flat config the model was trained with
     images: dict[str, bytes] = field(default_factory=dict)  # PNGs: training, lengths, roc, calibration
     created: str = ""  # when the report was made (passed in: the core reads no clock)
+    compress: dict[str, Any] | None = None  # compress's metrics.json
 
 
 CSS = """
@@ -198,6 +200,19 @@ def _gate_section(d: ReportData) -> str:
     return "<section id=gate><h2>Promotion gate</h2>" + "".join(parts) + "</section>"
 
 
+def _compress_section(d: ReportData) -> str:
+    c = d.compress
+    if not c:
+        return ("<section id=compress><h2>Compressed variants</h2><p class=muted>No compress output was given."
+                "</p></section>")
+    r = d.registration
+    rows = [[row[0], *[v if isinstance(v, str) else _num(v, 4 if i < 4 else 2) for i, v in enumerate(row[1:])]]
+            for row in compress_rows(c)]
+    status = int8_status(r.get("model_name", "model"), c, r.get("int8"))
+    return ("<section id=compress><h2>Compressed variants</h2>" + _table(compress_header(c), rows)
+            + f"<p>{_e(status)}</p></section>")
+
+
 def _lineage_section(d: ReportData) -> str:
     r = d.registration
     lin = dict(r.get("lineage") or {})
@@ -216,12 +231,12 @@ def render_report(d: ReportData) -> str:
     title = f"{r.get('model_name', 'model')} v{r.get('version', '?')}"
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in (("data", "Data"), ("training", "Training"),
                                                           ("evaluation", "Evaluation"), ("gate", "Promotion gate"),
-                                                          ("lineage", "Lineage")))
+                                                          ("compress", "Compressed"), ("lineage", "Lineage")))
     head = (f'<header><h1>{_e(title)} <span class="badge {_e(r.get("alias", ""))}">@{_e(r.get("alias", "?"))}'
             f'</span></h1><div class="muted">finetune pipeline run report{" - " + _e(d.created) if d.created else ""}'
             f' - git <code>{_e((r.get("lineage") or {}).get("git_commit", "?"))}</code></div><nav>{nav}</nav></header>')
     body = "".join([_data_section(d), _training_section(d), _evaluation_section(d), _gate_section(d),
-                    _lineage_section(d)])
+                    _compress_section(d), _lineage_section(d)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(title)} - run report</title><style>{CSS}</style></head>"

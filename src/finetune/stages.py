@@ -109,10 +109,12 @@ def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | 
 def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits: str | Path,
                  train_logs: str | Path | None, out: str | Path, lineage: dict[str, Any],
                  tracking_uri: str, artifact_location: str | None = None,
-                 tokens: str | Path | None = None) -> dict[str, Any]:
+                 tokens: str | Path | None = None, compress: str | Path | None = None) -> dict[str, Any]:
     """Register the model, then write ``out``/registration.json, model_card.md and report.html; the card goes
     with the model version, the report (and its plots) into the version's MLflow run under ``report/``.
-    ``tokens`` (the tokenize output) only adds token-length statistics to the card and report."""
+    ``tokens`` (the tokenize output) only adds token-length statistics to the card and report. ``compress``
+    (the compress output): its int8 variant, when it passed its gate, is registered as ``<name>-int8`` and
+    its figures go into the card and report; registration.json["int8"] says what happened to it."""
     import csv
     from dataclasses import asdict
 
@@ -143,10 +145,12 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     validation = _optional_json(Path(splits) / "report.json")
     token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
     token_stats = (token_meta or {}).get("stats")
+    compressed = _optional_json(Path(compress) / "metrics.json") if compress else None
+    int8: dict[str, Any] = {}  # filled once the variant is registered (or refused): the card shows it
 
     def card(version: str, run_id: str | None) -> str:
         return model_card(cfg.register.model_name, version, metrics, validation, params, lineage, run_id,
-                          token_stats)
+                          token_stats, compressed, int8)
 
     request = RegistrationRequest.for_model(
         model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
@@ -154,14 +158,46 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
         test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
         pipeline_run=lineage.get("kfp_run"), model_card=card)
     reg = register(request)
-    out_dict = asdict(reg)
+    int8.update(_register_int8(request, reg, compress, compressed))
+    out_dict = {**asdict(reg), "int8": int8}
     write_json(Path(out) / "registration.json", out_dict)
     (Path(out) / "model_card.md").write_text(card(reg.version, reg.run_id), encoding="utf-8")
     summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
     _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, params, evaluation,
-                  Path(out), tracking_uri)
+                  Path(out), tracking_uri, compressed)
     log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
     return out_dict
+
+
+def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str, Any] | None) -> dict[str, Any]:
+    """The int8 variant of ``reg``, registered when the compress stage passed it; else why not. A registry
+    failure here does not undo the fp32 version: it is reported in registration.json and the log (a rerun
+    registers the variant)."""
+    from .registry import RegistryError, VariantRequest, drop_int8_champion, register_variant
+
+    why = None
+    if compressed is None:
+        why = "no compress output was given" if not folder else f"{folder}/metrics.json does not exist"
+    elif not (compressed.get("exported") and compressed.get("int8_passed")):
+        why = compressed.get("message", "not passed")
+    else:
+        try:
+            result = register_variant(VariantRequest(request, reg, Path(folder), compressed))
+            log.info("registered %s version %s as @%s", result["model_name"], result["version"], result["alias"])
+            return result
+        except RegistryError as exc:
+            log.error("the int8 variant was not registered: %s", exc)
+            why = f"registering it failed: {exc}"
+    out = {"registered": False, "reason": f"no int8 variant: {why}"}
+    if reg.promoted:  # the new champion has no variant: -int8@champion must not name the old champion's
+        try:
+            dropped = drop_int8_champion(request)
+        except RegistryError as exc:
+            dropped = None
+            out["reason"] += f"; {exc}"
+        if dropped:
+            out["reason"] += f"; @champion removed from version {dropped} of the int8 model"
+    return out
 
 
 def _optional_json(path: Path) -> Any:
@@ -171,7 +207,8 @@ def _optional_json(path: Path) -> Any:
 
 
 def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, summary, history, params,
-                  evaluation: str | Path, out: Path, tracking_uri: str) -> None:
+                  evaluation: str | Path, out: Path, tracking_uri: str, compressed: dict[str, Any] | None = None
+                  ) -> None:
     """out/report.html, and the report with its plots into the MLflow run under report/."""
     import csv
     import shutil
@@ -192,7 +229,7 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
         png = Path(evaluation) / f"{key}.png"
         images[key] = png.read_bytes() if png.is_file() else b""
     page = render_report(ReportData(reg, metrics, validation, (token_meta or {}).get("stats"), summary, params,
-                                    images, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
+                                    images, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), compressed))
     (out / "report.html").write_text(page, encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="finetune-report-") as tmp:
         shutil.copy2(out / "report.html", tmp)
