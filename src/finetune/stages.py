@@ -128,7 +128,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     from .registry import RegistrationRequest, register
 
     # register writes its three files by name (deletes nothing), but never into the project root or an input
-    check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens) if p])
+    check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens, compress) if p])
     metrics = read_json(Path(evaluation) / "metrics.json")
     test = pd.read_parquet(Path(splits) / "test.parquet")
     history = []
