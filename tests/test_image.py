@@ -120,10 +120,11 @@ def test_pipeline_steps_run_inside_the_image(image, mlflow_server, real_reviews,
     pd.concat(sample).to_csv(work / "data" / "reviews.csv", index=False)
     url = mlflow_server.url
     port = int(url.rsplit(":", 1)[1])
-    values = {"data_uri": f"{steps.INSIDE}/data/reviews.csv", "epochs": 1.0, "max_steps": 3, "batch_size": 8,
-              "floor": 0.0, "model_name": "image-minilm", "git_rev": "test"}
+    values = {"data_uri": f"{steps.INSIDE}/data/reviews.csv", "git_rev": "test"}
+    overrides = ["train.epochs=1", "train.max_steps=3", "train.batch_size=8", "register.floor=0",
+                 "register.model_name=image-minilm", "compress.latency_requests=5"]
     with netns.loopback_only(port) as ns:
-        run = steps.run_pipeline(image, work, values, env={"MLFLOW_TRACKING_URI": url}, netns=ns)
+        run = steps.run_pipeline(image, work, values, overrides, env={"MLFLOW_TRACKING_URI": url}, netns=ns)
 
     splits = run.host_path(run.outputs["validate"]["splits"])
     assert {p.name for p in splits.glob("*.parquet")} == {"train.parquet", "val.parquet", "test.parquet"}
@@ -145,6 +146,8 @@ def test_pipeline_steps_run_inside_the_image(image, mlflow_server, real_reviews,
     alias = run.outputs["register"]["alias"]
     assert client.get_model_version_by_alias("image-minilm", alias).version == version.version
     assert client.get_run(version.run_id).data.params["train.max_steps"] == "3"
+    compressed = json.loads((run.host_path(run.outputs["compress"]["compressed"]) / "metrics.json").read_text())
+    assert compressed["exported"] is True  # the ONNX export and int8 quantization ran inside the image too
 
 
 # ---- unit: the builder's reading of the Dockerfile (no root, no image) ----

@@ -92,26 +92,31 @@ def _ids(image: dict) -> tuple[int, int]:
     return int(uid), int(gid or uid)
 
 
-def run_pipeline(image: dict, work: Path, values: dict[str, Any], env: dict[str, str] | None = None,
-                 netns: str | None = None, spec_path: Path = SPEC) -> Run:
-    """validate -> tokenize -> train -> evaluate -> register in the image, with the pipeline's parameter defaults
-    from the spec overridden by ``values`` (``data_uri`` as seen inside the sandbox, under /tmp/pipeline)."""
+def run_pipeline(image: dict, work: Path, values: dict[str, Any], overrides: list[str] | None = None,
+                 env: dict[str, str] | None = None, netns: str | None = None, spec_path: Path = SPEC) -> Run:
+    """validate -> tokenize -> train -> evaluate -> compress -> register in the image, with the pipeline's
+    parameter defaults from the spec: per-run ``values`` (``data_uri`` as seen inside the sandbox, under
+    /tmp/pipeline) and ``overrides`` (``section.key=value``, as `finetune pipeline submit --set` applies them to
+    the ``params`` struct)."""
+    from finetune.config import apply_overrides, as_params, config_from_dict
+
     spec = load_spec(spec_path)
     p = {**pipeline_defaults(spec), **values}
+    params = as_params(config_from_dict(apply_overrides(p["params"], overrides)))
     work.mkdir(parents=True, exist_ok=True)
     os.chown(work, *_ids(image))
     run = Run(work, image, netns=netns)
     # ``env`` goes where pipelines/cluster.yaml puts the secrets: validate (S3) and register (S3 + MLflow)
-    out = run.step(spec, "validate", {k: p[k] for k in ("data_uri", "data_md5", "params")}, env)
+    out = run.step(spec, "validate", {"data_uri": p["data_uri"], "data_md5": p["data_md5"], "params": params}, env)
     if not out["passed"]:
         raise StepFailed(f"validate refused the data: {out['summary']}")
-    run.step(spec, "tokenize", {"splits": "@validate.splits", "params": p["params"], "base_model": p["base_model"]})
-    run.step(spec, "train", {"tokens": "@tokenize.tokens", **{k: p[k] for k in (
-        "params", "base_model", "epochs", "max_steps", "batch_size", "learning_rate", "checkpoint_dir")}})
-    run.step(spec, "evaluate", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": p["params"]})
+    run.step(spec, "tokenize", {"splits": "@validate.splits", "params": params})
+    run.step(spec, "train", {"tokens": "@tokenize.tokens", "params": params, "checkpoint_dir": p["checkpoint_dir"]})
+    run.step(spec, "evaluate", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": params})
+    run.step(spec, "compress", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": params})
     run.step(spec, "register", {
         "model": "@train.model", "evaluation": "@evaluate.evaluation", "splits": "@validate.splits",
-        "train_logs": "@train.train_logs", "run_name": "image-run",
-        **{k: p[k] for k in ("params", "model_name", "gate_metric", "min_improvement", "floor", "data_uri",
-                             "git_rev")}}, env)
+        "train_logs": "@train.train_logs", "tokens": "@tokenize.tokens", "compressed": "@compress.compressed",
+        "params": params, "data_uri": p["data_uri"], "data_md5": p["data_md5"], "git_rev": p["git_rev"],
+        "run_name": "image-run"}, env)
     return run
