@@ -2,13 +2,12 @@
 waits for it (``finetune.trainjob.train_on_cluster``). Same verb, inputs and outputs as the single-pod ``train`` in
 finetune_components.py, so evaluate and register are wired the same way. No stage logic here."""
 
-from pathlib import Path
 from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-IMAGE = (Path(__file__).with_name("image.txt")).read_text().strip()
+from components.finetune_components import IMAGE  # one image for every step
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -20,10 +19,6 @@ def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, cluster: di
 
     train_on_cluster(config_from_dict(params), TrainJobSettings.from_cluster(cluster), image, run_id, tokens.path, model.path,
                      train_logs.path)
-
-
-def on_trainjob(params: dict[str, Any]) -> bool:
-    return (params.get("launch") or {}).get("launcher") == "trainjob"
 
 
 def launch_args(cluster: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,8 @@ def _resources(task, cpu: str, memory: str) -> None:
 
 def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
     """Return the pipeline function; ``params`` defaults to ``cfg`` (params.yaml), cluster settings to ``cluster``."""
-    defaults = as_params(cfg or load_config(ROOT / "params.yaml"))
+    cfg = cfg or load_config(ROOT / "params.yaml")
+    defaults = as_params(cfg)
     c = cluster or _load(ROOT / "pipelines" / "cluster.yaml")
     retry = c["retries"]
 
@@ -60,7 +61,7 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
         _secrets(v, c, "s3")
         with dsl.If(v.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (KFP condition syntax)
             t = tokenize(splits=v.outputs["splits"], params=params)
-            trainjob = trainjob_component.on_trainjob(defaults)  # launch.launcher: trainjob: the TrainJob's nodes train
+            trainjob = cfg.launch.launcher == "trainjob"  # the TrainJob's nodes train; this step launches and waits
             m = (trainjob_component.train if trainjob else train)(
                 tokens=t.outputs["tokens"], params=params, checkpoint_dir=checkpoint_dir,
                 **(trainjob_component.launch_args(drop_none(c)) if trainjob else {}))
