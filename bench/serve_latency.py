@@ -1,6 +1,6 @@
 """Serving cost on CPU, side by side in one process: the fine-tuned model as fp32 PyTorch, as ONNX fp32, as
-ONNX int8 (dynamic quantization, per-tensor weights: the compress stage's variant) and as ONNX int8 with
-per-channel weights, on the tokenized test split.
+ONNX int8 (dynamic quantization with the stage's settings: per-channel weight scales by default) and as ONNX
+int8 with the other weight granularity (per tensor by default), on the tokenized test split.
 
     python bench/serve_latency.py                                  # out/model + out/tokenize (after `make run`)
     python bench/serve_latency.py --model M --tokens T --threads 2 --json serve.json
@@ -61,6 +61,33 @@ def table(variants: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def explore_recipes(model_dir: Path, tmp: Path, cfg: CompressConfig) -> list[tuple[str, Path]]:
+    """int8 files made with recipes the stage does not use (measured with --explore only)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.compress import export_onnx
+
+    # ORT's attention fusion matches the eager attention graph, not the SDPA one the stage exports
+    eager = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    export_onnx(eager, tmp / "eager.onnx", cfg.opset, "eager")
+    fused = optimize_model(str(tmp / "eager.onnx"), model_type="bert", num_heads=eager.config.num_attention_heads,
+                           hidden_size=eager.config.hidden_size, opt_level=1)
+    fused.save_model_to_file(str(tmp / "fused.onnx"))
+    out = []
+    for src, per_channel, reduce_range in (("compress/model.onnx", cfg.per_channel, True),
+                                           ("fused.onnx", True, False), ("fused.onnx", False, False)):
+        name = (f"onnx_int8_{'fused_' if src == 'fused.onnx' else ''}{'per_channel' if per_channel else 'per_tensor'}"
+                f"{'_reduce_range' if reduce_range else ''}")
+        quantize_dynamic(str(tmp / src), str(tmp / f"{name}.onnx"), per_channel=per_channel,
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops lack type info
+        out.append((name, tmp / f"{name}.onnx"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="out/model")
@@ -69,6 +96,9 @@ def main() -> None:
     ap.add_argument("--latency-requests", type=int, default=300)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and toy data: checks the harness")
+    ap.add_argument("--explore", action="store_true",
+                    help="also int8 recipes the stage does not use: reduce_range weights, and ORT's BERT fusions "
+                         "(Attention, SkipLayerNorm, BiasGelu) applied before quantization")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         tmp = Path(tmp)
@@ -80,13 +110,21 @@ def main() -> None:
         if not result.exported:
             sys.exit(f"serve_latency: {result.message}")
         variants = result.metrics["variants"]
-        # per-channel int8: measured here only, to see whether it pays for its size
-        quantize_int8(tmp / "compress" / ONNX_FP32, tmp / "pc.onnx", per_channel=True)
-        probs, timing = measure(onnx_runner(tmp / "pc.onnx", args.threads), test,
-                                int(meta["tokenizer"].get("pad_token_id") or 0), cfg.batch_size, cfg.latency_requests)
-        pc = variant_metrics(probs, test, meta["labels"], timing, (tmp / "pc.onnx").stat().st_size,
-                             result.probs["pytorch_fp32"])
-        variants["onnx_int8_per_channel"] = pc
+        pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
+
+        def add(name: str, path: Path) -> None:
+            probs, timing = measure(onnx_runner(path, args.threads), test, pad_id, cfg.batch_size,
+                                    cfg.latency_requests)
+            variants[name] = variant_metrics(probs, test, meta["labels"], timing, path.stat().st_size,
+                                             result.probs["pytorch_fp32"])
+
+        # the other int8 granularity than the stage's (compress.per_channel): measured here only, to compare
+        other = not cfg.per_channel
+        quantize_int8(tmp / "compress" / ONNX_FP32, tmp / "other.onnx", per_channel=other)
+        add(f"onnx_int8_{'per_channel' if other else 'per_tensor'}", tmp / "other.onnx")
+        if args.explore:
+            for name, path in explore_recipes(model, tmp, cfg):
+                add(name, path)
         with_deltas(variants)
     import onnxruntime
     import torch

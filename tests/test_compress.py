@@ -150,11 +150,11 @@ def test_failed_compress_leaves_previous_output(tiny_classifier_dir, toy_test, t
     assert json.loads((out / "metrics.json").read_text()) == {"old": True}
 
 
-def test_per_channel_quantization_also_runs(compressed, tmp_path):
+def test_per_tensor_quantization_also_runs(compressed, tmp_path):
     out, _ = compressed
-    quantize_int8(out / ONNX_FP32, tmp_path / "pc.onnx", per_channel=True)
+    quantize_int8(out / ONNX_FP32, tmp_path / "pt.onnx", per_channel=False)
     ids = np.array([[101, 2307, 102]], dtype=np.int64)
-    logits = onnx_runner(tmp_path / "pc.onnx", 1)(ids, np.ones_like(ids))
+    logits = onnx_runner(tmp_path / "pt.onnx", 1)(ids, np.ones_like(ids))
     assert logits.shape == (1, 2) and np.isfinite(logits).all()
 
 
@@ -232,11 +232,12 @@ def test_serving_benchmark_smoke_runs_every_variant(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
-    assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_per_channel"}
+    # the stage's variant (per channel, params.yaml's default) and the other granularity beside it
+    assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_per_tensor"}
     for name, v in variants.items():
         assert v["texts_per_s"] > 0 and 0 <= v["accuracy"] <= 1, name
     assert variants["onnx_fp32"]["label_agreement"] == 1.0
-    assert "| onnx_int8 |" in proc.stdout and "| onnx_int8_per_channel |" in proc.stdout
+    assert "| onnx_int8 |" in proc.stdout and "| onnx_int8_per_tensor |" in proc.stdout
 
 
 def test_cli_compress_writes_the_stage_output(tiny_classifier_dir, tmp_path):

@@ -257,8 +257,11 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
     data = tmp_path / "reviews.csv"
     real_reviews.groupby("label").head(200).to_csv(data, index=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # the step subprocesses inherit it
+    # compress.max_accuracy_drop=1: whatever a 12-step model scores, its int8 variant passes and is registered
+    # through the HTTP server (the refusal path is tested in test_register_int8.py)
     build()(data_uri=str(data), params=_small_params("train.max_steps=12", "train.batch_size=16",
-                                                     "register.model_name=kfp-it", "register.floor=0.0"))
+                                                     "register.model_name=kfp-it", "register.floor=0.0",
+                                                     "compress.max_accuracy_drop=1.0"))
     client = MlflowClient(mlflow_server.url)
     mv = client.get_model_version_by_alias("kfp-it", "champion")
     run = client.get_run(mv.run_id)
@@ -287,13 +290,20 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
     gate = json.loads((compressed / "metrics.json").read_text())
     assert gate["exported"] is True and set(gate["variants"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
     assert (compressed / "model.int8.onnx").stat().st_size < (compressed / "model.onnx").stat().st_size
-    # register got the compress output: the int8 variant is registered exactly when it passed its gate
+    # register got the compress output: the int8 variant passed its gate and was registered beside the champion
     int8 = json.loads(next(run_dir.joinpath("register").rglob("registration.json")).read_text())["int8"]
-    assert int8["registered"] is gate["int8_passed"]
-    if gate["int8_passed"]:
-        assert client.get_model_version_by_alias("kfp-it-int8", "champion").tags["fp32_model"] == f"kfp-it/{mv.version}"
-    else:
-        assert int8["reason"] == f"no int8 variant: {gate['message']}"
+    assert gate["int8_passed"] is True and int8["registered"] is True, (gate["message"], int8)
+    mv8 = client.get_model_version_by_alias("kfp-it-int8", "champion")
+    assert mv8.tags["fp32_model"] == f"kfp-it/{mv.version}" and int8["version"] == str(mv8.version)
+    assert client.get_model_version("kfp-it", mv.version).tags["int8_version"] == f"kfp-it-int8/{mv8.version}"
+    # the registry's card of the fp32 version names its int8 variant; the variant loads verified and predicts
+    assert f"registered as `models:/kfp-it-int8/{mv8.version}` (@champion)" in client.get_model_version(
+        "kfp-it", mv.version).description
+    from finetune.registry import load_verified
+
+    int8_preds = load_verified("models:/kfp-it-int8@champion", mlflow_server.url).predict(
+        ["a joyous, moving film", "dull and stupid"])
+    assert len(int8_preds) == 2 and set(int8_preds) <= {"fresh", "rotten"}
 
 
 @pytest.mark.integration

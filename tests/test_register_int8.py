@@ -126,6 +126,13 @@ def test_report_and_card_show_the_compress_figures(tiny_classifier_dir, compress
                      f"{v['latency_ms_p95']:.4f}", f"{v['texts_per_s']:.4f}"]
     assert "texts/s (batch 32)" in card and "| pytorch_fp32 |" in card and "| onnx_fp32 |" in card
     assert f"registered as `{reg['int8']['model_uri']}` (@champion)" in card
+    # the registry holds the same, final card (it is rewritten once the variant's outcome is known)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert client.get_model_version(NAME, reg["version"]).description == card
+    stored = Path(client.download_artifacts(reg["run_id"], "model_card.md", str(project / "dl")))
+    assert stored.read_text(encoding="utf-8") == card
 
     page = (project / "r1" / "report.html").read_text()
     section = page[page.index("<section id=compress>"):]
@@ -185,3 +192,29 @@ def test_mlflow_models_serve_answers_for_the_int8_version(tiny_classifier_dir, c
         assert [r["label"] for r in records] == labels
         got = np.array([[r["probabilities"]["fresh"], r["probabilities"]["rotten"]] for r in records])
         assert np.abs(got - expected).max() < PROB_TOL
+
+
+def test_a_killed_int8_registration_is_reaped_by_the_next_registration(tiny_classifier_dir, compressed, project,
+                                                                        monkeypatch):
+    """A register-int8 run whose process died (RUNNING, stale heartbeat, an unfinished version) is marked FAILED
+    and its version deleted by the next registration, like a killed fp32 registration."""
+    from mlflow import MlflowClient
+
+    from finetune import registry
+
+    reg = _register(project, tiny_classifier_dir, compressed, 0.9, "r1")
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp_id = client.get_run(reg["run_id"]).info.experiment_id
+    # what a process killed mid-way through _log_variant leaves: its run RUNNING, a version without `complete`
+    dead = client.create_run(exp_id, tags={registry.STAGE_TAG: "register-int8",
+                                           registry.HEARTBEAT_TAG: str(1_000_000_000.0)})
+    source = client.get_model_version(f"{NAME}-int8", reg["int8"]["version"]).source
+    half = client.create_model_version(f"{NAME}-int8", source, run_id=dead.info.run_id)
+    assert client.get_run(dead.info.run_id).info.status == "RUNNING"
+
+    reg2 = _register(project, tiny_classifier_dir, compressed, 0.6, "r2")
+    run = client.get_run(dead.info.run_id)
+    assert run.info.status == "FAILED" and "process died" in run.data.tags["finetune.failed"]
+    versions = {str(v.version) for v in client.search_model_versions(f"name = '{NAME}-int8'")}
+    assert str(half.version) not in versions and reg["int8"]["version"] in versions
+    assert reg2["int8"]["registered"] is True

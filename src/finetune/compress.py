@@ -11,6 +11,7 @@ message naming the model and the operator, never a failed pipeline.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -92,7 +93,13 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -
     """Dynamic int8 quantization (QInt8 weights) of an fp32 ONNX model."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs an INFO line per tensor (and a generic tip) on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def torch_runner(model, threads: int) -> Runner:

@@ -224,7 +224,8 @@ class CompressConfig:
     SECTION: typing.ClassVar[str] = "compress"
     max_accuracy_drop: float = field(default=0.01, metadata={"help": "int8 accuracy may fall at most this much "
                                                                       "below fp32 PyTorch on the test split"})
-    per_channel: bool = field(default=False, metadata={"help": "int8 weights quantized per output channel"})
+    per_channel: bool = field(default=True, metadata={"help": "int8 weights quantized per output channel (else "
+                                                                     "one scale per tensor)"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the export"})
     batch_size: int = field(default=32, metadata={"help": "texts per call when measuring throughput"})
     latency_requests: int = field(default=200, metadata={"help": "single-text requests timed for p50/p95"})

@@ -436,17 +436,19 @@ def reap_stale_runs(client, exp_id: str, model_name: str) -> list[str]:
     their uploaded artifacts. Returns the run ids it reaped."""
     now = time.time()
     reaped = []
-    runs = client.search_runs([exp_id], f"tags.{STAGE_TAG} = 'register' and attributes.status = 'RUNNING'")
-    for run in runs:
+    # the fp32 run registers versions of model_name, the int8 run versions of model_name + INT8_SUFFIX
+    runs = [(run, name) for stage, name in (("register", model_name), ("register-int8", model_name + INT8_SUFFIX))
+            for run in client.search_runs([exp_id], f"tags.{STAGE_TAG} = '{stage}' and attributes.status = 'RUNNING'")]
+    for run, name in runs:
         beat = float(run.data.tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
         if now - beat < STALE_AFTER:
             continue
         run_id = run.info.run_id
         log.warning("register run %s has had no heartbeat since %s: its process died; marking it FAILED and "
                     "removing its artifacts", run_id, _utc(beat))
-        for mv in client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             if (mv.tags or {}).get("complete") != "true":
-                _delete_version(client, model_name, str(mv.version))
+                _delete_version(client, name, str(mv.version))
         client.set_tag(run_id, "finetune.failed", f"process died (no heartbeat since {_utc(beat)}); "
                                                   f"marked FAILED by a later registration")
         client.set_terminated(run_id, "FAILED")
@@ -566,7 +568,8 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
     version, run_id = None, None
     try:
         with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp, \
-                mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8"}) as run:
+                mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8", HEARTBEAT_TAG: str(time.time())}
+                                 ) as run, _heartbeat(req.tracking_uri, run.info.run_id):
             run_id = run.info.run_id
             files = _variant_files(Path(vreq.folder), Path(tmp) / "onnx")
             variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
@@ -595,6 +598,23 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
         if run_id is not None:
             _remove_artifacts(client, run_id, exp_id)
         raise RegistryUnavailable(f"registering {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def update_model_card(req: RegistrationRequest, version: str, run_id: str, card: str) -> None:
+    """Replace the card of a registered version (its description and the run's model_card.md): the card written
+    at registration cannot know yet what became of the int8 variant."""
+    from mlflow import MlflowClient
+
+    def once() -> None:
+        try:
+            client = MlflowClient(req.tracking_uri)
+            client.update_model_version(req.cfg.model_name, version, description=card)
+            client.log_text(run_id, card, "model_card.md")
+        except Exception as exc:
+            raise RegistryUnavailable(f"updating the model card of {req.cfg.model_name} v{version} failed: {exc}") \
+                from exc
+
+    _with_retries(req.cfg, req.tracking_uri, once)
 
 
 def upload_report(tracking_uri: str, run_id: str, folder: str | Path) -> None:

@@ -125,7 +125,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     from .lineage import split_hash
     from .modelcard import model_card
     from .redact import redact_values
-    from .registry import RegistrationRequest, register
+    from .registry import RegistrationRequest, RegistryError, register, update_model_card
 
     # register writes its three files by name (deletes nothing), but never into the project root or an input
     check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens, compress) if p])
@@ -159,9 +159,15 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
         pipeline_run=lineage.get("kfp_run"), model_card=card)
     reg = register(request)
     int8.update(_register_int8(request, reg, compress, compressed))
+    final_card = card(reg.version, reg.run_id)
+    if compressed is not None:  # the card registered with the version did not know the int8 outcome yet
+        try:
+            update_model_card(request, reg.version, reg.run_id, final_card)
+        except RegistryError as exc:  # the version stands; out/register/model_card.md has the whole card
+            log.error("%s", exc)
     out_dict = {**asdict(reg), "int8": int8}
     write_json(Path(out) / "registration.json", out_dict)
-    (Path(out) / "model_card.md").write_text(card(reg.version, reg.run_id), encoding="utf-8")
+    (Path(out) / "model_card.md").write_text(final_card, encoding="utf-8")
     summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
     _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, params, evaluation,
                   Path(out), tracking_uri, compressed)
