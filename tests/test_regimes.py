@@ -168,12 +168,16 @@ def test_selection_rules():
 
 @pytest.mark.parametrize("spec", [[1.0, 3.0], "balanced"])
 def test_class_weighted_loss_equals_the_hand_computed_one(toks, two_layer_model, tmp_path, spec):
-    """One step over the whole train split: the logged loss is the loss of the initial model on it."""
+    """One step over the whole (imbalanced) train split: the logged loss is the loss of the initial model on it."""
+    from finetune.evaluate import subset
     from finetune.modeling import build_model, collate
     from finetune.train import seed_everything
 
     tokens, meta = toks
-    train_split = tokens["train"]
+    labels = tokens["train"].labels
+    keep = np.r_[np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)[::3]]  # a third of the rotten rows
+    train_split = subset(tokens["train"], keep)
+    tokens = {**tokens, "train": train_split}
     cfg = _cfg(batch_size=len(train_split), max_steps=1, class_weights=spec)
     res = train(tokens, meta, two_layer_model, cfg, tmp_path / "w")
     plain = train(tokens, meta, two_layer_model, _cfg(batch_size=len(train_split), max_steps=1), tmp_path / "p")
@@ -252,7 +256,7 @@ def test_validation_report_states_class_balance_and_warns(tmp_path, caplog):
     from finetune.validate import floor_warning, validate
 
     df = toy_frame(60)
-    df = df[(df["label"] == "fresh") | (df.index % 10 == 1)]  # 60 fresh, 6 rotten
+    df = df[(df["label"] == "fresh") | (df.index % 20 == 1)]  # 60 fresh, 6 rotten
     df.to_csv(tmp_path / "d.csv", index=False)
     vcfg = ValidateConfig(labels=LABELS, min_rows_per_class=5, min_class_fraction=0.15)
     r = validate(tmp_path / "d.csv", DataConfig(), vcfg)

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .regimes import freeze
 from .tokenize import TokenizedSplit
 
 
@@ -92,8 +91,7 @@ def load_classifier(model_dir: str | Path, device: torch.device | None = None):
 
 
 def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device):
-    """The base encoder with a fresh classification head (and LoRA adapters when enabled), on ``device``;
-    the layers ``train.freeze`` names get no gradient."""
+    """The base encoder with a fresh classification head (and LoRA adapters when enabled), on ``device``."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     mcfg = AutoConfig.from_pretrained(str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -109,7 +107,6 @@ def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.d
         model = get_peft_model(model, PeftLora(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                lora_dropout=cfg.lora.dropout,
                                                target_modules=list(cfg.lora.target_modules)))
-    freeze(model, cfg.freeze)
     return model.to(device), mcfg
 
 

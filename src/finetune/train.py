@@ -32,7 +32,7 @@ from .io import atomic_dir, write_json
 from .modeling import build_model, build_optimizer, exportable, predict_logits
 from .packing import PackedClassifier, PackShape, can_pack, pack_shape
 from .progress import Progress
-from .regimes import FGM, class_weights
+from .regimes import FGM, class_weights, freeze
 from .selection import Selection
 from .steps import Step, StepPlan
 from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
@@ -129,6 +129,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     device = dist.device
     seed_everything(cfg.seed)
     model, mcfg = build_model(base, meta["labels"], cfg, device)
+    freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 below
     if mcfg.vocab_size < meta["tokenizer"]["vocab_size"]:
         raise TrainingError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['tokenizer']['vocab_size']}")
