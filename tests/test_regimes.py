@@ -151,6 +151,38 @@ def test_a_resumed_run_keeps_the_best_so_far_and_stops_where_it_would_have(toks,
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.integration
+def test_every_ddp_rank_stops_at_the_step_rank_0_chose(toks, two_layer_model, tmp_path):
+    """torchrun, 2 CPU processes: rank 0 evaluates and decides; a rank that missed the decision would hang in the
+    next step's all-reduce (timeout) or train on alone. DDP = one process with the same global batch, so both
+    stop at the same step and export the same best weights."""
+    import os
+    import subprocess
+
+    from conftest import BIN
+    from finetune.tokenize import write_tokens
+
+    tokens, meta = toks
+    write_tokens(tokens, meta, tmp_path / "tokens")
+    args = ["train", "--params", str(_params(tmp_path)), "--tokens", str(tmp_path / "tokens"), "--checkpoints", "",
+            "--set", f"model.base={two_layer_model}", "--set", "train.threads=1", "--set", "train.device=cpu"]
+    for key, value in {**STOPPING, "batch_size": 8, "seed": 1, "warmup_ratio": 0.0}.items():
+        args += ["--set", f"train.{key}={value}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"]
+    runs = {"single": [str(BIN / "finetune")], "ddp": [*torchrun, str(BIN / "finetune")]}
+    for name, cmd in runs.items():
+        out = ["--model", str(tmp_path / name), "--train-logs", str(tmp_path / f"{name}-logs")]
+        proc = subprocess.run([*cmd, *args, *out], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = (json.loads((tmp_path / f"{n}-logs" / "summary.json").read_text()) for n in runs)
+    assert ddp["world_size"] == 2 and ddp["stop_reason"].startswith("early stop") and ddp["steps"] < 40
+    assert (ddp["steps"], ddp["best_step"], ddp["exported_step"]) == \
+        (single["steps"], single["best_step"], single["exported_step"])
+    a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
 def test_selection_rules():
     from finetune.selection import Selection
 
