@@ -67,7 +67,10 @@ VALIDATION = {"data": "data/reviews.csv", "success": True, "rows": 820, "columns
               "rules": [{"rule": "text_not_null", "column": "text", "success": True, "message": "no nulls",
                          "unexpected_count": 0},
                         {"rule": "no_duplicate_texts", "column": "text", "success": True,
-                         "message": "dropped 20 exact duplicate row(s)", "unexpected_count": 20}]}
+                         "message": "dropped 20 exact duplicate row(s)", "unexpected_count": 20}],
+              "class_balance": {"shares": {"fresh": 0.5625, "rotten": 0.4375}, "minority": "rotten",
+                                "majority": "fresh", "baseline": {"accuracy": 0.5625, "macro_f1": 0.36}},
+              "warnings": []}
 
 
 def _registration(**kw):
@@ -150,7 +153,9 @@ def stage_inputs(tmp_path, tiny_model_dir):
                                                               for s in range(1, 61)))
     write_json(logs / "summary.json", {"steps": 60, "epochs_run": 2.0, "final_loss": 0.12, "val_loss": 0.3,
                                        "val_accuracy": 0.9, "device": "cpu", "seconds": 12.0,
-                                       "samples_per_second": 40.0,
+                                       "samples_per_second": 40.0, "parameters": 1000, "trainable_parameters": 66,
+                                       "select_metric": "val_loss", "best_step": 30, "best_value": 0.4,
+                                       "exported_step": 30, "stop_reason": "early stop at step 60: ...",
                                        "val_history": [{"step": 30, "val_loss": 0.4, "val_accuracy": 0.85},
                                                        {"step": 60, "val_loss": 0.3, "val_accuracy": 0.9}]})
     return tmp_path
@@ -185,6 +190,12 @@ def test_register_stage_writes_card_and_report_and_logs_them(stage_inputs, tiny_
     assert remote.read_text(encoding="utf-8") == page
     text = re.sub(r"<[^>]+>", " ", page)
     assert "toy-report v1" in text and "@champion" in text and "c0ffee" in text and "0a1b2c" in text
+    # the training regime's facts: on the page and on the MLflow run
+    assert "66 of 1,000" in text and "Stopped: early stop at step 60: ...; best val_loss 0.4000 at step 30" in text
+    assert "register.floor = 0.0 is not above the majority-class baseline" in text  # the test's floor is 0
+    run = client.get_run(reg["run_id"]).data
+    assert run.metrics["train_best_step"] == run.metrics["train_exported_step"] == 30
+    assert run.metrics["train_trainable_parameters"] == 66 and run.tags["train.stop_reason"].startswith("early stop")
     # training curves, token lengths, ROC and calibration: four embedded PNGs
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
 

@@ -44,7 +44,9 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def save(root: Path, step: int, identity: dict[str, Any], model, opt, sched, history, keep: int = 2) -> None:
+def save(root: Path, step: int, identity: dict[str, Any], model, opt, sched, history, keep: int = 2,
+         extra: dict[str, Any] | None = None, best: dict[str, torch.Tensor] | None = None) -> None:
+    """``extra``: JSON state to resume with (validation history, best-so-far); ``best``: the best weights."""
     from safetensors.torch import save_file
 
     target = root / f"step-{step:07d}"
@@ -60,9 +62,11 @@ def save(root: Path, step: int, identity: dict[str, Any], model, opt, sched, his
         tensors = {f"{pid}.{k}": v.cpu() for pid, st in osd["state"].items() for k, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
+        if best is not None:
+            save_file(best, tmp / "best.safetensors")
         write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint(identity), "identity": identity,
                                         "param_groups": osd["param_groups"], "scheduler": sched.state_dict(),
-                                        "history": history})
+                                        "history": history, "extra": extra or {}})
     for old in sorted(_owned(root))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -99,6 +103,14 @@ def load(path: Path, model, opt, sched) -> tuple[int, list[dict[str, float]]]:
     opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     sched.load_state_dict(state["scheduler"])
     return int(state["step"]), state["history"]
+
+
+def load_extra(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """What :func:`save` got as ``extra`` and ``best`` (empty / None when it got none)."""
+    from safetensors.torch import load_file
+
+    best = path / "best.safetensors"
+    return read_json(path / "state.json").get("extra") or {}, load_file(best) if best.is_file() else None
 
 
 def clear(root: Path | None) -> None:

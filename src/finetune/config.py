@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class ValidateConfig:
     test_fraction: float = 0.1
     seed: int = 42
     max_examples: int = field(default=5, metadata={"help": "example rows quoted per failed rule"})
+    min_class_fraction: float = field(default=0.1, metadata={"help": "warn when the smallest class holds less "
+                                                                       "than this share of the rows"})
 
     def __post_init__(self) -> None:
         self.labels = [str(x) for x in (self.labels or [])]
@@ -74,6 +77,7 @@ class ValidateConfig:
               f"< 0.9 - validate.val_fraction ({self.val_fraction}): training needs the rest")
         _rule(self, "seed", self.seed >= 0, ">= 0")
         _rule(self, "max_examples", self.max_examples >= 0, ">= 0")
+        _rule(self, "min_class_fraction", 0 <= self.min_class_fraction < 1, "in [0, 1) (0 = no warning)")
 
 
 @dataclass
@@ -117,6 +121,20 @@ class LoraConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    SECTION: typing.ClassVar[str] = "train.adversarial"
+    enabled: bool = field(default=False, metadata={"help": "FGM: a second pass on word embeddings moved along "
+                                                            "their gradient (about twice the step time)"})
+    epsilon: float = field(default=1.0, metadata={"help": "L2 norm of the embedding perturbation"})
+
+    def __post_init__(self) -> None:
+        _rule(self, "epsilon", math.isfinite(self.epsilon) and self.epsilon > 0, "a finite number > 0")
+
+
+SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
+
+
+@dataclass
 class TrainConfig:
     SECTION: typing.ClassVar[str] = "train"
     epochs: float = field(default=2, metadata={"help": "passes over the training split"})
@@ -139,11 +157,23 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "validation every N steps; 0 = at each epoch end"})
     pack_tokens: int = field(default=0, metadata={"help": "packed batches of this many tokens (one shape; GPU); "
                                                            "0 = padded batches"})
+    select_metric: str = field(default="val_loss", metadata={"help": "validation metric that picks the best "
+                                                                      "evaluation (see SELECT_METRICS)"})
+    patience: int = field(default=0, metadata={"help": "stop after this many evaluations without improvement; "
+                                                        "0 = never stop early"})
+    min_delta: float = field(default=0.0, metadata={"help": "an improvement must exceed this"})
+    keep_best: bool = field(default=False, metadata={"help": "export the best evaluation's weights, not the last"})
+    freeze: str = field(default="none", metadata={"help": "none, encoder (head only) or N (embeddings and the "
+                                                           "bottom N layers) stay as in the base model"})
+    class_weights: str | list[float] = field(default="none", metadata={"help": "loss weight per class: none, "
+                                                                               "balanced or a list, one per label"})
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.max_steps == 0:  # 0 = no cap, as elsewhere (KFP structs cannot hold null)
             self.max_steps = None
+        self.freeze = str(self.freeze)  # YAML `freeze: 2` is a number of layers
         _rule(self, "epochs", math.isfinite(self.epochs) and self.epochs > 0, "a finite number > 0")
         _rule(self, "max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1, or 0/null for no cap")
         _rule(self, "batch_size", self.batch_size >= 1, ">= 1")
@@ -162,6 +192,26 @@ class TrainConfig:
         _rule(self, "attn_implementation", self.attn_implementation in ("sdpa", "eager"), "sdpa or eager")
         _rule(self, "eval_every", self.eval_every >= 0, ">= 0 (0 = each epoch end)")
         _rule(self, "pack_tokens", self.pack_tokens >= 0, ">= 0 (0 = off)")
+        _rule(self, "select_metric", self.select_metric in SELECT_METRICS, f"one of {', '.join(SELECT_METRICS)}")
+        _rule(self, "patience", self.patience >= 0, ">= 0 (0 = no early stopping)")
+        _rule(self, "min_delta", math.isfinite(self.min_delta) and self.min_delta >= 0, "a finite number >= 0")
+        _rule(self, "freeze", self.freeze in ("none", "encoder") or (self.freeze.isdigit() and int(self.freeze) >= 1),
+              "none, encoder or a number of bottom layers >= 1")
+        _rule(self, "freeze", self.freeze != "encoder" or not self.lora.enabled,
+              "none or a number of layers with train.lora.enabled (encoder would freeze every adapter)")
+        cw = self.class_weights
+        _rule(self, "class_weights", cw in ("none", "balanced") if isinstance(cw, str) else
+              bool(cw) and all(math.isfinite(w) and w > 0 for w in cw),
+              "none, balanced or a list of weights > 0, one per label")
+        # FGM follows the word embeddings' gradient, which frozen embeddings (freeze, LoRA) do not have
+        if self.adversarial.enabled and (self.freeze != "none" or self.lora.enabled):
+            raise ConfigError(f"train.adversarial.enabled = True: must be false with train.freeze = {self.freeze!r} / "
+                              f"train.lora.enabled = {self.lora.enabled} (FGM needs the embeddings' gradient)")
+
+    @property
+    def frozen_layers(self) -> int | None:
+        """train.freeze as a number of bottom layers, or None (none / encoder)."""
+        return int(self.freeze) if self.freeze.isdigit() else None
 
 
 @dataclass
@@ -268,7 +318,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if type(None) in args:
         if value is None:
             return None
-        hint = next(a for a in args if a is not type(None))
+        args = tuple(a for a in args if a is not type(None))
+        hint = args[0] if len(args) == 1 else typing.Union[args]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. str | list[float]: the first that fits
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where} = {value!r}: must be "
+                          f"{' or '.join(_TYPE_WORDS.get(a, 'a list') for a in args)}")
     origin = typing.get_origin(hint)
     if origin is list:
         if not isinstance(value, list):
@@ -391,7 +450,12 @@ def check_model_limits(cfg: Config, model_dir: str | Path) -> None:
     import json
 
     conf = Path(model_dir) / "config.json"
-    positions = json.loads(conf.read_text(encoding="utf-8")).get("max_position_embeddings") if conf.is_file() else None
+    model_cfg = json.loads(conf.read_text(encoding="utf-8")) if conf.is_file() else {}
+    positions = model_cfg.get("max_position_embeddings")
     if positions and cfg.tokenize.max_length > positions:
         raise ConfigError(f"tokenize.max_length = {cfg.tokenize.max_length}: must be <= {positions}, the "
                           f"max_position_embeddings of the base model {cfg.model.base}")
+    layers = model_cfg.get("num_hidden_layers")
+    if layers and (cfg.train.frozen_layers or 0) > layers:
+        raise ConfigError(f"train.freeze = {cfg.train.freeze!r}: must be <= {layers}, the num_hidden_layers of the "
+                          f"base model {cfg.model.base} (or none, encoder)")

@@ -33,6 +33,14 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def from_main(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a decision only rank 0 can take, e.g. early stopping)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             torch.distributed.all_reduce(value)

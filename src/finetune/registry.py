@@ -70,6 +70,7 @@ class RegistrationRequest:
     params: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
     loss_history: list[dict[str, float]] = field(default_factory=list)
+    training: dict[str, Any] | None = None  # train's summary.json: its selection facts go on the run
     artifacts: dict[str, str | Path] = field(default_factory=dict)
     test_hash: str | None = None
     test: tuple[list[str], list[str]] | None = None
@@ -327,6 +328,12 @@ def _move_alias(client, req: RegistrationRequest, version: str) -> tuple[Decisio
     return decision, champ_info
 
 
+def training_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The training facts a run compares by: which step was exported and why, how much of the model trained."""
+    keys = ("best_step", "best_value", "exported_step", "steps", "trainable_parameters", "parameters")
+    return {f"train_{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
+
+
 def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: str) -> tuple[str, str]:
     """One MLflow run + one model version tagged complete, or nothing: a failure deletes the version, marks the
     run FAILED and removes its artifacts."""
@@ -349,6 +356,9 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
             hist = [Metric("train_loss", h["loss"], stamp, int(h["step"])) for h in req.loss_history]
             for i in range(0, len(hist), 1000):
                 client.log_batch(run_id, metrics=hist[i:i + 1000])
+            if req.training:
+                mlflow.log_metrics(training_metrics(req.training))
+                mlflow.set_tag("train.stop_reason", str(req.training.get("stop_reason", ""))[:5000])
             mlflow.set_tags({f"lineage.{k}": str(v) for k, v in redact_values(req.lineage).items()})
             for sub, path in req.artifacts.items():
                 p = Path(path)

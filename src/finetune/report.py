@@ -16,6 +16,7 @@ from typing import Any
 
 from .modelcard import (PER_CLASS_HEADER, accuracy_interval, compress_header, compress_rows, int8_status,
                         per_class_rows, training_settings)
+from .validate import floor_warning
 
 
 @dataclass
@@ -126,6 +127,15 @@ def _data_section(d: ReportData) -> str:
              f"{_num(v.get('rows', 0))} rows, columns {_e(', '.join(v.get('columns') or []))}. Validation {status}.</p>"]
     if counts:
         parts.append(_table(["class", "rows", "share"], [[lab, c, f"{c / total:.1%}"] for lab, c in counts.items()]))
+    balance = v.get("class_balance")
+    if balance:
+        base = balance["baseline"]
+        parts.append(f"<p>Majority-class baseline (always <code>{_e(balance['majority'])}</code>) on the test split: "
+                     f"accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}.</p>")
+    floor = floor_warning(balance, float(d.params["register.floor"]), str(d.params.get("register.metric")))\
+        if "register.floor" in d.params else None
+    for warning in (v.get("warnings") or []) + ([floor] if floor else []):
+        parts.append(f'<p class="fail">Warning: {_e(warning)}</p>')
     splits = v.get("splits") or {}
     if splits:
         parts.append("<h3>Splits</h3>" + _table(
@@ -158,7 +168,14 @@ def _training_section(d: ReportData) -> str:
                             ("final train loss", _num(t.get("final_loss"))), ("val loss", _num(t.get("val_loss"))),
                             ("val accuracy", _num(t.get("val_accuracy"))),
                             ("time", f"{float(t.get('seconds', 0)):.0f} s on {t.get('device', '?')}"),
-                            ("throughput", f"{float(t.get('samples_per_second', 0)):.1f} samples/s")]))
+                            ("throughput", f"{float(t.get('samples_per_second', 0)):.1f} samples/s"),
+                            ("trainable parameters", f"{_num(t.get('trainable_parameters'))} of "
+                                                     f"{_num(t.get('parameters'))}")]))
+        if t.get("stop_reason"):
+            best = (f"; best {_e(t.get('select_metric'))} {_num(t.get('best_value'))} at step "
+                    f"{_num(t.get('best_step'))}" if t.get("best_step") is not None else "")
+            parts.append(f"<p>Stopped: {_e(t['stop_reason'])}{best}; the exported model is the weights of step "
+                         f"{_num(t.get('exported_step'))}.</p>")
         if t.get("resumed_from_step"):
             parts.append(f"<p>Resumed from the checkpoint at step {_num(t['resumed_from_step'])}.</p>")
     parts.append('<div class="figs">' + _figure(d.images, "training", "training loss per step; validation loss "

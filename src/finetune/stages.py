@@ -28,7 +28,7 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
     from .io import check_output_dir, write_json
     from .lineage import file_md5
     from .sources import fetch
-    from .validate import failure_message, validate, write_splits
+    from .validate import failure_message, floor_warning, validate, write_splits
 
     inputs = [] if "://" in str(data) else [data]  # a URI is fetched into a temp folder: nothing local to protect
     check_output_dir(out, inputs)  # before any work: a refused folder fails in a second, not after validation
@@ -46,6 +46,10 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
         raise StageFailed("validation failed, no splits written:\n" + failure_message(result.report))
     write_splits(result, out, inputs)
     log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
+    # the floor check is logged, not written: register.floor must not make the splits (and training) stale
+    floor = floor_warning(result.report["class_balance"], cfg.register.floor, cfg.register.metric)
+    for warning in result.report["warnings"] + ([floor] if floor else []):
+        log.warning(warning)
     return result.report
 
 
@@ -86,10 +90,11 @@ def run_train(cfg: Config, tokens: str | Path, model: str | Path, logs: str | Pa
         return {}
     write_json(Path(model) / "finetune_config.json", cfg.to_dict())  # the resolved config travels with the model
     write_history(result, logs)
-    log.info("trained %d steps in this run (steps %d-%d; %d before the resume) in %.1fs (%.1f samples/s): "
-             "val accuracy %.4f", result.steps_run, result.resumed_from_step + 1, result.steps,
-             result.resumed_from_step, result.seconds,
-             result.samples_per_second, result.val_accuracy)
+    log.info("trained %d steps in this run (steps %d-%d; %d before the resume) in %.1fs (%.1f samples/s), "
+             "%d trainable parameters; %s; exported step %d: val accuracy %.4f", result.steps_run,
+             result.resumed_from_step + 1, result.steps, result.resumed_from_step, result.seconds,
+             result.samples_per_second, result.trainable_parameters, result.stop_reason, result.exported_step,
+             result.val_accuracy)
     return {k: v for k, v in asdict(result).items() if k != "history"}
 
 
@@ -146,6 +151,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
     token_stats = (token_meta or {}).get("stats")
     compressed = _optional_json(Path(compress) / "metrics.json") if compress else None
+    summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
     int8: dict[str, Any] = {}  # filled once the variant is registered (or refused): the card shows it
 
     def card(version: str, run_id: str | None) -> str:
@@ -154,7 +160,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
 
     request = RegistrationRequest.for_model(
         model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
-        lineage=lineage, loss_history=history, artifacts=artifacts, test_hash=split_hash(test),
+        lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
         test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
         pipeline_run=lineage.get("kfp_run"), model_card=card)
     reg = register(request)
@@ -168,7 +174,6 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     out_dict = {**asdict(reg), "int8": int8}
     write_json(Path(out) / "registration.json", out_dict)
     (Path(out) / "model_card.md").write_text(final_card, encoding="utf-8")
-    summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
     _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, params, evaluation,
                   Path(out), tracking_uri, compressed)
     log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)

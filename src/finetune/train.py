@@ -5,6 +5,8 @@ or packed into fixed-size token streams (``train.pack_tokens``: one shape, so on
 warm-up + decay, bf16 autocast on CUDA, fp32 on CPU. The loss stays on the device and is read every
 ``log_every`` steps (no host sync per step). Seeded: same params + data give the same model on CPU.
 Checkpoints (``checkpoint.py``) are written every ``checkpoint_every`` steps; a rerun resumes its own newest one.
+Regimes (``regimes.py``, ``selection.py``): frozen layers, class-weighted loss, FGM adversarial training, and
+best-evaluation selection with early stopping (rank 0 decides, every rank stops at the same step).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import torch
 from . import checkpoint
 from .config import TrainConfig
 from .distributed import Dist
+from .evaluate import classification_metrics, softmax
 from .io import atomic_dir, write_json
 from .modeling import build_model, build_optimizer, exportable, predict_logits
 from .packing import PackedClassifier, PackShape, can_pack, pack_shape
 from .progress import Progress
+from .regimes import FGM, class_weights, freeze
+from .selection import Selection
 from .steps import Step, StepPlan
 from .tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 
@@ -44,7 +49,7 @@ class TrainResult:
     steps: int
     epochs_run: float
     final_loss: float
-    val_loss: float
+    val_loss: float  # val_* : of the exported weights (the best evaluation with keep_best, else the last)
     val_accuracy: float
     device: str
     seconds: float
@@ -56,7 +61,14 @@ class TrainResult:
     trainable_parameters: int = 0
     world_size: int = 1
     history: list[dict[str, float]] = field(default_factory=list)  # one row per step: step, loss, lr, rows
-    val_history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch end
+    val_history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
+    val_macro_f1: float = float("nan")
+    select_metric: str = "val_loss"
+    best_step: int | None = None  # the evaluation with the best select_metric
+    best_value: float | None = None
+    exported_step: int = 0  # the step whose weights were exported
+    stop_reason: str = ""
+    freeze: str = "none"
 
 
 def seed_everything(seed: int) -> None:
@@ -117,6 +129,7 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     device = dist.device
     seed_everything(cfg.seed)
     model, mcfg = build_model(base, meta["labels"], cfg, device)
+    freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 below
     if mcfg.vocab_size < meta["tokenizer"]["vocab_size"]:
         raise TrainingError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['tokenizer']['vocab_size']}")
@@ -131,14 +144,27 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     opt, sched = build_optimizer(model, cfg, total, device)
+    weights = class_weights(cfg.class_weights, train_split.labels, meta["labels"])
+    weights = weights.to(device) if weights is not None else None
+    fgm = FGM(model, cfg.adversarial.epsilon) if cfg.adversarial.enabled else None
+    if (cfg.keep_best or cfg.patience) and (tokens.get("val") is None or len(tokens["val"]) == 0):
+        raise TrainingError("train.keep_best / train.patience need a validation split (tokens['val'] is empty)")
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("trainable parameters: %d of %d (train.freeze=%s, lora %s)", n_trainable,
+             sum(p.numel() for p in model.parameters()), cfg.freeze, "on" if cfg.lora.enabled else "off")
 
     # ---- resume ----
     identity = checkpoint.run_identity(cfg, meta, base)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
-    start, history = 0, []
+    start, history, val_history = 0, [], []
+    selection = Selection(cfg.select_metric, cfg.patience, cfg.min_delta)
+    best: dict[str, torch.Tensor] | None = None  # rank 0's CPU copy of the best evaluation's weights (keep_best)
     latest = checkpoint.find(ckpt_root, identity)
     if latest is not None:
         start, history = checkpoint.load(latest, model, opt, sched)
+        extra, best = checkpoint.load_extra(latest)
+        val_history = extra.get("val_history", [])
+        selection = Selection(cfg.select_metric, cfg.patience, cfg.min_delta, extra.get("selection"))
         log.info("resuming from checkpoint %s (step %d of %d)", latest, start, total)
     elif dist.main:
         checkpoint.clear(ckpt_root)  # checkpoints of another config/data: never resume from them
@@ -155,15 +181,14 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
     use_bf16 = device.type == "cuda"
     progress = Progress(total - start, "train", "steps", stream=None) if dist.main else None
     losses = _LossLog(dist, history, on_step, progress, cfg.learning_rate)
-    val_history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    samples, step = 0, start
+    samples, step, stop = 0, start, False
     runner.train()
     try:
-        while step < total:
+        while step < total and not stop:
             n_steps = len(plan.groups(epoch))
             for batch in plan.steps(epoch, skip=step - done_before):
-                loss_sum = _forward_backward(runner, plan, batch, dist, use_bf16)
+                loss_sum = _forward_backward(runner, plan, batch, dist, use_bf16, weights, fgm)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 sched.step()
@@ -178,16 +203,21 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
                     or step == total
                 if step % cfg.log_every == 0 or save_now or val_now:
                     losses.flush()  # before a checkpoint: never save weights a non-finite loss produced
-                if save_now:
-                    if dist.main:
-                        checkpoint.save(ckpt_root, step, identity, model, opt, sched, history)
-                    dist.barrier()
                 if val_now:
                     if dist.main:
-                        val_history.append({"step": step, **_val_metrics(model, tokens.get("val"), pad_id, device)})
-                    dist.barrier()
+                        row = {"step": step, **_val_metrics(model, tokens.get("val"), pad_id, device)}
+                        val_history.append(row)
+                        stop = selection.update(row)
+                        if cfg.keep_best and selection.improved:
+                            best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    stop = dist.from_main(stop)  # every rank stops at the same step
                     runner.train()
-                if step >= total:
+                if save_now and not stop:  # after validation: the checkpoint holds its result
+                    if dist.main:
+                        checkpoint.save(ckpt_root, step, identity, model, opt, sched, history,
+                                        extra={"val_history": val_history, "selection": selection.state()}, best=best)
+                    dist.barrier()
+                if step >= total or stop:
                     break
             done_before += n_steps
             epoch += 1
@@ -196,25 +226,40 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
         if progress:
             progress.close()
     seconds = time.perf_counter() - t0
+    if stop:
+        reason = selection.stop_reason(step)
+    elif cfg.max_steps and step == cfg.max_steps:
+        reason = f"reached train.max_steps ({step})"
+    else:
+        reason = f"completed train.epochs ({cfg.epochs:g}: {step} steps)"
 
     # ---- export ----
     if packed is not None:
         packed.release(cfg.attn_implementation)
+    exported_step = step
+    if cfg.keep_best and best is not None:  # rank 0 only holds (and exports) it
+        model.load_state_dict(best)
+        exported_step = selection.best_step
+    log.info("%s; exporting the weights of step %d", reason, exported_step)
     if dist.main:
         with atomic_dir(model_out, "train") as tmp:
             exportable(model).save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         checkpoint.clear(ckpt_root)  # the finished model supersedes them; they only serve a killed run
     dist.barrier()
-    last = val_history[-1] if val_history else {"val_loss": float("nan"), "val_accuracy": float("nan")}
+    nan = float("nan")
+    shown = next((r for r in val_history if r["step"] == exported_step),
+                 {"val_loss": nan, "val_accuracy": nan, "val_macro_f1": nan})
     tail = [h["loss"] for h in history[-max(1, min(20, len(history))):]]
     return TrainResult(steps=step, epochs_run=round(step / per_epoch, 3), final_loss=float(np.mean(tail)),
-                       val_loss=last["val_loss"], val_accuracy=last["val_accuracy"], device=str(device),
+                       val_loss=shown["val_loss"], val_accuracy=shown["val_accuracy"], device=str(device),
                        seconds=round(seconds, 2), samples_per_second=round(samples / max(seconds, 1e-9), 2),
                        resumed_from_step=start, steps_run=step - start, packed=shape is not None,
-                       parameters=sum(p.numel() for p in model.parameters()),
-                       trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                       world_size=dist.world, history=history, val_history=val_history)
+                       parameters=sum(p.numel() for p in model.parameters()), trainable_parameters=n_trainable,
+                       world_size=dist.world, history=history, val_history=val_history,
+                       val_macro_f1=shown["val_macro_f1"], select_metric=cfg.select_metric,
+                       best_step=selection.best_step, best_value=selection.best_value, exported_step=exported_step,
+                       stop_reason=reason, freeze=cfg.freeze)
 
 
 def _pack_shape(cfg: TrainConfig, model, split: TokenizedSplit) -> PackShape | None:
@@ -240,8 +285,19 @@ def _locate(plan: StepPlan, start: int, total: int) -> tuple[int, int]:
     return epoch, done_before
 
 
-def _forward_backward(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool) -> torch.Tensor:
-    """Gradients of one optimizer step (all its micro-batches); returns this rank's loss sum, on the device."""
+def _forward_backward(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool,
+                      weight: torch.Tensor | None = None, fgm: FGM | None = None) -> torch.Tensor:
+    """Gradients of one optimizer step (all its micro-batches); returns this rank's (clean) loss sum, on the device.
+    With ``fgm`` a second pass on perturbed embeddings adds its gradients (DDP: the clean gradient is already the
+    global mean, identical on every rank, so the perturbation is too)."""
+    loss_sum = _passes(runner, plan, batch, dist, use_bf16, weight)
+    if fgm is not None:
+        with fgm.perturbed():
+            _passes(runner, plan, batch, dist, use_bf16, weight)
+    return loss_sum
+
+
+def _passes(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool, weight: torch.Tensor | None):
     loss_sum = torch.zeros((), device=plan.device)
     for j, b in enumerate(batch.micro):
         last = j == len(batch.micro) - 1
@@ -249,20 +305,24 @@ def _forward_backward(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16:
         with sync, torch.autocast(plan.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = plan.forward(runner, b)
             # sum over this rank's rows / rows of the whole step: DDP's gradient averaging over ranks then
-            # yields exactly the mean over the global batch (label -100: empty packed slots, no loss)
-            ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="sum", ignore_index=-100)
+            # yields exactly the mean over the global batch (label -100: empty packed slots, no loss). Class
+            # weights scale each row's loss: sum(w_y * ce) / rows (torch's weighted mean divides by sum(w) instead)
+            ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], weight=weight, reduction="sum",
+                                                   ignore_index=-100)
             (ce * dist.world / batch.rows).backward()
         loss_sum += ce.detach()
     return loss_sum
 
 
 def _val_metrics(model, split: TokenizedSplit | None, pad_id: int, device: torch.device) -> dict[str, float]:
+    """Unweighted loss, accuracy and macro-F1 (evaluate's arithmetic) on the validation split."""
     if split is None or len(split) == 0:
-        return {"val_loss": float("nan"), "val_accuracy": float("nan")}
-    logits = torch.from_numpy(predict_logits(model, split, 128, pad_id, device))
-    labels = torch.from_numpy(split.labels)
+        return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
+    raw = predict_logits(model, split, 128, pad_id, device)
+    logits, labels = torch.from_numpy(raw), torch.from_numpy(split.labels)
+    scores, _ = classification_metrics(split.labels, softmax(raw), [str(i) for i in range(raw.shape[1])], bins=2)
     return {"val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
-            "val_accuracy": float((logits.argmax(-1) == labels).float().mean())}
+            "val_accuracy": float((logits.argmax(-1) == labels).float().mean()), "val_macro_f1": scores["macro_f1"]}
 
 
 def write_history(result: TrainResult, out_dir: str | Path) -> None:
@@ -275,7 +335,8 @@ def write_history(result: TrainResult, out_dir: str | Path) -> None:
         fh.writelines(f"{h['step']},{h['loss']:.6f},{h['lr']:.8g}\n" for h in result.history)
     tmp.replace(out / "loss.csv")
     with (out / "val.csv").open("w", encoding="utf-8") as fh:
-        fh.write("step,val_loss,val_accuracy\n")
-        fh.writelines(f"{h['step']},{h['val_loss']:.6f},{h['val_accuracy']:.6f}\n" for h in result.val_history)
+        fh.write("step,val_loss,val_accuracy,val_macro_f1\n")
+        fh.writelines(f"{h['step']},{h['val_loss']:.6f},{h['val_accuracy']:.6f},{h['val_macro_f1']:.6f}\n"
+                      for h in result.val_history)
     summary = {k: v for k, v in asdict(result).items() if k not in ("history",)}
     write_json(out / "summary.json", summary)

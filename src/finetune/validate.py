@@ -221,7 +221,41 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
                                                              f["label"].value_counts().sort_index().items()}}
                         for s, f in splits.items()}
+    report["class_balance"] = class_balance(splits, labels)
+    report["warnings"] = balance_warnings(report["class_balance"], cfg.min_class_fraction)
     return ValidationResult(True, report, labels, splits)
+
+
+def class_balance(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, Any]:
+    """Each class's share of all rows, and the majority-class baseline: what a model that always predicts the
+    train split's most frequent class scores on the test split (accuracy, and macro-F1 as evaluate computes it:
+    that class's F1 2p/(1+p), the others 0, averaged)."""
+    counts = {lab: sum(int((f["label"] == lab).sum()) for f in splits.values()) for lab in labels}
+    total = sum(counts.values()) or 1
+    shares = {lab: round(c / total, 6) for lab, c in counts.items()}
+    train = splits["train"]["label"].value_counts()
+    majority = min(labels, key=lambda lab: (-int(train.get(lab, 0)), lab))
+    p = float((splits["test"]["label"] == majority).mean()) if len(splits["test"]) else 0.0
+    return {"shares": shares, "minority": min(labels, key=lambda lab: (shares[lab], lab)), "majority": majority,
+            "baseline": {"accuracy": round(p, 6), "macro_f1": round(2 * p / (1 + p) / len(labels), 6)}}
+
+
+def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
+    minority = balance["minority"]
+    share = balance["shares"][minority]
+    if share >= min_fraction:
+        return []
+    return [f"class '{minority}' holds {share:.1%} of the rows, under validate.min_class_fraction "
+            f"({min_fraction:.1%}): consider train.class_weights: balanced and register.metric: macro_f1"]
+
+
+def floor_warning(balance: dict[str, Any] | None, floor: float, metric: str) -> str | None:
+    """A warning when register.floor does not exceed the majority-class baseline of the gate's metric."""
+    base = ((balance or {}).get("baseline") or {}).get(metric)
+    if base is None or floor > base:
+        return None
+    return (f"register.floor = {floor} is not above the majority-class baseline: always predicting "
+            f"'{balance['majority']}' scores {metric} {base:.4f} on the test split, so it would clear the floor")
 
 
 def render_summary(report: dict[str, Any]) -> str:
@@ -240,6 +274,13 @@ def render_summary(report: dict[str, Any]) -> str:
                 lines.append(f"    row {ex['row']}: {ex['value']!r}" if ex["value"] is not None else f"    row {ex['row']}")
     for s, info in (report.get("splits") or {}).items():
         lines.append(f"- split {s}: {info['rows']} rows {info['classes']}")
+    balance = report.get("class_balance")
+    if balance:
+        base = balance["baseline"]
+        lines.append(f"- class balance: {', '.join(f'{k} {v:.1%}' for k, v in balance['shares'].items())}; "
+                     f"majority-class baseline on test: accuracy {base['accuracy']:.4f}, "
+                     f"macro-F1 {base['macro_f1']:.4f}")
+    lines += [f"- WARNING: {w}" for w in report.get("warnings") or []]
     return "\n".join(lines) + "\n"
 
 
