@@ -98,12 +98,14 @@ class _LossLog:
 
 def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: str | Path, cfg: TrainConfig,
           model_out: str | Path, checkpoint_dir: str | Path | None = None,
-          on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict[str, float]], None] | None = None,
+          on_eval: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     """Fine-tune ``base_model`` on ``tokens['train']``; write the model folder to ``model_out`` atomically.
 
     Under torchrun every rank takes an equal share of each global batch; the loss is normalised by the global
     batch, so the update equals a single process's with the same ``batch_size`` (up to dropout noise).
-    ``on_step`` gets each step's row when the losses are read (every ``log_every`` steps).
+    ``on_step`` gets each step's row when the losses are read (every ``log_every`` steps). ``on_eval`` gets each
+    validation row (step, val_loss, val_accuracy) on rank 0; an exception it raises (a pruned trial) ends training.
     """
     # ---- setup ----
     base = Path(base_model)
@@ -185,6 +187,8 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
                 if val_now:
                     if dist.main:
                         val_history.append({"step": step, **_val_metrics(model, tokens.get("val"), pad_id, device)})
+                        if on_eval:
+                            on_eval(val_history[-1])
                     dist.barrier()
                     runner.train()
                 if step >= total:
