@@ -36,7 +36,7 @@ def _raw(tiny_model_dir, **tune) -> dict:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["model"]["base"] = str(tiny_model_dir)
     raw["train"].update(threads=1, seed=1)
-    raw["tune"].update(trials=3, max_steps=8, evals=4, startup_trials=1, space=SPACE, **tune)
+    raw["tune"].update({"trials": 3, "max_steps": 8, "evals": 4, "startup_trials": 1, "space": SPACE, **tune})
     return raw
 
 
@@ -82,6 +82,7 @@ def test_trials_are_nested_runs_one_is_pruned_the_study_resumes_and_best_params_
         assert set(run.data.params) == set(SPACE)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps == ([2] if state == "PRUNED" else [2, 4, 6, 8])  # tune.evals=4 of tune.max_steps=8
+        assert run.data.metrics["final_val_accuracy"] == pytest.approx(first["trials"][trials.index(run)]["value"])
     assert float(trials[0].data.params["train.learning_rate"]) == pytest.approx(
         first["trials"][0]["params"]["train.learning_rate"])
 
@@ -196,8 +197,9 @@ def test_katib_experiment_is_generated_from_params_and_validates():
     by_name = {p["name"]: p for p in spec["parameters"]}
     lr = tune.space["train.learning_rate"]
     assert by_name["train.learning_rate"]["parameterType"] == "double"
-    assert by_name["train.learning_rate"]["feasibleSpace"] == {"min": str(lr["low"]), "max": str(lr["high"]),
-                                                              "distribution": "logUniform"}
+    space = by_name["train.learning_rate"]["feasibleSpace"]
+    assert (float(space["min"]), float(space["max"]), space["distribution"]) == (lr["low"], lr["high"], "logUniform")
+    assert re.search(r"min: '1\.0e-05'", KATIB.read_text())  # quoted: no YAML reader turns it into a number
     assert by_name["train.batch_size"] == {"name": "train.batch_size", "parameterType": "categorical",
                                            "feasibleSpace": {"list": [str(c) for c in
                                                                       tune.space["train.batch_size"]["choices"]]}}

@@ -28,12 +28,14 @@ from typing import Any
 import yaml
 
 
-def _strict(node: Any) -> Any:
+def _strict(node: Any, names: bool = False) -> Any:
     if isinstance(node, list):
         return [_strict(n) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _strict(v) for k, v in node.items() if k != "description"}
+    if names:  # the mapping under "properties": field names (a field may be called "description") -> schemas
+        return {k: _strict(v) for k, v in node.items()}
+    out = {k: _strict(v, names=k == "properties") for k, v in node.items() if k != "description"}
     # an object with properties, or an object with none and no map values (e.g. mlPolicy.torch: {}), keeps
     # nothing else: the server prunes, or with strict field validation refuses, any other field
     closed = "properties" in node or (node.get("type") == "object" and "additionalProperties" not in node)
@@ -57,20 +59,25 @@ def convert(crd: dict[str, Any], source: str) -> dict[str, Any]:
             "description": f"Derived by k8s/schemas/crd_to_jsonschema.py from {source}.", **schema}
 
 
+OPEN = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}  # a type defined elsewhere: not checked here
+
+
 def from_definitions(crd: dict[str, Any], swagger: dict[str, Any], root: str, enums: dict[str, list[str]],
                      source: str) -> dict[str, Any]:
     """The schema of ``root`` in the OpenAPI ``definitions``, strict as above, with ``enums`` (``Def.field``)."""
     defs = swagger["definitions"]
 
-    def resolve(node: Any) -> Any:
+    def resolve(node: Any, names: bool = False) -> Any:
         if isinstance(node, list):
             return [resolve(n) for n in node]
         if not isinstance(node, dict):
             return node
+        if names:  # field names -> schemas (FileSystemPath has a field called "format")
+            return {k: resolve(v) for k, v in node.items()}
         if "$ref" in node:
             name = node["$ref"].rsplit("/", 1)[-1]
-            return {"$ref": f"#/$defs/{name}"} if name in defs else {"type": "object"}
-        return {k: resolve(v) for k, v in node.items() if k not in ("default", "format")}
+            return {"$ref": f"#/$defs/{name}"} if name in defs else OPEN
+        return {k: resolve(v, names=k == "properties") for k, v in node.items() if k not in ("default", "format")}
 
     out = {name: _strict(resolve(d)) for name, d in defs.items()}
     for dotted, values in enums.items():

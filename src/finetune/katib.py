@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .config import TUNE_METRICS, Config, key_type
+from .tune import yaml_scalar
 
 NAME = "finetune-tune"
 WORK = "/work"  # the trial's emptyDir: validate and tokenize outputs
@@ -51,9 +52,9 @@ def _parameter(key: str, dist: dict[str, Any], hint_int: bool) -> dict[str, Any]
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    """A Katib value (a string): numbers as YAML reads them back as numbers (1.0e-05, not 1e-05), so the dump
+    quotes them and no YAML or JSON reader on the way turns them into numbers."""
+    return value if isinstance(value, str) else yaml_scalar(value)
 
 
 def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str, Any]:
@@ -132,5 +133,10 @@ def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str,
             "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": NAME}}, "spec": spec}
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # each value written out: no &id001 anchors
+        return True
+
+
 def render(cfg: Config, cluster: dict[str, Any], data_uri: str) -> str:
-    return HEADER + yaml.safe_dump(experiment(cfg, cluster, data_uri), sort_keys=False, width=120)
+    return HEADER + yaml.dump(experiment(cfg, cluster, data_uri), Dumper=_Dumper, sort_keys=False, width=120)

@@ -16,6 +16,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -96,29 +97,25 @@ def _typed_space(raw: dict[str, Any], cfg: TuneConfig) -> dict[str, dict[str, An
         if "choices" in dist:
             out[key] = dist
             continue
-        section, *rest = key.split(".")
-        low = trial_config(raw, cfg, {key: dist["low"]})
-        high = trial_config(raw, cfg, {key: dist["high"]})
-        get = lambda c: _get(getattr(c, section), rest)  # noqa: E731
-        out[key] = {**dist, "low": get(low), "high": get(high)}
+        ends = {end: _get(trial_config(raw, cfg, {key: dist[end]}), key) for end in ("low", "high")}
+        out[key] = {**dist, **ends}
     return out
 
 
-def _get(obj: Any, path: list[str]) -> Any:
-    for part in path:
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def study(cfg: TuneConfig, storage_path: Path, pruner=None):
-    """The study of ``cfg`` in ``storage_path`` (created, or loaded to resume). ``pruner``: tests inject one."""
+def study(cfg: TuneConfig, storage_path: Path):
+    """The study of ``cfg`` in ``storage_path`` (created, or loaded to resume)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{storage_path}"
-    if pruner is None:
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials) if cfg.pruner == "median" \
-            else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials) if cfg.pruner == "median" \
+        else optuna.pruners.NopPruner()
     existing = _trial_count(storage, cfg.study)
     seed = cfg.seed + existing  # a resumed study does not replay the random draws of the first run
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials) if cfg.sampler == "tpe" \
@@ -141,31 +138,25 @@ def _trial_count(storage: str, name: str) -> int:
 
 
 def tune(raw: dict[str, Any], tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: str | Path,
-         storage_path: Path, open_log: Callable[[str | None], Any] | None = None, pruner=None,
-         train_fn: Callable | None = None) -> TuneResult:
+         storage_path: Path, open_log: Callable[[str | None], Any] | None = None) -> TuneResult:
     """Run trials until ``tune.trials`` have finished; return the study's best. ``raw``: params.yaml as a dict
     (with any --set applied). ``tokens``: exactly the train and val splits. ``open_log(parent_run_id or None)``
     returns a registry.SearchLog (MLflow parent + nested runs); the parent's id is kept in the study, so a
-    resumed study logs under the same parent. ``pruner``, ``train_fn``: tests inject them."""
-    import optuna
+    resumed study logs under the same parent."""
     from optuna.trial import TrialState
-
-    from .train import TrainingError, train
 
     if set(tokens) != {"train", "val"}:
         raise TuneError(f"tune gets the train and val splits only, not {sorted(tokens)}")
-    train_fn = train_fn or train
     cfg = config_from_dict(raw).tune
     check_space(raw, cfg)
     space = _typed_space(raw, cfg)
-    s = study(cfg, storage_path, pruner)
+    s = study(cfg, storage_path)
     search_log = open_log(s.user_attrs.get("mlflow_parent_run")) if open_log else None
     if search_log:
         s.set_user_attr("mlflow_parent_run", search_log.parent)
     for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed run (one tuner/study)
         s.tell(t.number, state=TrialState.FAIL)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    done = len(s.get_trials(deepcopy=False, states=finished))
+    done = len(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     todo = max(0, cfg.trials - done)
     log.info("tune: study %r in %s has %d finished trial(s); running %d more (%s on the validation split)",
              cfg.study, storage_path, done, todo, cfg.metric)
@@ -174,44 +165,9 @@ def tune(raw: dict[str, Any], tokens: dict[str, TokenizedSplit], meta: dict[str,
         for i in range(todo):  # a failed trial counts here: a rerun tries again, a broken setup does not loop
             trial = s.ask()
             values = {k: _suggest(trial, k, d) for k, d in space.items()}
-            run_id = search_log.start_trial(trial.number, values) if search_log else None
-            history: list[dict[str, float]] = []
-
-            def on_eval(row: dict[str, float], trial=trial, run_id=run_id, history=history) -> None:
-                history.append(row)
-                if search_log:
-                    search_log.log_eval(run_id, row)
-                value = row[cfg.metric]
-                if math.isfinite(value):
-                    trial.report(value, int(row["step"]))
-                    if trial.should_prune():
-                        raise optuna.TrialPruned()
-
             t0 = time.perf_counter()
-            state, value = "FAIL", float("nan")
-            try:
-                with tempfile.TemporaryDirectory(prefix="finetune-trial-") as tmp:
-                    result = train_fn(tokens, meta, base_model, trial_config(raw, cfg, values).train,
-                                      Path(tmp) / "model", None, on_eval=on_eval)
-                value = float(result.val_history[-1][cfg.metric]) if result.val_history else float("nan")
-                if math.isfinite(value):
-                    s.tell(trial, value)
-                    state = "COMPLETE"
-                else:
-                    s.tell(trial, state=TrialState.FAIL)
-            except optuna.TrialPruned:
-                s.tell(trial, state=TrialState.PRUNED)
-                state, value = "PRUNED", history[-1][cfg.metric] if history else float("nan")
-            except TrainingError as exc:  # e.g. a diverged learning rate: a bad point, not a broken search
-                log.warning("trial %d failed: %s", trial.number, exc)
-                s.tell(trial, state=TrialState.FAIL)
-            except BaseException:
-                s.tell(trial, state=TrialState.FAIL)
-                if search_log:
-                    search_log.end_trial(run_id, "FAIL", {})
-                raise
-            if search_log:
-                search_log.end_trial(run_id, state, {cfg.metric: value} if math.isfinite(value) else {})
+            state, value = _run_trial(s, trial, trial_config(raw, cfg, values), values, cfg.metric,
+                                      (tokens, meta, base_model), search_log)
             best = _best(s)
             note = f"best so far {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
             log.info("tune: trial %d/%d (#%d) %s, %s %.4f in %.0fs; %s", done + i + 1, cfg.trials, trial.number,
@@ -220,6 +176,54 @@ def tune(raw: dict[str, Any], tokens: dict[str, TokenizedSplit], meta: dict[str,
     finally:
         progress.close()
     return _result(s, cfg, search_log)
+
+
+def _run_trial(s, trial, trial_cfg, values: dict[str, Any], metric: str, data: tuple, search_log
+               ) -> tuple[str, float]:
+    """Train one trial, reporting each validation value to the pruner (and MLflow); tell the study how it
+    ended. Returns (state, value); a pruned trial's value is its last validation value."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .train import TrainingError, train
+
+    tokens, meta, base_model = data
+    run_id = search_log.start_trial(trial.number, values) if search_log else None
+    history: list[dict[str, float]] = []
+
+    def on_eval(row: dict[str, float]) -> None:
+        history.append(row)
+        if search_log:
+            search_log.log_eval(run_id, row)
+        if math.isfinite(row[metric]):
+            trial.report(row[metric], int(row["step"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+    state, value = "FAIL", float("nan")
+    try:
+        with tempfile.TemporaryDirectory(prefix="finetune-trial-") as tmp:
+            result = train(tokens, meta, base_model, trial_cfg.train, Path(tmp) / "model", None, on_eval=on_eval)
+        value = float(result.val_history[-1][metric]) if result.val_history else float("nan")
+        if math.isfinite(value):
+            s.tell(trial, value)
+            state = "COMPLETE"
+        else:
+            s.tell(trial, state=TrialState.FAIL)
+    except optuna.TrialPruned:
+        s.tell(trial, state=TrialState.PRUNED)
+        state, value = "PRUNED", history[-1][metric]
+    except TrainingError as exc:  # e.g. a diverged learning rate: a bad point, not a broken search
+        log.warning("trial %d failed: %s", trial.number, exc)
+        s.tell(trial, state=TrialState.FAIL)
+    except BaseException:  # a bug or Ctrl-C: the trial is over, the search too
+        s.tell(trial, state=TrialState.FAIL)
+        if search_log:
+            search_log.end_trial(run_id, "FAIL", {})
+        raise
+    if search_log:
+        search_log.end_trial(run_id, state, {f"final_{metric}": value} if math.isfinite(value) else {})
+    return state, value
 
 
 def _best(s):
@@ -243,19 +247,22 @@ def _result(s, cfg: TuneConfig, search_log) -> TuneResult:
 
 def importances(s) -> dict[str, float]:
     """Parameter importance by PED-ANOVA (no extra dependency); empty when too few trials to say."""
-    import optuna
     from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
 
     if len(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
         return {}
-    try:
-        return {k: float(v) for k, v in get_param_importances(s, evaluator=PedAnovaImportanceEvaluator()).items()}
-    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-        log.info("parameter importance not computed: %s", exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "importances will be equal": said below
+        try:
+            found = {k: float(v) for k, v in get_param_importances(s, evaluator=PedAnovaImportanceEvaluator()).items()}
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.info("parameter importance not computed: %s", exc)
+            return {}
+    if len(set(found.values())) <= 1:
+        log.info("parameter importance not computed: too few complete trials to tell the parameters apart")
         return {}
-    finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return found
 
 
 # ---- outputs ----
