@@ -210,6 +210,10 @@ def test_katib_experiment_is_generated_from_params_and_validates():
     assert [p["reference"] for p in template["trialParameters"]] == list(tune.space)
     job = template["trialSpec"]
     assert "namespace" not in job.get("metadata", {})  # Katib refuses a namespaced trial template
+    (prepare,) = job["spec"]["template"]["spec"]["initContainers"]
+    carried = {e["name"]: e.get("value") for e in prepare["env"]}["FINETUNE_PARAMS"]  # the image has no params.yaml
+    assert config_from_dict(yaml.safe_load(carried)) == load_config(REPO / "params.yaml")
+    assert "> /work/params.yaml" in prepare["args"][0]
     (trial,) = job["spec"]["template"]["spec"]["containers"]
     assert trial["name"] == template["primaryContainerName"] and trial["command"] == ["finetune"]
     args = " ".join(trial["args"])
@@ -221,6 +225,7 @@ def test_katib_experiment_is_generated_from_params_and_validates():
 
     parsed = _parser().parse_args(filled)
     assert parsed.command == "tune" and parsed.trial and parsed.tokens.endswith("/tokenize")
+    assert parsed.params == "/work/params.yaml"
     cfg = load_config(REPO / "params.yaml", parsed.overrides)
     assert cfg.train.learning_rate == 1.5e-05 and cfg.train.batch_size == 16
 

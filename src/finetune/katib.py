@@ -3,8 +3,9 @@
 
     finetune tune --katib > k8s/components/katib/experiment.yaml
 
-Each Katib trial is a batch Job in the project image: an init container prepares the data (validate + tokenize
-from the data URI into an emptyDir, deterministic, as the PyTorchJob's replicas do), then ``finetune tune --trial
+Each Katib trial is a batch Job in the project image: an init container writes the resolved params (carried in the
+Experiment) and prepares the data (validate + tokenize from the data URI into an emptyDir, deterministic, as the
+PyTorchJob's replicas do), then ``finetune tune --trial
 --set KEY=${trialParameters.NAME} ...`` trains with the tune budget and prints ``val_accuracy=...`` lines that
 Katib's StdOut metrics collector reads. Katib's ``tpe``/``random`` run on Optuna (as here); its ``medianstop``
 early stopping plays the median pruner.
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .config import TUNE_METRICS, Config, key_type
+from .config import TUNE_METRICS, Config, as_params, key_type
 from .tune import yaml_scalar
 
 NAME = "finetune-tune"
@@ -69,14 +70,16 @@ def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str,
     for key, dist in t.space.items():
         hint = key_type(key)
         parameters.append(_parameter(key, dist, int in (hint, *getattr(hint, "__args__", ()))))
-    args = ["tune", "--trial", "--tokens", f"{WORK}/tokenize"]
+    args = ["tune", "--trial", "--params", f"{WORK}/params.yaml", "--tokens", f"{WORK}/tokenize"]
     for key in t.space:
         args += ["--set", f"{key}=${{trialParameters.{names[key]}}}"]
     gpu, res, label = cluster["gpu"], cluster["resources"], cluster["pod_label"]
     env_from = [{"secretRef": {"name": cluster["secrets"]["s3"]["name"]}}]
     security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     mounts = [{"name": "work", "mountPath": WORK}, {"name": "tmp", "mountPath": "/tmp"}]
-    env = [{"name": "DATA_URI", "value": data_uri}, {"name": "HF_HOME", "value": "/tmp/hf"}]
+    # the image holds no params.yaml: the resolved one travels in the Experiment, written out by the init container
+    params = yaml.safe_dump(as_params(cfg), sort_keys=False, width=1000)
+    env = [{"name": "HF_HOME", "value": "/tmp/hf"}]
     limits = {"cpu": res["train_cpu"], "memory": res["train_memory"], gpu["accelerator"]: str(gpu["count"])}
     pod = {
         "restartPolicy": "Never",
@@ -86,9 +89,11 @@ def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "initContainers": [{
             "name": "prepare", "image": "finetune", "command": ["/bin/sh", "-c"],
-            "args": [f'finetune validate --data "$DATA_URI" --out {WORK}/validate && '
-                     f"finetune tokenize --splits {WORK}/validate --out {WORK}/tokenize"],
-            "env": env, "envFrom": env_from,
+            "args": [f'printf "%s" "$FINETUNE_PARAMS" > {WORK}/params.yaml && '
+                     f'finetune validate --params {WORK}/params.yaml --data "$DATA_URI" --out {WORK}/validate && '
+                     f"finetune tokenize --params {WORK}/params.yaml --splits {WORK}/validate --out {WORK}/tokenize"],
+            "env": [{"name": "DATA_URI", "value": data_uri}, {"name": "FINETUNE_PARAMS", "value": params}, *env],
+            "envFrom": env_from,
             "resources": {"requests": {"cpu": res["cpu"], "memory": res["memory"]},
                           "limits": {"cpu": res["cpu"], "memory": res["memory"]}},
             "securityContext": security, "volumeMounts": mounts}],
@@ -136,6 +141,14 @@ def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str,
 class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:  # each value written out: no &id001 anchors
         return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    """Multi-line strings (the params file) as a readable literal block."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def render(cfg: Config, cluster: dict[str, Any], data_uri: str) -> str:
