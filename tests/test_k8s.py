@@ -19,7 +19,7 @@ from conftest import BIN, REPO
 from stack import PLACEHOLDER, Manifests, read_env_file, render_text
 
 K8S = REPO / "k8s"
-OVERLAYS = ["dev", "prod", "prod-distributed", "prod-trainjob"]
+OVERLAYS = ["dev", "prod", "prod-distributed", "prod-trainjob", "prod-tune"]
 K8S_VERSION = "1.32.0"
 SETTINGS = yaml.safe_load((K8S / "components" / "settings" / "kustomization.yaml").read_text())
 NAMESPACE = SETTINGS["namespace"]
@@ -47,6 +47,8 @@ def objs(rendered, overlay: str, kind: str | None = None) -> list[dict]:
 def pod_specs(obj: dict) -> list[dict]:
     if obj["kind"] == "PyTorchJob":
         return [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "Experiment":  # Katib: each trial is this Job's pod
+        return [obj["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]]
     if obj["kind"] == "TrainingRuntime":
         return [r["template"]["spec"]["template"]["spec"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
     if obj["kind"] in WORKLOADS:
@@ -119,6 +121,27 @@ def test_pytorchjob_matches_the_crd_schema_and_its_pods_the_core_schema(rendered
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # the dev/prod overlays carry no PyTorchJob: it needs the training operator's CRDs, so it is opt-in
     assert not objs(rendered, "dev", "PyTorchJob") and not objs(rendered, "prod", "PyTorchJob")
+
+
+def test_katib_experiment_renders_with_the_project_image_and_its_trial_job_validates(rendered):
+    """prod-tune: the generated Experiment (tests/test_tune.py checks it against params.yaml) after kustomize:
+    Katib schema, image tag and namespace from the settings component, the trial Job strict against the core
+    schema, its pods admitted to S3 by the network policies."""
+    import kubernetes_validate as kv
+
+    (exp,) = objs(rendered, "prod-tune", "Experiment")
+    jsonschema.Draft202012Validator(json.loads((K8S / "schemas" / "experiment-v1beta1.json").read_text())
+                                    ).validate(exp)
+    assert exp["metadata"]["namespace"] == NAMESPACE
+    job = exp["spec"]["trialTemplate"]["trialSpec"]
+    assert "namespace" not in job.get("metadata", {})  # Katib sets the trial's own name and namespace
+    kv.validate({**job, "metadata": {"name": "trial"}}, K8S_VERSION, strict=True)
+    image = (REPO / "components" / "image.txt").read_text().strip()
+    assert {c["image"] for c in containers(job["spec"]["template"]["spec"])} == {image}
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    label = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text())["pod_label"]
+    assert pod_labels[label["key"]] == label["value"]  # the label the MLflow and S3 policies admit
+    assert not any(objs(rendered, o, "Experiment") for o in OVERLAYS if o != "prod-tune")
 
 
 def test_pytorchjob_runs_the_five_verbs_with_options_the_cli_accepts(rendered):
@@ -236,8 +259,8 @@ def test_secret_values_reach_pods_only_through_secret_references(rendered):
 def test_images_are_pinned_never_latest(rendered):
     pods = all_pods(rendered)
     # dev: mlflow, s3, postgres, bucket job; prod: mlflow; prod-distributed: mlflow + 2 replicas;
-    # prod-trainjob: mlflow + the TrainingRuntime's node
-    assert len(pods) == 10
+    # prod-trainjob: mlflow + the TrainingRuntime's node; prod-tune: mlflow + the Katib trial's Job
+    assert len(pods) == 12
     for overlay, name, spec in pods:
         for c in containers(spec):
             image = c["image"]

@@ -2,6 +2,15 @@
 
     python k8s/schemas/crd_to_jsonschema.py CRD.yaml OUT.json --source "kubeflow/trainer v2.2.1 (<commit>) <path>"
 
+A CRD without a structural schema (Katib's Experiment: only ``x-kubernetes-preserve-unknown-fields``; its webhook
+validates) takes its structure from the API's OpenAPI definitions instead, the ones generated from its Go types:
+
+    python k8s/schemas/crd_to_jsonschema.py experiment.yaml OUT.json --definitions swagger.json \
+        --root v1beta1.Experiment --enums '{"v1beta1.ObjectiveSpec.type": ["minimize", "maximize"], ...}' --source ...
+
+Definitions the file does not hold (ObjectMeta, Container, the unstructured trial template) stay open objects;
+``--enums`` adds the allowed values the Go types name as constants (the generated definitions say only "string").
+
 What the API server does with a structural schema, made explicit for an offline validator: an object that lists
 its ``properties`` (or lists none and is no map) accepts no other field (server-side strict field validation), unless the CRD marks it
 ``x-kubernetes-preserve-unknown-fields``; apiVersion and kind are fixed to the CRD's group/version and kind.
@@ -19,12 +28,14 @@ from typing import Any
 import yaml
 
 
-def _strict(node: Any) -> Any:
+def _strict(node: Any, names: bool = False) -> Any:
     if isinstance(node, list):
         return [_strict(n) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _strict(v) for k, v in node.items() if k != "description"}
+    if names:  # the mapping under "properties": field names (a field may be called "description") -> schemas
+        return {k: _strict(v) for k, v in node.items()}
+    out = {k: _strict(v, names=k == "properties") for k, v in node.items() if k != "description"}
     # an object with properties, or an object with none and no map values (e.g. mlPolicy.torch: {}), keeps
     # nothing else: the server prunes, or with strict field validation refuses, any other field
     closed = "properties" in node or (node.get("type") == "object" and "additionalProperties" not in node)
@@ -48,13 +59,52 @@ def convert(crd: dict[str, Any], source: str) -> dict[str, Any]:
             "description": f"Derived by k8s/schemas/crd_to_jsonschema.py from {source}.", **schema}
 
 
+OPEN = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}  # a type defined elsewhere: not checked here
+
+
+def from_definitions(crd: dict[str, Any], swagger: dict[str, Any], root: str, enums: dict[str, list[str]],
+                     source: str) -> dict[str, Any]:
+    """The schema of ``root`` in the OpenAPI ``definitions``, strict as above, with ``enums`` (``Def.field``)."""
+    defs = swagger["definitions"]
+
+    def resolve(node: Any, names: bool = False) -> Any:
+        if isinstance(node, list):
+            return [resolve(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if names:  # field names -> schemas (FileSystemPath has a field called "format")
+            return {k: resolve(v) for k, v in node.items()}
+        if "$ref" in node:
+            name = node["$ref"].rsplit("/", 1)[-1]
+            return {"$ref": f"#/$defs/{name}"} if name in defs else OPEN
+        return {k: resolve(v, names=k == "properties") for k, v in node.items() if k not in ("default", "format")}
+
+    out = {name: _strict(resolve(d)) for name, d in defs.items()}
+    for dotted, values in enums.items():
+        name, _, prop = dotted.rpartition(".")
+        out[name]["properties"][prop]["enum"] = values
+    schema = out.pop(root)
+    crd_schema = {"spec": {"group": crd["spec"]["group"], "scope": crd["spec"]["scope"],
+                           "names": crd["spec"]["names"],
+                           "versions": [{**v, "schema": {"openAPIV3Schema": schema}} for v in crd["spec"]["versions"]]}}
+    return {**convert(crd_schema, source), "$defs": out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("crd", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--source", required=True, help="where the CRD came from: repository, tag, commit, path")
+    p.add_argument("--definitions", type=Path, help="OpenAPI (swagger 2) definitions of a CRD without a schema")
+    p.add_argument("--root", help="with --definitions: the definition of the CRD's kind, e.g. v1beta1.Experiment")
+    p.add_argument("--enums", default="{}", help="with --definitions: JSON {\"Def.field\": [values]}")
     a = p.parse_args()
-    schema = convert(yaml.safe_load(a.crd.read_text(encoding="utf-8")), a.source)
+    crd = yaml.safe_load(a.crd.read_text(encoding="utf-8"))
+    if a.definitions:
+        swagger = json.loads(a.definitions.read_text(encoding="utf-8"))
+        schema = from_definitions(crd, swagger, a.root, json.loads(a.enums), a.source)
+    else:
+        schema = convert(crd, a.source)
     a.out.write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 

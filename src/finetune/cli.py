@@ -76,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
                                                   "gate (as <register.model_name>-int8); add its figures to the report")
     s.add_argument("--out", default="out/register", help="folder for registration.json, model_card.md, report.html")
 
+    s = sub.add_parser("tune", parents=[common], help="hyperparameter search (Optuna) on the validation split",
+                       description="Search the params.yaml tune.space: each trial trains on the train split and is "
+                                   "scored on the validation split (never the test split); trials are nested MLflow "
+                                   "runs (MLFLOW_TRACKING_URI, or the project's mlflow.db) and resume from "
+                                   "tune.storage. Writes best_params.yaml, trials.csv and search.png to --out.")
+    s.add_argument("--tokens", default="out/tokenize")
+    s.add_argument("--out", default="out/tune")
+    s.add_argument("--base", help="base model (default: model.base), same as --set model.base=...")
+    s.add_argument("--trials", type=int, help="finished trials the study ends with (default: tune.trials)")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--trial", action="store_true", help="run one trial with the --set values and print its "
+                                                          "validation metrics as name=value lines (Katib)")
+    mode.add_argument("--katib", action="store_true", help="print the Katib Experiment of this search (YAML)")
+    s.add_argument("--cluster-config", default="pipelines/cluster.yaml", help="with --katib: GPU, resources, "
+                                                                                "secrets of the trial pods")
+
     s = sub.add_parser("predict", parents=[common], help="label texts with a registered model",
                        description="Label texts with a registered model; prints one JSON object per text: "
                                    '{"text", "label", "probabilities": {label: p}}. MLflow: MLFLOW_TRACKING_URI, '
@@ -139,6 +155,34 @@ def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
     run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token,
                  args.service_account or None)
     print(f"submitted run {getattr(run, 'run_id', run)} to {args.host} (experiment {args.experiment})")
+
+
+def _tune(args: argparse.Namespace, cfg: Config) -> None:
+    from .config import apply_overrides, read_params
+
+    if args.katib:
+        import yaml
+
+        from .katib import render
+
+        sys.path.insert(0, str(Path.cwd()))
+        from pipelines.finetune_pipeline import DEFAULT_DATA_URI
+
+        cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
+        print(render(cfg, cluster, DEFAULT_DATA_URI), end="")
+        return
+    raw = apply_overrides(read_params(args.params), args.overrides)  # what cfg was built from: trials rebuild it
+    if args.trial:
+        from .stages import run_tune_trial
+
+        run_tune_trial(raw, args.tokens)
+        return
+    from . import tracking
+    from .stages import run_tune
+
+    uri, artifact_location = tracking.configure(".")
+    tracking.require_reachable(uri)
+    run_tune(raw, args.tokens, args.out, (uri, artifact_location))
 
 
 def _predict(args: argparse.Namespace, cfg: Config) -> None:
@@ -254,6 +298,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
         run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
                      lineage.collect(cfg.data.path, root="."), uri, artifact_location, tokens=args.tokens or None,
                      compress=args.compress or None)
+    elif args.command == "tune":
+        _tune(args, cfg)
     elif args.command == "predict":
         _predict(args, cfg)
     elif args.command == "compare":
@@ -280,10 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenize import TokenizerError
     from .tracking import TrackingUnreachable
     from .train import TrainingError
+    from .tune import TuneError
 
-    expected = (StageFailed, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
+    expected = (StageFailed, TuneError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
                 RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
                 PredictInputError, UnsafeOutput, TrackingUnreachable)
+    if args.command == "tune":  # shorthands for --set: validated with the rest
+        args.overrides = [*([f"model.base={args.base}"] if args.base else []),
+                          *([f"tune.trials={args.trials}"] if args.trials is not None else []), *args.overrides]
     try:
         # predict and compare also work outside a project (no params.yaml): defaults then
         optional = args.command in ("predict", "compare") and not Path(args.params).exists() and not args.overrides

@@ -289,6 +289,97 @@ class CompressConfig:
         _rule(self, "threads", self.threads >= 0, ">= 0 (0 = all cores)")
 
 
+TUNE_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+@dataclass
+class TuneConfig:
+    """`finetune tune`: the search space over any dotted config key, the budget, sampler and pruner."""
+    SECTION: typing.ClassVar[str] = "tune"
+    trials: int = field(default=8, metadata={"help": "finished (complete or pruned) trials the study ends with"})
+    metric: str = field(default="val_accuracy", metadata={"help": "val_accuracy (maximised) or val_loss "
+                                                                  "(minimised), on the validation split"})
+    sampler: str = field(default="tpe", metadata={"help": "tpe or random"})
+    pruner: str = field(default="median", metadata={"help": "median (stop trials below the median) or none"})
+    startup_trials: int = field(default=3, metadata={"help": "random trials before TPE models the results; the "
+                                                             "pruner also waits for this many finished trials"})
+    seed: int = 42
+    storage: str = field(default="optuna.db", metadata={"help": "Optuna SQLite file in the project: reruns resume"})
+    study: str = field(default="finetune", metadata={"help": "study name inside the storage"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps per trial (replaces train.max_steps)"})
+    evals: int = field(default=4, metadata={"help": "validation points per trial (the pruner's checkpoints)"})
+    space: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "train.learning_rate": {"low": 1.0e-5, "high": 3.0e-4, "log": True},
+        "train.batch_size": {"choices": [16, 32]},
+        "train.warmup_ratio": {"low": 0.0, "high": 0.2},
+        "train.weight_decay": {"choices": [0.0, 0.01, 0.1]},
+    }, metadata={"help": "dotted config key -> {low, high[, log][, step]} or {choices: [...]}"})
+
+    def __post_init__(self) -> None:
+        _rule(self, "trials", self.trials >= 1, ">= 1")
+        _rule(self, "metric", self.metric in TUNE_METRICS, " or ".join(TUNE_METRICS))
+        _rule(self, "sampler", self.sampler in ("tpe", "random"), "tpe or random")
+        _rule(self, "pruner", self.pruner in ("median", "none"), "median or none")
+        _rule(self, "startup_trials", self.startup_trials >= 0, ">= 0")
+        _rule(self, "seed", self.seed >= 0, ">= 0")
+        _rule(self, "storage", bool(self.storage) and "://" not in self.storage, "a file name in the project "
+                                                                                 "(SQLite)")
+        _rule(self, "study", bool(self.study), "a study name")
+        _rule(self, "max_steps", self.max_steps >= 1, ">= 1")
+        _rule(self, "evals", 1 <= self.evals <= self.max_steps, f"in [1, tune.max_steps ({self.max_steps})]")
+        _rule(self, "space", bool(self.space), "a non-empty mapping of dotted config keys to distributions")
+        for key, dist in self.space.items():
+            _check_distribution(key, dist)
+
+
+def _check_distribution(key: str, dist: Any) -> None:
+    """``tune.space.<key>`` names a config value and a distribution valid for its type (one line if not)."""
+    where = f"tune.space.{key}"
+    hint = key_type(key)
+    if hint is None or key.startswith("tune."):
+        raise ConfigError(f"{where}: {key} is not a config key that a trial can set (e.g. train.learning_rate)")
+    if not isinstance(dist, dict) or not dist:
+        raise ConfigError(f"{where} = {dist!r}: must be {{low: .., high: ..[, log: true][, step: ..]}} or "
+                          f"{{choices: [..]}}")
+    if "choices" in dist:
+        choices = dist["choices"]
+        if set(dist) != {"choices"} or not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where} = {dist!r}: choices must be a non-empty list, alone")
+        for c in choices:
+            _coerce(c, hint, f"{where}.choices")
+        return
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if base not in (int, float):
+        raise ConfigError(f"{where} = {dist!r}: {key} is not a number; give {{choices: [..]}}")
+    unknown = sorted(set(dist) - {"low", "high", "log", "step"})
+    if unknown or not {"low", "high"} <= set(dist):
+        extra = f" (unknown: {', '.join(unknown)})" if unknown else ""
+        raise ConfigError(f"{where} = {dist!r}: a range needs low and high, optionally log and step{extra}")
+    low, high = (_coerce(dist[k], base, f"{where}.{k}") for k in ("low", "high"))
+    log, step = dist.get("log", False), dist.get("step")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}.log = {log!r}: must be true or false")
+    if not low < high:
+        raise ConfigError(f"{where}: low = {low!r} must be < high = {high!r}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: low = {low!r} must be > 0 with log: true")
+    if step is not None and (log or _coerce(step, base, f"{where}.step") <= 0):
+        raise ConfigError(f"{where}.step = {step!r}: must be > 0, and not combined with log: true")
+
+
+def key_type(dotted: str) -> Any:
+    """The type hint of a dotted config key (``train.lora.r`` -> int), or None if there is no such key."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None or part == "SECTION":
+            return None
+        cls = hint
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -300,6 +391,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -320,6 +412,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return None
         args = tuple(a for a in args if a is not type(None))
         hint = args[0] if len(args) == 1 else typing.Union[args]
+    if hint is Any:
+        return value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. str | list[float]: the first that fits
         for option in args:
             try:
@@ -329,6 +423,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where} = {value!r}: must be "
                           f"{' or '.join(_TYPE_WORDS.get(a, 'a list') for a in args)}")
     origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: must be a mapping")
+        return {str(k): _coerce(v, typing.get_args(hint)[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r}: must be a list")

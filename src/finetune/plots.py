@@ -76,3 +76,35 @@ def length_distribution(rows: list[dict[str, float]], max_length: int | None = N
     ax.set_title("token length per split")
     ax.legend(fontsize="small")
     return _png(fig)
+
+
+def search(trials: list[dict[str, Any]], importances: dict[str, float], metric: str, direction: str) -> bytes:
+    """A hyperparameter search: each finished trial's value (pruned ones at their last validation value) with the
+    best so far, and the parameters' importance (PED-ANOVA) when there were enough trials to compute it."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(10 if importances else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    best, best_line = None, []
+    for t in trials:
+        if t["state"] == "COMPLETE":
+            better = max if direction == "maximize" else min
+            best = t["value"] if best is None else better(best, t["value"])
+        best_line.append(best)
+    for state, style in (("COMPLETE", dict(color="#08519c", marker="o")), ("PRUNED", dict(color="#bdbdbd", marker="x")),
+                         ("FAIL", dict(color="#de2d26", marker="v"))):
+        points = [(t["number"], t["value"]) for t in trials if t["state"] == state and t["value"] is not None]
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=state.lower(), **style)
+    ax.step([t["number"] for t in trials], [float("nan") if b is None else b for b in best_line], where="post",
+            color="#e6550d", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"{metric} (validation)")
+    ax.set_title("trials")
+    ax.legend(fontsize="small")
+    if importances:
+        ax = axes[0][1]
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="#31a354")
+        ax.set_xlabel("importance (PED-ANOVA)")
+        ax.set_title("parameter importance")
+    return _png(fig)

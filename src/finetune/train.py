@@ -110,12 +110,14 @@ class _LossLog:
 
 def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: str | Path, cfg: TrainConfig,
           model_out: str | Path, checkpoint_dir: str | Path | None = None,
-          on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict[str, float]], None] | None = None,
+          on_eval: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     """Fine-tune ``base_model`` on ``tokens['train']``; write the model folder to ``model_out`` atomically.
 
     Under torchrun every rank takes an equal share of each global batch; the loss is normalised by the global
     batch, so the update equals a single process's with the same ``batch_size`` (up to dropout noise).
-    ``on_step`` gets each step's row when the losses are read (every ``log_every`` steps).
+    ``on_step`` gets each step's row when the losses are read (every ``log_every`` steps). ``on_eval`` gets each
+    validation row (step, val_loss, val_accuracy) on rank 0; an exception it raises (a pruned trial) ends training.
     """
     # ---- setup ----
     base = Path(base_model)
@@ -207,6 +209,8 @@ def train(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: s
                     if dist.main:
                         row = {"step": step, **_val_metrics(model, tokens.get("val"), pad_id, device)}
                         val_history.append(row)
+                        if on_eval:  # tune's pruner: an exception from it ends training
+                            on_eval(row)
                         stop = selection.update(row)
                         if cfg.keep_best and selection.improved:
                             best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
