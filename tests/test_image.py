@@ -87,6 +87,8 @@ def test_image_contents(image):
     assert not (rootfs / "tmp" / "written").exists(), "/tmp must be a tmpfs, not the image"
     assert not any((rootfs / p).exists() for p in ("root/.cache/pip", "tmp/build", "opt/wheels")), "build leftovers"
     assert not list((rootfs / "var/lib/apt/lists").glob("*_Packages"))
+    # the config the PyTorchJob's stages read (--params): the project's own params.yaml
+    assert (rootfs / "opt/finetune/params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
 
 
 @integration
@@ -160,7 +162,7 @@ def test_dockerfile_gives_the_image_config():
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["PATH"].startswith("/opt/venv/bin:")
     assert recipe.args["TORCH"] == "torch==2.13.0+cpu"
-    assert [kind for kind, _ in recipe.steps] == ["COPY", "COPY", "COPY", "RUN"]
+    assert [kind for kind, _ in recipe.steps] == ["COPY", "COPY", "COPY", "RUN", "COPY"]
     gpu = build.parse_dockerfile(build.DOCKERFILE.read_text(), {"TORCH": "torch==2.13.0"})
     assert gpu.args["TORCH"] == "torch==2.13.0"
     assert build.inputs_hash(gpu.args) != build.inputs_hash(recipe.args)

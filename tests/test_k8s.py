@@ -149,10 +149,14 @@ def test_pytorchjob_runs_the_five_verbs_with_options_the_cli_accepts(rendered):
 
     spec = pytorchjob(rendered)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     script = " && ".join(c["args"][0] for c in containers(spec))
-    calls = re.findall(r"finetune (?:validate|tokenize|train|evaluate|register)\b[^&;]*", script)
-    assert [c.split()[1] for c in calls] == ["validate", "tokenize", "train", "evaluate", "register"], script
+    calls = re.findall(r"finetune (?:validate|tokenize|train|evaluate|compress|register)\b[^&;]*", script)
+    assert [c.split()[1] for c in calls] == ["validate", "tokenize", "train", "evaluate", "compress", "register"], script
     for call in calls:
-        _parser().parse_args(shlex.split(call.replace('"$DATA_URI"', "s3://bucket/key"))[1:])  # exits if unknown
+        args = _parser().parse_args(shlex.split(call.replace('"$DATA_URI"', "s3://bucket/key"))[1:])  # exits if unknown
+        # the image has no params.yaml in its working directory: every stage reads the copy the Dockerfile puts
+        # at this path (tests/test_image.py checks it is the project's params.yaml)
+        assert args.params == "/opt/finetune/params.yaml", call
+    assert "--compress /work/compress" in script  # register gets the int8 variant as in the pipeline
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -5,7 +5,7 @@ The base is a Debian root file system made with debootstrap; the Dockerfile's EN
 then applied to it, RUN in a chroot inside a private mount namespace. The result is a root file system folder
 (what the sandbox runs, components/image/sandbox.py) and an OCI image archive (one layer) that `podman load`,
 `skopeo copy oci-archive:...` or any registry push understands. Both land in build/image/<tag>-<inputs hash>/
-and are reused while the recipe, pyproject.toml, README.md, src/ and the build args are unchanged.
+and are reused while the recipe, pyproject.toml, params.yaml, src/ and the build args are unchanged.
 
     python components/image/build.py                                    # the CPU variant (make image)
     python components/image/build.py --tag gpu --build-arg TORCH=torch==2.13.0
@@ -39,7 +39,7 @@ BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 # What the image is made from, hashed to reuse a build. README.md (copied only as the package's long description)
 # is left out so that editing docs does not rebuild; this file is represented by BUILDER_VERSION: bump it when a
 # change here changes what is built.
-RECIPE_FILES = ("components/Dockerfile", "components/image/install.sh", "pyproject.toml")
+RECIPE_FILES = ("components/Dockerfile", "components/image/install.sh", "pyproject.toml", "params.yaml")
 BUILDER_VERSION = "2"
 PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf")
 
