@@ -167,13 +167,14 @@ def run_tune_trial(raw: dict[str, Any], tokens: str | Path, emit=print) -> dict[
     check_model_limits(cfg, base)
     toks, meta = read_tokens(tokens, names=("train", "val"))
 
-    def on_eval(row: dict[str, float]) -> None:
-        emit(" ".join(f"{k}={v:.6g}" for k, v in row.items() if k != "step") + f" step={row['step']}")
+    def line(row: dict[str, float]) -> str:
+        return " ".join(f"{k}={v:.6g}" for k, v in row.items() if k != "step")
 
     with tempfile.TemporaryDirectory(prefix="finetune-trial-") as tmp:
-        result = train(toks, meta, base, cfg.train, Path(tmp) / "model", None, on_eval=on_eval)
+        result = train(toks, meta, base, cfg.train, Path(tmp) / "model", None,
+                       on_eval=lambda row: emit(f"{line(row)} step={row['step']}"))
     final = {k: float(v) for k, v in result.val_history[-1].items() if k != "step"}
-    emit(" ".join(f"{k}={v:.6g}" for k, v in final.items()))
+    emit(line(final))
     return final
 
 

@@ -268,15 +268,8 @@ def importances(s) -> dict[str, float]:
 # ---- outputs ----
 
 def nested(values: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys -> the nested params.yaml form."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
+    """Dotted keys -> the nested params.yaml form (the override path that --set and dvc exp run -S take)."""
+    return apply_overrides({}, overrides(values))
 
 
 def dvc_command(values: dict[str, Any]) -> str:
