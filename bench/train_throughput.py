@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from finetune.base_model import resolve_base  # noqa: E402
-from finetune.config import TrainConfig  # noqa: E402
-from finetune.modeling import epoch_batches  # noqa: E402
-from finetune.tokenize import TokenizedSplit, load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from finetune.train import train  # noqa: E402
+from finetune.common.base_model import resolve_base  # noqa: E402
+from finetune.common.config import TrainConfig  # noqa: E402
+from finetune.training.batches import epoch_batches  # noqa: E402
+from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from finetune.stages.train import train  # noqa: E402
 
 
 def synthetic(n: int, mean_len: float, max_len: int, vocab: int, seed: int = 0) -> TokenizedSplit:

@@ -18,8 +18,9 @@ IMAGE = (Path(__file__).with_name("image.txt")).read_text().strip()
 def validate(data_uri: str, data_md5: str, params: dict, splits: Output[Dataset], report: Output[Artifact]
              ) -> NamedTuple("ValidateOutputs", passed=bool, summary=str):
     """Check the raw data; on failure return passed=False (the report artifact says why) and write no splits."""
-    from finetune.config import config_from_dict
-    from finetune.stages import StageFailed, run_validate
+    from finetune.common.params import config_from_dict
+    from finetune.stages import StageFailed
+    from finetune.stages.validate import run_validate
 
     try:
         run_validate(config_from_dict(params), data_uri, splits.path, report.path, expected_md5=data_md5 or None)
@@ -36,8 +37,8 @@ def validation_failed(summary: str):
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def tokenize(splits: Input[Dataset], params: dict, tokens: Output[Dataset]):
-    from finetune.config import config_from_dict
-    from finetune.stages import run_tokenize
+    from finetune.common.params import config_from_dict
+    from finetune.stages.tokenize import run_tokenize
 
     run_tokenize(config_from_dict(params), splits.path, tokens.path)
 
@@ -45,8 +46,8 @@ def tokenize(splits: Input[Dataset], params: dict, tokens: Output[Dataset]):
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, model: Output[Model],
           train_logs: Output[Artifact]):
-    from finetune.config import config_from_dict
-    from finetune.stages import run_train
+    from finetune.common.params import config_from_dict
+    from finetune.stages.train import run_train
 
     run_train(config_from_dict(params), tokens.path, model.path, train_logs.path, checkpoint_dir or None)
 
@@ -54,8 +55,8 @@ def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, model: Outp
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
-    from finetune.config import config_from_dict
-    from finetune.stages import run_evaluate
+    from finetune.common.params import config_from_dict
+    from finetune.stages.evaluate import run_evaluate
 
     result = run_evaluate(config_from_dict(params), model.path, tokens.path, evaluation.path)
     for key in ("accuracy", "macro_f1", "loss", "ece"):  # KFP UI: scalar metrics + confusion matrix
@@ -70,11 +71,12 @@ def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dat
     """Needs MLFLOW_TRACKING_URI (and S3 credentials for the artifact store) in the environment.
     Lineage has the keys of the local path (lineage.collect); what a pod cannot know (the working tree,
     data.dvc) is null. ``compressed``: the compress output; its int8 variant is registered when it passed."""
-    from finetune import config, lineage, tracking
-    from finetune.stages import run_register
+    from finetune.common.params import config_from_dict
+    from finetune.common import lineage, tracking
+    from finetune.stages.register import run_register
 
     trail = lineage.collect(data_uri, data_md5=data_md5 or None, git_commit=git_rev or None, kfp_run=run_name)
-    reg = run_register(config.config_from_dict(params), model.path, evaluation.path, splits.path, train_logs.path,
+    reg = run_register(config_from_dict(params), model.path, evaluation.path, splits.path, train_logs.path,
                        registration.path, trail, *tracking.configure(require_env=True), tokens=tokens.path,
                        compress=compressed.path)
     return (reg["version"], reg["alias"])
@@ -84,8 +86,8 @@ def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dat
 def compress(model: Input[Model], tokens: Input[Dataset], params: dict, compressed: Output[Model],
              metrics: Output[Metrics]):
     """ONNX + int8 variants; a refused or unexportable variant is reported in metrics, never a failed run."""
-    from finetune.config import config_from_dict
-    from finetune.stages import run_compress
+    from finetune.common.params import config_from_dict
+    from finetune.stages.compress import run_compress
 
     result = run_compress(config_from_dict(params), model.path, tokens.path, compressed.path)
     metrics.log_metric("int8_passed", float(result["int8_passed"]))
@@ -96,6 +98,6 @@ def compress(model: Input[Model], tokens: Input[Dataset], params: dict, compress
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def deploy(registration: Input[Artifact], inference_service: str, namespace: str, artifacts_destination: str):
     """Needs MLFLOW_TRACKING_URI and a service account that may patch the InferenceService."""
-    from finetune.stages import run_deploy
+    from finetune.cluster.deploy import run_deploy
 
     run_deploy(registration.path, inference_service, namespace, artifacts_destination)

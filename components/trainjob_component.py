@@ -1,5 +1,5 @@
 """The train step when params.yaml says ``launch.launcher: trainjob``: it launches a Kubeflow Trainer v2 TrainJob and
-waits for it (``finetune.trainjob.train_on_cluster``). Same verb, inputs and outputs as the single-pod ``train`` in
+waits for it (``finetune.cluster.trainjob.train_on_cluster``). Same verb, inputs and outputs as the single-pod ``train`` in
 finetune_components.py, so evaluate and register are wired the same way. No stage logic here."""
 
 from typing import Any
@@ -14,8 +14,8 @@ from components.finetune_components import IMAGE  # one image for every step
 def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, cluster: dict, image: str, run_id: str,
           model: Output[Model], train_logs: Output[Artifact]):
     """Checkpoints live on the shared volume per run (``checkpoint_dir`` is not used here)."""
-    from finetune.config import config_from_dict
-    from finetune.trainjob import TrainJobSettings, train_on_cluster
+    from finetune.common.params import config_from_dict
+    from finetune.cluster.trainjob import TrainJobSettings, train_on_cluster
 
     train_on_cluster(config_from_dict(params), TrainJobSettings.from_cluster(cluster), image, run_id, tokens.path, model.path,
                      train_logs.path)

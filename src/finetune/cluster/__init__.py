@@ -1,0 +1,1 @@
+"""Kubernetes: the TrainJob launcher, pipeline submission, Katib objects, KServe deploy."""

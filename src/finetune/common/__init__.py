@@ -1,0 +1,1 @@
+"""Shared by every layer: config, files, output folders, tokens, lineage, redaction, progress."""

@@ -1,0 +1,79 @@
+"""params.yaml and overrides -> the typed Config: YAML reading, dotted overrides, KFP's dict form."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.common.coercion import ConfigError, build, located_error
+from finetune.common.config import Config
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """A copy of ``raw`` with ``section.key[.sub...]=value`` strings applied (the syntax of ``dvc exp run -S``);
+    values parse as YAML (``2``, ``1e-4``, ``null``, ``[a, b]``). Unknown keys are refused when the config is built."""
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lora.r=4)")
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:  # absent, or an empty section in YAML
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth + 1])} is a value, not a section")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return out
+
+
+def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """Without null values (KFP struct parameters cannot hold them); absent keys take the config default."""
+    return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """The one way a params.yaml-shaped dict becomes the typed config (CLI, submit, every KFP component)."""
+    return build(Config, {} if raw is None else raw, "")
+
+
+def as_params(cfg: Config) -> dict[str, Any]:
+    """The resolved config as the KFP ``params`` struct: every key, nulls dropped (they are the defaults)."""
+    return drop_none(cfg.to_dict())
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """params.yaml as a dict; a missing file, a YAML syntax error or a non-mapping is one ConfigError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise located_error(f"{p}: params file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise located_error(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise located_error(f"{p}: the top level is a {type(raw).__name__}; it must be a mapping of sections "
+                          f"(data:, validate:, train: ...)")
+    return raw
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (missing keys take the defaults above), apply overrides, check everything."""
+    raw = read_params(path)
+    try:
+        return config_from_dict(apply_overrides(raw, overrides))
+    except ConfigError as exc:
+        raise located_error(f"{path}{' + --set' if overrides else ''}: {exc}") from None

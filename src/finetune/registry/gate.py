@@ -1,0 +1,93 @@
+"""gate: may a new model version become ``champion``? Pure: numbers and label sets in, a decision out.
+
+Two questions, in this order: is the champion a model of the same task with the same labels (else there is
+nothing to compare), and does the new model clear the floors and beat the champion by the margin. Scores of a
+re-scored champion come from evaluate's metric function, so the gate and the evaluate stage cannot disagree
+on what "accuracy" or "macro-F1" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from finetune.common.config import RegisterConfig
+from finetune.tasks.single_label import classification_metrics
+
+# A model's task as recorded with its version: the head the train stage builds (one label per text).
+TASK = "text-classification/single-label"
+
+
+class LineageMismatch(ValueError):
+    """The champion under this model name classifies other labels or another task: comparing is meaningless."""
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a version predicts: its task and its labels in the order of the model's outputs."""
+    task: str
+    labels: tuple[str, ...]
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+
+
+def gate(value: float, champion_value: float | None, cfg: RegisterConfig, macro_f1: float | None = None) -> Decision:
+    """Promote when the metric clears the floor and beats the champion by more than min_improvement.
+
+    A model whose macro-F1 is under ``min_macro_f1`` is refused whatever its primary metric: on a skewed test
+    set a model that predicts one class only can have high accuracy.
+    """
+    m = cfg.metric
+    if macro_f1 is not None and macro_f1 < cfg.min_macro_f1:
+        return Decision(False, f"macro_f1={macro_f1:.4f} is below min_macro_f1 {cfg.min_macro_f1} "
+                               f"(the model ignores some classes)")
+    if value < cfg.floor:
+        return Decision(False, f"{m}={value:.4f} is below the floor {cfg.floor}")
+    if champion_value is None:
+        return Decision(True, f"no champion yet and {m}={value:.4f} clears the floor {cfg.floor}")
+    if value > champion_value + cfg.min_improvement:
+        return Decision(True, f"{m}={value:.4f} beats the champion's {champion_value:.4f} by more than "
+                              f"{cfg.min_improvement}")
+    return Decision(False, f"{m}={value:.4f} does not beat the champion's {champion_value:.4f} by more than "
+                           f"{cfg.min_improvement}")
+
+
+def same_lineage(ours: ModelKind, champion: ModelKind | None, champion_version: str, cfg: RegisterConfig) -> bool:
+    """True when the champion is comparable (same task, same labels in the same order). When it is not: False if
+    ``register.new_lineage`` allows starting a new lineage under this name, else LineageMismatch naming both."""
+    if champion == ours:
+        return True
+    if cfg.new_lineage:
+        return False
+    theirs = (f"task {champion.task}, labels {list(champion.labels)}" if champion else
+              "no recorded task and labels (registered before they were recorded)")
+    raise LineageMismatch(
+        f"{cfg.model_name}@champion (v{champion_version}) has {theirs}; this model has task {ours.task}, labels "
+        f"{list(ours.labels)}. Nothing was registered. Set register.model_name to a new name for a different "
+        f"task or label set, or set register.new_lineage: true to start a new lineage under "
+        f"'{cfg.model_name}' (the old champion then loses @champion, which the registration records).")
+
+
+def score_predictions(metric: str, y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> float:
+    """``metric`` (accuracy or macro_f1) of predicted label names, computed by evaluate's metric function."""
+
+
+    names = list(labels) + sorted(set(y_true) - set(labels))  # a test label the model lacks counts as missed
+    index = {lab: i for i, lab in enumerate(names)}
+    truth = np.array([index[t] for t in y_true], dtype=np.int64)
+    probs = np.zeros((len(y_pred), len(names)))
+    probs[np.arange(len(y_pred)), [index[p] for p in y_pred]] = 1.0  # hard predictions as one-hot probabilities
+    metrics, _ = classification_metrics(truth, probs, names, bins=1)
+    return float(metrics[metric])
+
+
+def kind_from_config(config: dict) -> ModelKind:
+    """The kind of a saved transformers classifier, from its config.json (id2label keys are strings there)."""
+    id2label = {int(i): str(lab) for i, lab in (config.get("id2label") or {}).items()}
+    return ModelKind(TASK, tuple(id2label[i] for i in sorted(id2label)))

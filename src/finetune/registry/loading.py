@@ -1,0 +1,40 @@
+"""Loading a registered model only after every file was checked against the registry."""
+
+from __future__ import annotations
+
+import tempfile
+
+import mlflow.artifacts
+import mlflow.pyfunc
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+from finetune.common.redact import redact_text, redact_uri
+from finetune.registry import integrity
+from finetune.registry.request import RegistryError
+
+
+def load_verified(model_uri: str, tracking_uri: str):
+    """Load a registered model (``models:/<name>/<version>`` or ``models:/<name>@<alias>``) only after every file
+    of a downloaded copy matched the sha256 digests the registry holds for that version; loads that copy."""
+
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: only registered models (models:/<name>/<version> or "
+                            f"models:/<name>@<alias>) can be verified and loaded")
+    name, sep, ref = model_uri[len("models:/"):].partition("@")
+    if not sep:
+        name, _, ref = name.rpartition("/")
+
+    client = MlflowClient(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+        # models:/ URIs resolve against the global tracking URI, whatever tracking_uri= says
+        with tempfile.TemporaryDirectory(prefix="finetune-verified-") as tmp, _use_tracking_uri(tracking_uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
+            integrity.verify(local, integrity.from_tags(mv.tags or {}), f"{name} version {mv.version}")
+            return mlflow.pyfunc.load_model(local)
+    except integrity.IntegrityError as exc:
+        raise RegistryError(str(exc)) from None
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(redact_text(f"cannot load {model_uri} from {redact_uri(tracking_uri)}: {exc}")) from None

@@ -1,0 +1,115 @@
+"""What a registration asks for and what it returns; the registry's errors and names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.common.config import RegisterConfig
+from finetune.registry import integrity
+from finetune.registry.gate import ModelKind, kind_from_config
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+ONNX_PYFUNC_CODE = Path(__file__).with_name("onnx_pyfunc_model.py")
+
+
+INT8_SUFFIX = "-int8"  # the int8 variant is a registered model of its own: <register.model_name>-int8
+
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class RegistryUnavailable(RegistryError):
+    """The tracking server or its artifact store failed: worth retrying."""
+
+
+class LineageRefused(RegistryError):
+    """The champion has another label set or task (gate.LineageMismatch): nothing may be registered."""
+
+
+@dataclass(frozen=True)
+class RegistrationRequest:
+    """Everything one registration needs, built once by stages.run_register.
+
+    ``artifacts`` maps artifact sub-folder -> local file or folder; ``test`` is (texts, labels) of this run's
+    test split, used to re-score a champion evaluated on other data; ``model_card(version, run_id)`` returns
+    the Markdown logged as ``model_card.md`` and set as the version's description."""
+    model_dir: Path
+    metrics: dict[str, Any]
+    cfg: RegisterConfig
+    tracking_uri: str
+    kind: ModelKind
+    artifact_location: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    training: dict[str, Any] | None = None  # train's summary.json: its selection facts go on the run
+    artifacts: dict[str, str | Path] = field(default_factory=dict)
+    test_hash: str | None = None
+    test: tuple[list[str], list[str]] | None = None
+    max_length: int = 512
+    pipeline_run: str | None = None
+    model_card: Callable[[str, str], str] | None = None
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig, tracking_uri: str,
+                  **fields: Any) -> "RegistrationRequest":
+        """A request for the classifier saved in ``model_dir``, its label set read from its config.json."""
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        return cls(Path(model_dir), metrics, cfg, tracking_uri, kind_from_config(config), **fields)
+
+    @property
+    def value(self) -> float:
+        return float(self.metrics[self.cfg.metric])
+
+    def run_key(self) -> str:
+        """Hash of the weights, the test data, the metrics, the register settings and the pipeline run."""
+        weights = {k: v for k, v in integrity.folder_digests(self.model_dir).items() if k.endswith(".safetensors")}
+        values = {k: self.metrics.get(k) for k in ("accuracy", "macro_f1", "loss")}
+        return hashlib.sha256(json.dumps([weights, self.test_hash, values, asdict(self.cfg), self.pipeline_run],
+                                         sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Registration:
+    model_name: str
+    version: str
+    alias: str
+    promoted: bool
+    reason: str
+    metric: str
+    value: float
+    champion_before: dict[str, Any] | None
+    run_id: str
+    tracking_uri: str  # redacted
+    model_uri: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name`` (register.experiment), created on first use."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location)
+
+
+def training_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The training facts a run compares by: which step was exported and why, how much of the model trained."""
+    keys = ("best_step", "best_value", "exported_step", "steps", "trainable_parameters", "parameters")
+    return {f"train_{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
+
+
+def pip_requirements() -> list[str]:
+    # Explicit, so MLflow does not infer requirements by importing around (which fails offline).
+
+    return [f"mlflow=={version('mlflow')}", f"torch=={version('torch').split('+')[0]}",
+            f"transformers=={version('transformers')}", f"safetensors=={version('safetensors')}"]

@@ -1,0 +1,153 @@
+"""The int8 variant: a registered model of its own whose champion follows the fp32 one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8
+from finetune.common.redact import redact_text, redact_uri
+from finetune.registry import integrity
+from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, remove_artifacts
+from finetune.registry.request import (
+    CHALLENGER,
+    CHAMPION,
+    INT8_SUFFIX,
+    ONNX_PYFUNC_CODE,
+    Registration,
+    RegistrationRequest,
+    RegistryError,
+    RegistryUnavailable,
+)
+from finetune.registry.store import current_champion, delete_version, stored_digests, with_retries
+from finetune.stages.compress import pyfunc_model_config, pyfunc_requirements
+
+
+@dataclass(frozen=True)
+class VariantRequest:
+    """The int8 ONNX variant of the fp32 version ``parent`` (a Registration of ``fp32``): ``folder`` is the
+    compress stage's output, ``metrics`` its metrics.json."""
+    fp32: RegistrationRequest
+    parent: Registration
+    folder: Path
+    metrics: dict[str, Any]
+
+    @property
+    def model_name(self) -> str:
+        return self.fp32.cfg.model_name + INT8_SUFFIX
+
+
+def register_variant(vreq: VariantRequest) -> dict[str, Any]:
+    """Register the int8 variant as a version of ``<model_name>-int8`` whose alias follows its fp32 parent:
+    ``champion`` when the parent was promoted in this registration, else ``challenger``. Same retries, digest
+    tags and all-or-nothing rule as the fp32 registration; idempotent per fp32 version."""
+    return with_retries(vreq.fp32.cfg, vreq.fp32.tracking_uri, lambda: _register_variant_once(vreq))
+
+
+def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
+
+    req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
+    client = MlflowClient(req.tracking_uri)
+    alias = CHAMPION if parent.promoted else CHALLENGER
+    try:
+        done = None
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            tags = mv.tags or {}
+            if tags.get("fp32_model") == f"{parent.model_name}/{parent.version}":
+                if tags.get("complete") == "true":
+                    done = done or str(mv.version)
+                else:
+                    client.delete_model_version(name, mv.version)
+        exp_id = client.get_run(parent.run_id).info.experiment_id
+    except Exception as exc:
+        raise RegistryUnavailable(f"MLflow tracking server {redact_uri(req.tracking_uri)} is unreachable or "
+                                  f"refused: {exc}") from exc
+    version, run_id = done, None
+    if version is None:
+        version, run_id = _log_variant(client, vreq, exp_id)
+    try:
+        client.set_registered_model_alias(name, alias, version)
+        client.set_model_version_tag(parent.model_name, parent.version, "int8_version", f"{name}/{version}")
+    except Exception as exc:
+        raise RegistryUnavailable(f"moving the alias of {name} v{version} failed: {exc}") from exc
+    run_id = run_id or client.get_model_version(name, version).run_id
+    return {"registered": True, "model_name": name, "version": version, "alias": alias, "run_id": run_id,
+            "model_uri": f"models:/{name}/{version}",
+            "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; alias follows fp32 "
+                      f"v{parent.version} (@{parent.alias})"}
+
+
+def drop_int8_champion(req: RegistrationRequest) -> str | None:
+    """The fp32 version of ``req`` was promoted without an int8 variant: ``<name>-int8@champion`` would still
+    name the variant of the previous champion, so the alias is removed. Returns the version it named."""
+
+    name = req.cfg.model_name + INT8_SUFFIX
+    client = MlflowClient(req.tracking_uri)
+    try:
+        if not client.search_registered_models(f"name = '{name}'"):
+            return None
+        old = current_champion(client, name)
+        if old is not None:
+            client.delete_registered_model_alias(name, CHAMPION)
+        return None if old is None else str(old.version)
+    except MlflowException as exc:
+        raise RegistryError(redact_text(f"removing {name}@{CHAMPION} failed: {exc}")) from None
+
+
+def _variant_files(folder: Path, dst: Path) -> Path:
+    """Only what serving the int8 model needs: the int8 ONNX file, tokenizer and config (not the fp32 ONNX)."""
+
+    dst.mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and f.name not in (ONNX_FP32, METRICS, MARKER):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
+    """One run + one complete version of the int8 model, or nothing (as _log_and_register)."""
+
+
+    req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
+    version, run_id = None, None
+    try:
+        with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp, \
+                mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8", HEARTBEAT_TAG: str(time.time())}
+                                 ) as run, heartbeat(req.tracking_uri, run.info.run_id):
+            run_id = run.info.run_id
+            files = _variant_files(Path(vreq.folder), Path(tmp) / "onnx")
+            variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
+            mlflow.log_metrics({k: float(v) for k, v in variant.items() if isinstance(v, (int, float))})
+            mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
+            mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
+            model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
+                model_config=model_config,
+                input_example=(["An example review."], {"probabilities": False}),
+                pip_requirements=pyfunc_requirements())
+            tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
+                    "run_id": run_id, "task": req.kind.task, "labels": json.dumps(list(req.kind.labels)),
+                    "onnx_sha256": model_config["onnx_sha256"], "test_data_hash": req.test_hash or ""}
+            tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta") if k in variant})
+            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+            digests = stored_digests(f"models:/{name}/{version}", req.tracking_uri, files)
+            for key, digest in integrity.as_tags(digests).items():
+                client.set_model_version_tag(name, version, key, digest)
+            client.set_model_version_tag(name, version, "complete", "true")
+            return version, run_id
+    except Exception as exc:
+        if version is not None:
+            delete_version(client, name, version)
+        if run_id is not None:
+            remove_artifacts(client, run_id, exp_id)
+        raise RegistryUnavailable(f"registering {name} failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The run report, the model card and the plots."""

@@ -1,0 +1,281 @@
+"""compress: export the fine-tuned classifier to ONNX, quantize it to int8, and measure what that costs.
+
+Variants: ``pytorch_fp32`` (the baseline, the model as trained), ``onnx_fp32`` (torch's TorchScript-based
+exporter) and ``onnx_int8`` (ONNX Runtime dynamic quantization: int8 weights, activations quantized per
+batch at run time, so no calibration data is needed). Each is scored on the test split (accuracy, macro-F1,
+their delta to the baseline, label agreement) and timed in this same process: p50/p95 latency of one text
+per request, and texts/s at ``compress.batch_size``. The int8 variant passes the gate only if its accuracy
+drop stays within ``compress.max_accuracy_drop``; a model that cannot be exported yields no variant and a
+message naming the model and the operator, never a failed pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from finetune.common.config import CompressConfig, Config
+from finetune.common.files import write_json
+from finetune.common.outputs import METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
+from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_tokens
+from finetune.tasks.single_label import classification_metrics, softmax
+from finetune.training.batches import collate
+from finetune.training.model import MismatchError, load_classifier
+
+log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
+
+
+GATED = "onnx_int8"
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx")
+
+
+Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> logits
+
+
+class ExportUnsupported(RuntimeError):
+    """The model uses something the ONNX exporter cannot express: no compressed variant."""
+
+
+@dataclass
+class CompressResult:
+    metrics: dict[str, Any]
+    exported: bool
+    passed: bool
+    message: str
+    files: dict[str, Path] = field(default_factory=dict)  # variant -> ONNX file inside the output folder
+    probs: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> test-split class probabilities
+
+
+def export_onnx(model, path: str | Path, opset: int, model_name: str) -> None:
+    """Write ``model``'s logits graph to ``path`` with dynamic batch and sequence axes.
+
+    The TorchScript exporter (``dynamo=False``) works offline and exports BERT-style encoders in about a second.
+    """
+
+    class Logits(torch.nn.Module):  # a plain (ids, mask) -> logits signature: the serving contract
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    mask = torch.ones((2, 8), dtype=torch.long)
+    mask[1, 5:] = 0  # a padded row, so the traced graph keeps the attention mask path
+    example = (torch.ones((2, 8), dtype=torch.long), mask)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch"}}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches, checked by tests
+            torch.onnx.export(Logits(model.eval()), example, str(path), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False)
+    except Exception as exc:  # the exporter raises several unrelated types for the same problem
+        Path(path).unlink(missing_ok=True)
+        raise ExportUnsupported(unsupported_message(model_name, opset, exc)) from exc
+
+
+def unsupported_message(model_name: str, opset: int, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # later lines dump the whole graph
+    found = re.search(r"\b((?:aten|prim|onnx)::[A-Za-z_][\w.]*)", first)
+    operator = found.group(1) if found else f"unknown ({first})"
+    return (f"model {model_name} cannot be exported to ONNX (opset {opset}): operator {operator} is not supported; "
+            f"no compressed variant, the pipeline goes on with the fp32 model")
+
+
+def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -> None:
+    """Dynamic int8 quantization (QInt8 weights) of an fp32 ONNX model."""
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs an INFO line per tensor (and a generic tip) on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def torch_runner(model, threads: int) -> Runner:
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = model.eval()
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    return run
+
+
+def onnx_runner(path: str | Path, threads: int) -> Runner:
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    return run
+
+
+def _batch(split: TokenizedSplit, idx: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    b = collate(split, idx, pad_id)
+    return b["input_ids"].numpy(), b["attention_mask"].numpy()
+
+
+def measure(run: Runner, split: TokenizedSplit, pad_id: int, batch_size: int, latency_requests: int
+            ) -> tuple[np.ndarray, dict[str, float]]:
+    """Class probabilities for every text of ``split`` and timings of ``run``.
+
+    Throughput: the whole split in its own order (requests arrive unsorted), ``batch_size`` texts per call.
+    Latency: the first ``latency_requests`` texts, one per call. One untimed call of each shape warms up.
+    """
+    n = len(split)
+    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if batches:
+        run(*_batch(split, batches[0], pad_id))
+    logits, start = [], time.perf_counter()
+    for idx in batches:
+        logits.append(run(*_batch(split, idx, pad_id)))
+    seconds = time.perf_counter() - start
+    singles = [_batch(split, np.array([i]), pad_id) for i in range(min(latency_requests, n))]
+    if singles:
+        run(*singles[0])
+    per_request = []
+    for ids, mask in singles:
+        t0 = time.perf_counter()
+        run(ids, mask)
+        per_request.append(time.perf_counter() - t0)
+    ms = np.array(per_request) * 1000 if per_request else np.zeros(1)
+    timing = {"texts_per_s": round(n / seconds, 1) if seconds > 0 else 0.0,
+              "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
+              "latency_ms_p95": round(float(np.percentile(ms, 95)), 3)}
+    return softmax(np.concatenate(logits).astype(np.float64)), timing
+
+
+def gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float) -> tuple[bool, str]:
+    drop = baseline["accuracy"] - candidate["accuracy"]
+    if drop <= max_drop + 1e-12:
+        return True, (f"int8 variant passed: accuracy {candidate['accuracy']:.4f} vs fp32 {baseline['accuracy']:.4f} "
+                      f"(drop {drop:.4f} <= compress.max_accuracy_drop {max_drop})")
+    return False, (f"int8 variant refused: accuracy {candidate['accuracy']:.4f} vs fp32 {baseline['accuracy']:.4f}, "
+                   f"drop {drop:.4f} > compress.max_accuracy_drop {max_drop}; the pipeline goes on with the fp32 model")
+
+
+def variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str], timing: dict[str, float],
+                     size: int, reference: np.ndarray | None) -> dict[str, Any]:
+    scores, _ = classification_metrics(split.labels, probs, labels, bins=10)
+    out = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "size_mb": round(size / 2 ** 20, 2),
+           **timing}
+    if reference is not None:  # agreement with the baseline's labels and the largest probability difference
+        out["label_agreement"] = round(float((probs.argmax(1) == reference.argmax(1)).mean()), 6)
+        out["max_probability_diff"] = round(float(np.abs(probs - reference).max()), 6) if len(probs) else 0.0
+    return out
+
+
+def with_deltas(variants: dict[str, dict[str, Any]]) -> None:
+    base = variants["pytorch_fp32"]
+    for name, v in variants.items():
+        if name != "pytorch_fp32":
+            v["accuracy_delta"] = round(v["accuracy"] - base["accuracy"], 6)
+            v["macro_f1_delta"] = round(v["macro_f1"] - base["macro_f1"], 6)
+            v["size_ratio"] = round(base["size_mb"] / v["size_mb"], 2) if v["size_mb"] else None
+            v["speedup"] = round(v["texts_per_s"] / base["texts_per_s"], 2) if base["texts_per_s"] else None
+
+
+def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], cfg: CompressConfig,
+             out_dir: str | Path, model_name: str | None = None) -> CompressResult:
+    """Export, quantize, measure and gate; the output folder is replaced only when everything is written.
+
+    ``out_dir`` gets model.onnx, model.int8.onnx, the tokenizer and config files of ``model_dir``, and
+    metrics.json (last). Unsupported model: only metrics.json, saying why.
+    """
+    model_dir = Path(model_dir)
+    name = model_name or model_dir.name
+    labels = meta["labels"]
+    pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
+    model = load_classifier(model_dir)
+    model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if model_labels != labels:
+        raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
+    common = {"model": name, "n": len(test), "batch_size": cfg.batch_size, "threads": cfg.threads,
+              "max_accuracy_drop": cfg.max_accuracy_drop}
+    with atomic_dir(out_dir, "compress", [model_dir]) as tmp:
+        try:
+            export_onnx(model, tmp / ONNX_FP32, cfg.opset, name)
+        except ExportUnsupported as exc:
+            metrics = {**common, "exported": False, "int8_passed": False, "message": str(exc), "variants": {}}
+            write_json(tmp / METRICS, metrics)
+            return CompressResult(metrics, False, False, str(exc))
+        quantize_int8(tmp / ONNX_FP32, tmp / ONNX_INT8, cfg.per_channel)
+        for f in model_dir.iterdir():  # tokenizer + config: the ONNX folder serves on its own
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(f, tmp / f.name)
+        torch_size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        runs = {"pytorch_fp32": (torch_runner(model, cfg.threads), torch_size),
+                "onnx_fp32": (onnx_runner(tmp / ONNX_FP32, cfg.threads), (tmp / ONNX_FP32).stat().st_size),
+                "onnx_int8": (onnx_runner(tmp / ONNX_INT8, cfg.threads), (tmp / ONNX_INT8).stat().st_size)}
+        variants, probs = {}, {}
+        for variant, (run, size) in runs.items():
+            probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+            variants[variant] = variant_metrics(probs[variant], test, labels, timing, size, probs.get("pytorch_fp32")
+                                                if variant != "pytorch_fp32" else None)
+        with_deltas(variants)
+        passed, message = gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
+        metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants}
+        write_json(tmp / METRICS, metrics)
+    out = Path(out_dir)
+    return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},
+                          probs)
+
+
+def file_sha256(path: str | Path) -> str:
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def pyfunc_model_config(folder: str | Path, onnx_file: str = ONNX_INT8, max_length: int = 512) -> dict[str, Any]:
+    """model_config for onnx_pyfunc_model.OnnxTextClassifier over a compress output folder."""
+
+    tok = load_tokenizer(folder)
+    return {"onnx_file": onnx_file, "onnx_sha256": file_sha256(Path(folder) / onnx_file), "max_length": max_length,
+            "pad_token": tok.pad_token, "pad_token_id": int(tok.pad_token_id or 0)}
+
+
+def pyfunc_requirements() -> list[str]:
+    """What serving the ONNX pyfunc needs (explicit: MLflow's inference imports around, which fails offline)."""
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "onnxruntime", "tokenizers", "numpy")]
+
+
+def run_compress(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
+    """ONNX + int8 variants of ``model``, measured on the test split. Never fails the pipeline for a model that
+    cannot be exported or an int8 variant past the gate: metrics.json and the log say so."""
+
+    check_output_dir(out, [model, tokens])
+    toks, meta = read_tokens(tokens, names=("test",))
+    result = compress(model, toks["test"], meta, cfg.compress, out, model_name=Path(model).name)
+    (log.info if result.passed else log.warning)("compress: %s", result.message)
+    if result.exported:
+        v = result.metrics["variants"]
+        log.info("compress: int8 %.1f MB (%.1fx smaller), %.1f texts/s (%.2fx fp32 PyTorch), p50 %.1f ms",
+                 v["onnx_int8"]["size_mb"], v["onnx_int8"]["size_ratio"], v["onnx_int8"]["texts_per_s"],
+                 v["onnx_int8"]["speedup"], v["onnx_int8"]["latency_ms_p50"])
+    return result.metrics

@@ -1,0 +1,198 @@
+"""evaluate: score the fine-tuned model on the held-out test split.
+
+Metrics: accuracy, macro-F1, per-class precision/recall/F1, cross-entropy loss, expected calibration
+error (ECE), confusion matrix, one-vs-rest ROC AUC per class. metrics.json keeps ``accuracy`` and
+``macro_f1`` at top level for `dvc metrics` and KFP; predictions.csv, calibration.csv and roc.csv feed
+`dvc plots`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+from finetune.common.config import Config, EvaluateConfig
+from finetune.common.files import write_json
+from finetune.common.outputs import atomic_dir, check_output_dir
+from finetune.common.progress import Progress
+from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_tokens, tokenizer_fingerprint
+from finetune.tasks.single_label import classification_metrics, softmax
+from finetune.training.model import MismatchError, load_classifier, pick_device, predict_logits
+
+log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    labels: list[str]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    confidence: np.ndarray
+    calibration: list[dict[str, float]]
+    roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> fpr, tpr, threshold, auc
+
+
+def roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000
+               ) -> dict[str, dict[str, Any]]:
+    """One-vs-rest ROC curve and its area per class (a class absent from, or alone in, ``y_true`` has none).
+
+    Points are (false positive rate, true positive rate) at each distinct score threshold, from (0, 0); the
+    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``.
+    """
+    out = {}
+    for k, lab in enumerate(labels):
+        pos = y_true == k
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if not n_pos or not n_neg:
+            continue
+        order = np.argsort(-probs[:, k], kind="stable")
+        scores, hits = probs[order, k], pos[order]
+        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
+        tpr = np.r_[0.0, np.cumsum(hits)[last] / n_pos]
+        fpr = np.r_[0.0, np.cumsum(~hits)[last] / n_neg]
+        thr = np.r_[1.0, scores[last]]
+        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
+        out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
+                    "auc": round(auc, 6)}
+    return out
+
+
+def subset(split: TokenizedSplit, idx: np.ndarray) -> TokenizedSplit:
+    """The sequences ``idx`` of ``split``, in that order."""
+    lengths = split.lengths[idx]
+    offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([split.sequence(int(i)) for i in idx]) if len(idx) else split.ids[:0]
+    return TokenizedSplit(ids, offsets, split.labels[idx])
+
+
+def logits_with_progress(model, split: TokenizedSplit, batch_size: int, pad_id: int, device, every: float = 10.0,
+                         stream=None, batches_per_update: int = 4) -> np.ndarray:
+    """``predict_logits`` with progress: the split is cut, in length order, into runs of a few batches, so
+    every batch holds the same texts as one unprogressed pass would, and so gives the same logits."""
+    order = np.argsort(split.lengths, kind="stable")
+    out = None
+    chunk = batch_size * batches_per_update
+    with Progress(len(split), "evaluate", "texts", every=every, stream=stream) as progress:
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            logits = predict_logits(model, subset(split, idx), batch_size, pad_id, device)
+            if out is None:
+                out = np.zeros((len(split), logits.shape[1]), dtype=logits.dtype)
+            out[idx] = logits
+            progress.update(len(idx))
+    return out if out is not None else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], cfg: EvaluateConfig,
+             device: str = "auto") -> EvalResult:
+    """Score ``model_dir`` on ``test``. Refuses a model whose labels or tokenizer differ from the data's."""
+    model_dir = Path(model_dir)
+    labels = meta["labels"]
+    tok = load_tokenizer(model_dir)
+    if tokenizer_fingerprint(tok) != meta["tokenizer"]:
+        raise MismatchError(f"model {model_dir} has tokenizer {tokenizer_fingerprint(tok)}, test data was "
+                            f"tokenized with {meta['tokenizer']}")
+    dev = pick_device(device)
+    model = load_classifier(model_dir, dev)
+    model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if model_labels != labels:
+        raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
+    probs = softmax(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
+    metrics, calib = classification_metrics(test.labels, probs, labels, cfg.calibration_bins)
+    roc = roc_curves(test.labels, probs, labels)
+    for lab, curve in roc.items():
+        metrics["per_class"][lab]["roc_auc"] = curve["auc"]
+    return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib, roc)
+
+
+def write_evaluation(result: EvalResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """metrics.json, predictions.csv, calibration.csv, roc.csv and PNG plots, replacing ``out_dir`` as a whole
+    (io.atomic_dir: never a folder another tool wrote, never a half-written one)."""
+    with atomic_dir(out_dir, "evaluate", inputs) as tmp:
+        _write_files(result, tmp)
+
+
+def _write_files(result: EvalResult, out: Path) -> None:
+    names = result.labels
+    with (out / "predictions.csv").open("w", encoding="utf-8") as fh:
+        fh.write("actual,predicted,confidence\n")
+        fh.writelines(f"{names[a]},{names[p]},{c:.6f}\n" for a, p, c in
+                      zip(result.y_true, result.y_pred, result.confidence))
+    with (out / "calibration.csv").open("w", encoding="utf-8") as fh:
+        fh.write("confidence,accuracy,count\n")
+        fh.writelines(f"{r['confidence']},{r['accuracy']},{r['count']}\n" for r in result.calibration if r["count"])
+    with (out / "roc.csv").open("w", encoding="utf-8") as fh:  # long format: one line per class (dvc plots template)
+        fh.write("class,fpr,tpr,threshold\n")
+        for lab, c in result.roc.items():
+            fh.writelines(f"{_csv_field(lab)},{f:.6f},{t:.6f},{th:.6f}\n"
+                          for f, t, th in zip(c["fpr"], c["tpr"], c["threshold"]))
+    _plots(result, out)
+    write_json(out / "metrics.json", result.metrics)
+
+
+def _csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
+
+
+def _plots(result: EvalResult, out: Path) -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+    matplotlib.use("Agg")
+
+    cm = np.array(result.metrics["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(result.labels), 3.5 + 0.4 * len(result.labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(result.labels)), result.labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(result.labels)), result.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_title(f"confusion matrix (accuracy {result.metrics['accuracy']:.3f})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    pts = [r for r in result.calibration if r["count"]]
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    ax.plot([r["confidence"] for r in pts], [r["accuracy"] for r in pts], "o-", label="model")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {result.metrics['ece']:.3f})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    for lab, c in result.roc.items():
+        ax.plot(c["fpr"], c["tpr"], label=f"{lab} (AUC {c['auc']:.3f})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one class vs the rest")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=100)
+    plt.close(fig)
+
+
+def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
+
+    check_output_dir(out, [model, tokens])  # before the work, not after it
+    toks, meta = read_tokens(tokens, names=("test",))
+    result = evaluate(model, toks["test"], meta, cfg.evaluate, device=cfg.train.device)
+    write_evaluation(result, out, [model, tokens])
+    log.info("test accuracy %.4f, macro-F1 %.4f", result.metrics["accuracy"], result.metrics["macro_f1"])
+    return result.metrics

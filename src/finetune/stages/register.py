@@ -1,0 +1,152 @@
+"""register: log the run, register the model version, let the gate move the champion alias,
+register the int8 variant, and write the run report (registration.json, report.html)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from finetune.common.config import Config
+from finetune.common.files import read_json, write_json
+from finetune.common.lineage import split_hash
+from finetune.common.outputs import check_output_place
+from finetune.common.params import config_from_dict
+from finetune.common.redact import redact_values
+from finetune.registry.cards import update_model_card, upload_report
+from finetune.registry.request import RegistrationRequest, RegistryError
+from finetune.registry.transaction import register
+from finetune.registry.variants import VariantRequest, drop_int8_champion, register_variant
+from finetune.reporting import plots
+from finetune.reporting.model_card import model_card
+from finetune.reporting.report import ReportData, render_report
+
+log = logging.getLogger("finetune")
+
+
+def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits: str | Path,
+                 train_logs: str | Path | None, out: str | Path, lineage: dict[str, Any],
+                 tracking_uri: str, artifact_location: str | None = None,
+                 tokens: str | Path | None = None, compress: str | Path | None = None) -> dict[str, Any]:
+    """Register the model, then write ``out``/registration.json, model_card.md and report.html; the card goes
+    with the model version, the report (and its plots) into the version's MLflow run under ``report/``.
+    ``tokens`` (the tokenize output) only adds token-length statistics to the card and report. ``compress``
+    (the compress output): its int8 variant, when it passed its gate, is registered as ``<name>-int8`` and
+    its figures go into the card and report; registration.json["int8"] says what happened to it."""
+
+
+
+    # register writes its three files by name (deletes nothing), but never into the project root or an input
+    check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens, compress) if p])
+    metrics = read_json(Path(evaluation) / "metrics.json")
+    test = pd.read_parquet(Path(splits) / "test.parquet")
+    history = []
+    artifacts: dict[str, Path] = {"evaluation": Path(evaluation), "validation": Path(splits) / "report.json"}
+    if train_logs and Path(train_logs).is_dir():
+        with (Path(train_logs) / "loss.csv").open(encoding="utf-8") as fh:
+            history = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
+        artifacts["training"] = Path(train_logs)
+    # Log the config the model was really trained with (saved beside it), plus this run's register settings.
+    trained = Path(model) / "finetune_config.json"
+    logged = config_from_dict({**read_json(trained), "register": asdict(cfg.register)}) if trained.is_file() else cfg
+    params = redact_values(logged.flat())
+    lineage = redact_values(lineage)
+    validation = _optional_json(Path(splits) / "report.json")
+    token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
+    token_stats = (token_meta or {}).get("stats")
+    compressed = _optional_json(Path(compress) / "metrics.json") if compress else None
+    summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
+    int8: dict[str, Any] = {}  # filled once the variant is registered (or refused): the card shows it
+
+    def card(version: str, run_id: str | None) -> str:
+        return model_card(cfg.register.model_name, version, metrics, validation, params, lineage, run_id,
+                          token_stats, compressed, int8)
+
+    request = RegistrationRequest.for_model(
+        model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
+        lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
+        test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
+        pipeline_run=lineage.get("kfp_run"), model_card=card)
+    reg = register(request)
+    int8.update(_register_int8(request, reg, compress, compressed))
+    final_card = card(reg.version, reg.run_id)
+    if compressed is not None:  # the card registered with the version did not know the int8 outcome yet
+        try:
+            update_model_card(request, reg.version, reg.run_id, final_card)
+        except RegistryError as exc:  # the version stands; out/register/model_card.md has the whole card
+            log.error("%s", exc)
+    out_dict = {**asdict(reg), "int8": int8}
+    write_json(Path(out) / "registration.json", out_dict)
+    (Path(out) / "model_card.md").write_text(final_card, encoding="utf-8")
+    _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, params, evaluation,
+                  Path(out), tracking_uri, compressed)
+    log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
+    return out_dict
+
+
+def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str, Any] | None) -> dict[str, Any]:
+    """The int8 variant of ``reg``, registered when the compress stage passed it; else why not. A registry
+    failure here does not undo the fp32 version: it is reported in registration.json and the log (a rerun
+    registers the variant)."""
+
+    why = None
+    if compressed is None:
+        why = "no compress output was given" if not folder else f"{folder}/metrics.json does not exist"
+    elif not (compressed.get("exported") and compressed.get("int8_passed")):
+        why = compressed.get("message", "not passed")
+    else:
+        try:
+            result = register_variant(VariantRequest(request, reg, Path(folder), compressed))
+            log.info("registered %s version %s as @%s", result["model_name"], result["version"], result["alias"])
+            return result
+        except RegistryError as exc:
+            log.error("the int8 variant was not registered: %s", exc)
+            why = f"registering it failed: {exc}"
+    out = {"registered": False, "reason": f"no int8 variant: {why}"}
+    if reg.promoted:  # the new champion has no variant: -int8@champion must not name the old champion's
+        try:
+            dropped = drop_int8_champion(request)
+        except RegistryError as exc:
+            dropped = None
+            out["reason"] += f"; {exc}"
+        if dropped:
+            out["reason"] += f"; @champion removed from version {dropped} of the int8 model"
+    return out
+
+
+def _optional_json(path: Path) -> Any:
+
+    return read_json(path) if path.is_file() else None
+
+
+def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, summary, history, params,
+                  evaluation: str | Path, out: Path, tracking_uri: str, compressed: dict[str, Any] | None = None
+                  ) -> None:
+    """out/report.html, and the report with its plots into the MLflow run under report/."""
+
+
+    images = {"training": plots.training_curves(history, (summary or {}).get("val_history")) if history else b""}
+    lengths_csv = Path(tokens) / "lengths.csv" if tokens else None
+    if lengths_csv and lengths_csv.is_file():
+        with lengths_csv.open(encoding="utf-8") as fh:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        images["lengths"] = plots.length_distribution(rows, (token_meta or {}).get("max_length"))
+    for key in ("roc", "calibration"):
+        png = Path(evaluation) / f"{key}.png"
+        images[key] = png.read_bytes() if png.is_file() else b""
+    page = render_report(ReportData(reg, metrics, validation, (token_meta or {}).get("stats"), summary, params,
+                                    images, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), compressed))
+    (out / "report.html").write_text(page, encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="finetune-report-") as tmp:
+        shutil.copy2(out / "report.html", tmp)
+        for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths")):
+            if images.get(key):
+                (Path(tmp) / name).write_bytes(images[key])
+        upload_report(tracking_uri, reg["run_id"], tmp)

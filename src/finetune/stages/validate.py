@@ -1,0 +1,336 @@
+"""validate: check the raw data with Great Expectations, then split it deterministically.
+
+Core: ``validate(data_path, data_cfg, cfg) -> ValidationResult``; nothing is written here.
+``write_splits`` stores a passing result atomically; a failing one yields no splits at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
+
+from finetune.common.config import Config, DataConfig, ValidateConfig
+from finetune.common.files import DataError, read_table, write_json
+from finetune.common.lineage import file_md5
+from finetune.common.outputs import atomic_dir, check_output_dir
+from finetune.common.sources import fetch
+from finetune.common.tokens import SPLITS
+from finetune.stages import StageFailed
+from finetune.tasks.single_label import floor_warning
+
+log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
+
+
+@dataclass
+class ValidationResult:
+    ok: bool
+    report: dict[str, Any]
+    labels: list[str] = field(default_factory=list)
+    splits: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return render_summary(self.report)
+
+
+def _rule(name: str, column: str | None, ok: bool, message: str, rows: list[int] | None = None,
+          values: list[Any] | None = None, max_examples: int = 5, source: str = "finetune") -> dict[str, Any]:
+    rows = [int(r) for r in (rows or [])]
+    examples = [{"row": r, "value": _short(v)} for r, v in zip(rows[:max_examples], (values or [None] * len(rows)))]
+    return {"rule": name, "column": column, "success": ok, "source": source, "message": message,
+            "unexpected_count": len(rows), "examples": examples}
+
+
+def _short(v: Any, n: int = 80) -> Any:
+    if isinstance(v, str) and len(v) > n:
+        return v[:n] + f"... ({len(v)} chars)"
+    return None if v is None or (isinstance(v, float) and pd.isna(v)) else v
+
+
+# Great Expectations rule names in our report -> expectation classes and kwargs.
+def _expectations(text: str, label: str, cfg: ValidateConfig) -> list[tuple[str, Any]]:
+
+    exps = [
+        ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column=text)),
+        ("label_not_null", gxe.ExpectColumnValuesToNotBeNull(column=label)),
+        ("text_not_blank", gxe.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S")),
+        ("text_length", gxe.ExpectColumnValueLengthsToBeBetween(column=text, min_value=cfg.min_chars,
+                                                                  max_value=cfg.max_chars)),
+    ]
+    if cfg.labels:
+        exps.append(("label_in_set", gxe.ExpectColumnValuesToBeInSet(column=label, value_set=cfg.labels)))
+    return exps
+
+
+def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
+
+    ctx = gx.get_context(mode="ephemeral")  # in memory: writes no files
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
+    named = _expectations(text, label, cfg)
+    suite = ctx.suites.add(gx.ExpectationSuite(name="raw_text_classification"))
+    for _, exp in named:
+        suite.add_expectation(exp)
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="raw", data=batch, suite=suite))
+    res = vd.run(batch_parameters={"dataframe": df}, result_format="COMPLETE")
+    by_type = {}
+    for r in res.results:
+        by_type.setdefault((r.expectation_config.type, r.expectation_config.kwargs.get("column")), []).append(r)
+    rules = []
+    for name, exp in named:
+        r = by_type[(exp.expectation_type, exp.column)].pop(0)
+        # GE gives plain index values, or dicts of {index name: value, column: value} for a named index
+        rows = [x["row"] if isinstance(x, dict) else x for x in r.result.get("unexpected_index_list") or []]
+        values = [df.at[i, exp.column] for i in rows[: cfg.max_examples]]
+        rules.append(_rule(name, exp.column, bool(r.success), f"{exp.expectation_type} "
+                           f"{ {k: v for k, v in r.expectation_config.kwargs.items() if k not in ('batch_id', 'column')} }",
+                           rows, values, cfg.max_examples, source="great_expectations"))
+    return rules
+
+
+def _hash_order(text: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
+    """Stratified split, stable under row reordering: inside each class rows are ordered by a seeded
+    hash of their text, then cut by the configured fractions."""
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
+    for _, grp in df.groupby("label", sort=True):
+        grp = grp.assign(_k=grp["text"].map(lambda t: _hash_order(t, cfg.seed))).sort_values("_k")
+        n = len(grp)
+        n_test = max(1, round(n * cfg.test_fraction))
+        n_val = max(1, round(n * cfg.val_fraction))
+        parts["test"].append(grp.iloc[:n_test])
+        parts["val"].append(grp.iloc[n_test:n_test + n_val])
+        parts["train"].append(grp.iloc[n_test + n_val:])
+    return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
+
+
+def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
+             workspace: str | Path | None = None) -> ValidationResult:
+    """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
+    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink)."""
+    path = str(data_path)
+    text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
+    report: dict[str, Any] = {"data": path, "rules": [], "success": False}
+
+    def fail(extra_rules: list[dict[str, Any]]) -> ValidationResult:
+        report["rules"].extend(extra_rules)
+        report["success"] = False
+        return ValidationResult(False, report)
+
+    try:
+        df = read_table(path, workspace)
+    except DataError as e:
+        return fail([_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)])
+    report["rows"] = int(len(df))
+    report["columns"] = [str(c) for c in df.columns]
+
+    missing = [c for c in (text, label) if c not in df.columns]
+    if missing:
+        return fail([_rule("required_columns", ",".join(missing), False,
+                           f"missing column(s) {missing}; found {report['columns']} "
+                           f"(set data.text_column / data.label_column)")])
+
+    # Texts must be strings (JSONL/Parquet may carry numbers or objects); labels may be any scalar but one type.
+    not_str = [i for i, v in df[text].items() if v is not None and not pd.isna(v) and not isinstance(v, str)]
+    rules = [_rule("text_is_string", text, not not_str, "text values must be strings", not_str,
+                   [df.at[i, text] for i in not_str[: cfg.max_examples]], cfg.max_examples)]
+    label_types = df[label].dropna().map(lambda v: type(v).__name__)
+    mixed = label_types.nunique() > 1
+    odd = list(label_types[label_types != label_types.mode().iat[0]].index) if mixed else []
+    types = sorted(label_types.unique())
+    rules.append(_rule("label_single_type", label, not mixed,
+                       f"labels mix types {types}" if mixed else f"all labels have one type ({', '.join(types)})", odd,
+                       [df.at[i, label] for i in odd[: cfg.max_examples]], cfg.max_examples))
+    if not_str or mixed:
+        return fail(rules)
+
+    df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
+    rules += _run_great_expectations(df, text, label, cfg)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    frame = pd.DataFrame({"text": df[text], "label": df[label]}, index=df.index)
+    key = frame["text"].str.strip()
+
+    # The same text with two labels is contradictory whatever the duplicate policy.
+    n_labels = frame.groupby(key)["label"].transform("nunique")
+    conflict = list(frame.index[n_labels > 1])
+    rules.append(_rule("duplicate_text_conflicting_labels", text, not conflict,
+                       "the same text carries different labels" if conflict else
+                       "no text carries two different labels", conflict,
+                       [frame.at[i, "text"] for i in conflict[: cfg.max_examples]], cfg.max_examples))
+
+    if split in df.columns:
+        sp = df[split].astype(str)
+        bad = list(sp.index[~sp.isin(SPLITS)])
+        rules.append(_rule("split_values", split, not bad, f"split must be one of {list(SPLITS)}", bad,
+                           [sp.at[i] for i in bad[: cfg.max_examples]], cfg.max_examples))
+        leak = list(frame.index[sp.groupby(key).transform("nunique") > 1])
+        rules.append(_rule("text_in_one_split", text, not leak, "the same text appears in more than one split "
+                           "(train/test leakage)" if leak else "every text is in one split only", leak,
+                           [frame.at[i, "text"] for i in leak[: cfg.max_examples]], cfg.max_examples))
+        frame = frame.assign(_split=sp)
+
+    dup = list(frame.index[key.duplicated(keep="first")])
+    if cfg.duplicates == "fail":
+        rules.append(_rule("no_duplicate_texts", text, not dup, "duplicate texts, compared after trimming leading and "
+                           "trailing whitespace (validate.duplicates=fail)" if dup else "no duplicate texts", dup,
+                           [frame.at[i, "text"] for i in dup[: cfg.max_examples]], cfg.max_examples))
+    else:
+        r = _rule("no_duplicate_texts", text, True, f"dropped {len(dup)} duplicate row(s) (same text once leading and "
+                  f"trailing whitespace is trimmed), kept the first",
+                  dup, [frame.at[i, "text"] for i in dup[: cfg.max_examples]], cfg.max_examples)
+        r["dropped"] = len(dup)
+        rules.append(r)
+        frame = frame.drop(index=dup)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    counts = frame["label"].value_counts().sort_index()
+    labels = list(cfg.labels) if cfg.labels else sorted(counts.index)
+    report["labels"] = labels
+    report["labels_inferred"] = not cfg.labels
+    report["class_counts"] = {k: int(v) for k, v in counts.items()}
+    rules.append(_rule("at_least_two_classes", label, len(counts) >= 2,
+                       f"found {len(counts)} class(es) {list(counts.index)}; a classifier needs at least 2"))
+    small = {k: int(v) for k, v in counts.items() if v < cfg.min_rows_per_class}
+    absent = [lab for lab in labels if lab not in counts.index]
+    rules.append(_rule("min_rows_per_class", label, not small and not absent,
+                       f"each class needs >= {cfg.min_rows_per_class} rows; too few: {small}, absent: {absent}"
+                       if small or absent else f"every class has >= {cfg.min_rows_per_class} rows"))
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    if "_split" in frame.columns:
+        splits = {s: frame[frame["_split"] == s].drop(columns="_split") for s in SPLITS}
+    else:
+        splits = split_frame(frame, cfg)
+    empty = [s for s, f in splits.items() if len(f) == 0]
+    rules.append(_rule("splits_not_empty", None, not empty,
+                       f"empty split(s): {empty}" if empty else "train, val and test all have rows"))
+    if empty:
+        return fail(rules)
+
+    report["rules"] = rules
+    report["success"] = True
+    report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
+                                                             f["label"].value_counts().sort_index().items()}}
+                        for s, f in splits.items()}
+    report["class_balance"] = class_balance(splits, labels)
+    report["warnings"] = balance_warnings(report["class_balance"], cfg.min_class_fraction)
+    return ValidationResult(True, report, labels, splits)
+
+
+def class_balance(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, Any]:
+    """Each class's share of all rows, and the majority-class baseline: what a model that always predicts the
+    train split's most frequent class scores on the test split (accuracy, and macro-F1 as evaluate computes it:
+    that class's F1 2p/(1+p), the others 0, averaged)."""
+    counts = {lab: sum(int((f["label"] == lab).sum()) for f in splits.values()) for lab in labels}
+    total = sum(counts.values()) or 1
+    shares = {lab: round(c / total, 6) for lab, c in counts.items()}
+    train = splits["train"]["label"].value_counts()
+    majority = min(labels, key=lambda lab: (-int(train.get(lab, 0)), lab))
+    p = float((splits["test"]["label"] == majority).mean()) if len(splits["test"]) else 0.0
+    return {"shares": shares, "minority": min(labels, key=lambda lab: (shares[lab], lab)), "majority": majority,
+            "baseline": {"accuracy": round(p, 6), "macro_f1": round(2 * p / (1 + p) / len(labels), 6)}}
+
+
+def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
+    minority = balance["minority"]
+    share = balance["shares"][minority]
+    if share >= min_fraction:
+        return []
+    return [f"class '{minority}' holds {share:.1%} of the rows, under validate.min_class_fraction "
+            f"({min_fraction:.1%}): consider train.class_weights: balanced and register.metric: macro_f1"]
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """Human-readable report (Markdown); the JSON report holds the same facts."""
+    status = "PASSED" if report["success"] else "FAILED"
+    lines = [f"# Validation {status}: {report['data']}", ""]
+    if "rows" in report:
+        lines.append(f"Rows read: {report['rows']}; columns: {', '.join(report.get('columns', []))}")
+    for r in report["rules"]:
+        mark = "ok  " if r["success"] else "FAIL"
+        col = f" [{r['column']}]" if r.get("column") else ""
+        lines.append(f"- {mark} {r['rule']}{col}: {r['message']}"
+                     + (f" ({r['unexpected_count']} row(s))" if r["unexpected_count"] and not r["success"] else ""))
+        if not r["success"]:
+            for ex in r["examples"]:
+                lines.append(f"    row {ex['row']}: {ex['value']!r}" if ex["value"] is not None else f"    row {ex['row']}")
+    for s, info in (report.get("splits") or {}).items():
+        lines.append(f"- split {s}: {info['rows']} rows {info['classes']}")
+    balance = report.get("class_balance")
+    if balance:
+        base = balance["baseline"]
+        lines.append(f"- class balance: {', '.join(f'{k} {v:.1%}' for k, v in balance['shares'].items())}; "
+                     f"majority-class baseline on test: accuracy {base['accuracy']:.4f}, "
+                     f"macro-F1 {base['macro_f1']:.4f}")
+    lines += [f"- WARNING: {w}" for w in report.get("warnings") or []]
+    return "\n".join(lines) + "\n"
+
+
+def failure_message(report: dict[str, Any]) -> str:
+    """One line per broken rule: file, rule, column, example rows."""
+    out = []
+    for r in report["rules"]:
+        if r["success"]:
+            continue
+        rows = ", ".join(str(e["row"]) for e in r["examples"])
+        where = f" column '{r['column']}'" if r.get("column") else ""
+        out.append(f"{report['data']}: rule '{r['rule']}' failed{where}: {r['message']}"
+                   + (f"; {r['unexpected_count']} row(s), e.g. row(s) {rows}" if rows else ""))
+    return "\n".join(out)
+
+
+def write_splits(result: ValidationResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write splits + labels + reports into ``out_dir`` atomically. Only for a passing result.
+    ``inputs``: the raw data file(s), which ``out_dir`` must not contain (io.check_output_dir)."""
+    if not result.ok:
+        raise ValueError("refusing to write splits for data that failed validation")
+    with atomic_dir(out_dir, "validate", inputs) as tmp:
+        for name, frame in result.splits.items():
+            frame.reset_index().to_parquet(tmp / f"{name}.parquet", index=False)
+        write_json(tmp / "labels.json", result.labels)
+        write_json(tmp / "report.json", result.report)
+        (tmp / "report.md").write_text(result.summary(), encoding="utf-8")
+    return Path(out_dir)
+
+
+def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | Path | None = None,
+                 expected_md5: str | None = None) -> dict[str, Any]:
+    """``data`` is a path or a URI (s3://, dvc://). ``expected_md5``, when given, must match the fetched bytes."""
+
+
+    inputs = [] if "://" in str(data) else [data]  # a URI is fetched into a temp folder: nothing local to protect
+    check_output_dir(out, inputs)  # before any work: a refused folder fails in a second, not after validation
+    with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
+        local = fetch(str(data), tmp)
+        md5 = file_md5(local) if local.is_file() else None
+        if expected_md5 and md5 != expected_md5:
+            raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
+                              f"the data changed since the run was submitted")
+        result = validate(local, cfg.data, cfg.validate, workspace=Path.cwd())
+    result.report.update(data=str(data), data_md5=md5)
+    if report is not None:  # the report is wanted even (especially) when validation fails
+        write_json(report, result.report)
+    if not result.ok:
+        raise StageFailed("validation failed, no splits written:\n" + failure_message(result.report))
+    write_splits(result, out, inputs)
+    log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
+    # the floor check is logged, not written: register.floor must not make the splits (and training) stale
+    floor = floor_warning(result.report["class_balance"], cfg.register.floor, cfg.register.metric)
+    for warning in result.report["warnings"] + ([floor] if floor else []):
+        log.warning(warning)
+    return result.report

@@ -1,0 +1,1 @@
+"""Task families: what a task means for the head, loss, metrics, decision rule and predictions."""

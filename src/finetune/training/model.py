@@ -1,0 +1,93 @@
+"""Building, loading and running the classifier: device, model + optimizer, inference."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from finetune.common.config import TrainConfig
+from finetune.common.tokens import TokenizedSplit
+from finetune.training.batches import collate, sorted_batches
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model, split: TokenizedSplit, batch_size: int, pad_id: int, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    autocast = device.type == "cuda"
+    for idx in sorted_batches(split, batch_size):
+        b = collate(split, idx, pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        out[idx] = logits.float().cpu().numpy()
+    return out
+
+
+def load_classifier(model_dir: str | Path, device: torch.device | None = None):
+    """Load a saved classifier from safetensors only (never a pickled checkpoint)."""
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
+                                                               use_safetensors=True)
+    return model.to(device or torch.device("cpu"))
+
+
+def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device):
+    """The base encoder with a fresh classification head (and LoRA adapters when enabled), on ``device``."""
+
+    mcfg = AutoConfig.from_pretrained(str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                      label2id={lab: i for i, lab in enumerate(labels)}, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), config=mcfg, local_files_only=True, use_safetensors=True,
+        attn_implementation=cfg.attn_implementation)
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
+
+        # SEQ_CLS keeps the new classification head fully trainable next to the adapters.
+        model = get_peft_model(model, PeftLora(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                               lora_dropout=cfg.lora.dropout,
+                                               target_modules=list(cfg.lora.target_modules)))
+    return model.to(device), mcfg
+
+
+def build_optimizer(model, cfg: TrainConfig, total: int, device: torch.device):
+    """AdamW (no decay on biases and LayerNorm) and linear warm-up then linear decay to 0 at ``total``."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+                            fused=device.type == "cuda")
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    return opt, sched
+
+
+def exportable(model):
+    """The plain transformers model to save: LoRA merged into the base weights, so loading needs no peft."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+class MismatchError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)

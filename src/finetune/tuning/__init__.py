@@ -1,0 +1,1 @@
+"""Hyperparameter search: Optuna study, trial runner, its MLflow logging."""

@@ -1,0 +1,163 @@
+"""`finetune predict` and `mlflow models serve` against a registered (tiny) model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import BIN, ENV, free_port, serving
+from finetune.cli import main
+from finetune.common.config import RegisterConfig
+from finetune.stages.predict import PredictInputError, predict, read_texts
+from finetune.registry.request import RegistrationRequest
+from finetune.registry.transaction import register
+
+NAME = "toy-predict"
+TEXTS = ["a wonderful film", "a dull mess", "ok \u00e9t\u00e9 \u2014 \u201cfine\u201d"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_classifier_dir):
+    """A folder laid out as `finetune register` leaves a project without MLFLOW_TRACKING_URI: mlflow.db and
+    mlartifacts/ in it (tracking.configure's default), one registered version, aliased champion."""
+    root = tmp_path_factory.mktemp("predict-project")
+    cfg = RegisterConfig(model_name=NAME, experiment="p", floor=0.0)
+    reg = register(RegistrationRequest.for_model(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg,
+                                                 f"sqlite:///{root / 'mlflow.db'}",
+                                                 artifact_location=(root / "mlartifacts").as_uri()))
+    assert reg.alias == "champion"
+    return root
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # configure() sets it; monkeypatch removes it again
+    monkeypatch.chdir(project)
+    return project
+
+
+def test_read_texts_lines_jsonl_and_tables(tmp_path):
+    from finetune.common.files import DataError
+
+    (tmp_path / "a.txt").write_text("first text\n\n  second, with \"quotes\"\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == ["first text", '  second, with "quotes"']
+    (tmp_path / "b.jsonl").write_text('{"text": "one", "id": 1}\n\n{"text": "two \u00e9"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "b.jsonl") == ["one", "two \u00e9"]
+    (tmp_path / "c.csv").write_text('id,text\n1,"a, b"\n2,NA\n', encoding="utf-8")
+    assert read_texts(tmp_path / "c.csv") == ["a, b", "NA"]  # a review that reads "NA" is text
+    assert read_texts("-", io.StringIO("x\ny\n")) == ["x", "y"]
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n', encoding="utf-8")
+    with pytest.raises(PredictInputError, match=r"d.jsonl: \"text\" is missing or not a string in row\(s\) \[2\]"):
+        read_texts(tmp_path / "d.jsonl")
+    (tmp_path / "e.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_texts(tmp_path / "e.jsonl")
+    (tmp_path / "f.csv").write_text("review\nfine\n", encoding="utf-8")
+    with pytest.raises(PredictInputError, match=r'no "text" column \(found review\)'):
+        read_texts(tmp_path / "f.csv")
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_read_texts_one_text_per_line_of_the_projects_own_data(real_reviews, tmp_path, eol):
+    rows = [t for t in real_reviews["text"] if "\n" not in t and "\r" not in t and t.strip()]
+    assert any("\x85" in t for t in rows)  # the row that made 2,000 reviews give 2,001 predictions
+    rows += ["form\x0cfeed", "line\u2028separator", "para\u2029graph", "vertical\x0btab", "group\x1dsep"]
+    (tmp_path / "reviews.txt").write_bytes(eol.join(rows).encode("utf-8") + eol.encode())
+    assert read_texts(tmp_path / "reviews.txt") == rows  # 1:1, and each text unchanged
+    assert read_texts("-", io.StringIO("\n".join(rows))) == rows
+    # JSONL keeps such characters unescaped inside strings: a record must not be cut either
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows),
+                                      encoding="utf-8")
+    assert read_texts(tmp_path / "r.jsonl") == rows
+
+
+def test_read_texts_uses_the_given_text_column_and_refuses_empty_input(tmp_path):
+    (tmp_path / "b.csv").write_text("id,body\n1,great\n2,awful\n", encoding="utf-8")
+    assert read_texts(tmp_path / "b.csv", text_column="body") == ["great", "awful"]
+    with pytest.raises(PredictInputError, match=r'b.csv: no "text" column \(found id, body\); name the text column '
+                                                r"with --text-column"):
+        read_texts(tmp_path / "b.csv")
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(PredictInputError, match="empty.txt: no texts to label"):
+        read_texts(tmp_path / "empty.txt")
+    with pytest.raises(PredictInputError, match="stdin: no texts to label"):
+        read_texts("-", io.StringIO(""))
+
+
+def test_pyfunc_probabilities_and_unchanged_default(in_project):
+    import mlflow.pyfunc
+
+    from finetune.common import tracking
+
+    tracking.configure(".")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    labels = model.predict(TEXTS)
+    assert isinstance(labels, list) and all(isinstance(x, str) for x in labels) and len(labels) == 3
+    records = predict(model, TEXTS, batch_size=2)  # two batches
+    assert [r["text"] for r in records] == TEXTS
+    for rec, lab in zip(records, labels):
+        probs = rec["probabilities"]
+        assert set(probs) == {"fresh", "rotten"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert rec["label"] == max(probs, key=probs.get) == lab
+
+
+def test_cli_predict_uses_the_default_store_and_writes_jsonl(in_project, capsys):
+    assert main(["predict", "--model", f"models:/{NAME}@champion", *TEXTS[:2]]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in out] == TEXTS[:2] and all(set(r) == {"text", "label", "probabilities"} for r in out)
+
+    (in_project / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "in.jsonl", "--output", "res/p.jsonl"]) == 0
+    res = [json.loads(line) for line in (in_project / "res" / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in res] == TEXTS and res[:2] == out  # same model, same answers
+
+    assert main(["predict", "--model", "models:/no-such-model@champion", "x"]) == 1
+    assert "cannot load models:/no-such-model@champion" in capsys.readouterr().err
+    assert main(["predict", "--model", f"models:/{NAME}@champion"]) == 1
+    assert "either TEXT arguments or --input" in capsys.readouterr().err
+
+    # a table whose text column is named in params.yaml (data.text_column) or with --text-column
+    rows = "".join(f'{i},"{t}"\n' for i, t in enumerate(TEXTS))
+    (in_project / "b.csv").write_text("id,body\n" + rows, encoding="utf-8")
+    (in_project / "p.yaml").write_text("data:\n  text_column: body\n", encoding="utf-8")
+    for flags in (["--params", "p.yaml"], ["--text-column", "body"]):
+        assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "b.csv", *flags]) == 0
+        assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == TEXTS
+    (in_project / "empty.txt").write_text("", encoding="utf-8")
+    assert main(["predict", "--model", f"models:/{NAME}/1", "--input", "empty.txt"]) == 1
+    assert "empty.txt: no texts to label" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_with_labels_and_probabilities(project):
+    """`mlflow models serve -m models:/<name>/<version> --env-manager local` (about 15 s to start)."""
+    with serving(project, f"models:/{NAME}/1") as post:
+        labels = post({"inputs": TEXTS})
+        assert len(labels) == 3 and set(labels) <= {"fresh", "rotten"}
+        records = post({"inputs": TEXTS, "params": {"probabilities": True}})
+        assert [r["label"] for r in records] == labels
+        assert all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for r in records)
+
+
+
+
+def test_queued_dvc_experiments_use_the_projects_store(tmp_path, monkeypatch):
+    from finetune.common.tracking import configure, project_root
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    temp_ws = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"  # where `dvc queue start` runs a stage
+    temp_ws.mkdir(parents=True)
+    assert project_root(temp_ws) == project_root(tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "standalone" / "x") \
+        == (tmp_path / "proj").resolve()
+    assert project_root(tmp_path / "proj") == (tmp_path / "proj").resolve()
+    uri, artifacts = configure(temp_ws)
+    assert uri == f"sqlite:///{(tmp_path / 'proj' / 'mlflow.db').resolve()}"
+    assert artifacts == (tmp_path / "proj" / "mlartifacts").resolve().as_uri()
