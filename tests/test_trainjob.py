@@ -1,5 +1,5 @@
 """The TrainJob launcher (src/finetune/trainjob.py): the object it creates validates against the Kubeflow Trainer
-v2.2.1 CRD schema and carries the cluster settings; create / follow / fail / time out / adopt against a fake
+v2.3.0 CRD schema and carries the cluster settings; create / follow / fail / time out / adopt against a fake
 Kubernetes API; and the TrainJob's own command line, run as the Trainer runs it (PET_* variables, 2 CPU
 processes), trains the model that the pipeline step hands on."""
 
@@ -53,7 +53,7 @@ def test_trainjob_validates_against_the_crd_schema_and_carries_the_cluster_setti
     assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": CLUSTER["trainjob"]["runtime_kind"],
                                         "name": CLUSTER["trainjob"]["runtime"]}
     (patch,) = tj["spec"]["runtimePatches"]
-    # what Trainer v2.2.1's webhook checks beyond the schema: the manager is a domain-prefixed path, the patched
+    # what Trainer v2.3.0's webhook checks beyond the schema: the manager is a domain-prefixed path, the patched
     # replicated job exists in the runtime, and no env is patched into the node container
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[\w./-]+", patch["manager"])
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
