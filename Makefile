@@ -37,16 +37,17 @@ run: data
 test: sysdeps install
 	$(BIN)/python -m pytest -m "not image" $(PYTEST_ARGS)
 
-# The container image's tests (tests/test_image.py): build the CPU image here, run the compiled steps inside it.
+# The container image's tests (tests/cluster/test_image.py): build the CPU image here, run the compiled steps inside it.
 test-image: install
-	@$(MAKE) --no-print-directory sysdeps SYSDEPS_EXTRA="debootstrap iproute2"
+	@$(MAKE) --no-print-directory sysdeps SYSDEPS_EXTRA="debootstrap iproute2" SYSDEPS_FOR="make test-image"
 	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
 
-# System packages the tests use: PostgreSQL's server binaries (tests/test_stack.py starts a real one) and headless
-# Chromium + its driver (tests/test_report.py renders the run report). Installed once when missing (Debian/Ubuntu,
+# System packages the tests use: PostgreSQL's server binaries (tests/pipeline/test_stack.py starts a real one) and headless
+# Chromium + its driver (tests/reporting/test_report.py renders the run report). Installed once when missing (Debian/Ubuntu,
 # as root or with password-less sudo), silent when present; otherwise one message saying what to install.
 APT_GET ?= apt-get
 PG_BIN_GLOB ?= /usr/lib/postgresql/*/bin
+SYSDEPS_FOR ?= make test
 sysdeps:
 	@missing=""; \
 	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
@@ -57,10 +58,10 @@ sysdeps:
 	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
-	else echo "make test needs the system packages:$$missing (not installed, and this user is not root and has no" \
+	else echo "$(SYSDEPS_FOR) needs the system packages:$$missing (not installed, and this user is not root and has no" \
 	  "password-less sudo). Install them once:  sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; fi; \
 	if ! command -v $(firstword $(APT_GET)) >/dev/null 2>&1; then \
-	  echo "make test needs the system packages:$$missing; no apt-get here: install them with this system's package" \
+	  echo "$(SYSDEPS_FOR) needs the system packages:$$missing; no apt-get here: install them with this system's package" \
 	  "manager" >&2; exit 1; fi; \
 	echo "installing the system packages the tests need:$$missing"; \
 	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) update -qq >/dev/null && \
@@ -91,7 +92,9 @@ stack-down:
 
 # The image every pipeline step runs in, built without a container runtime (root; Debian's debootstrap):
 # build/image/cpu-<inputs hash>/image.oci.tar + rootfs/, reused while the recipe, pyproject.toml and src/ are unchanged.
+# debootstrap and iproute2 (ip netns) come through sysdeps, as for test-image: installed when missing (root or
+# password-less sudo), else one message saying what to install.
 .PHONY: image
 image: install
-	@command -v debootstrap >/dev/null || { echo "make image needs debootstrap: apt-get install -y debootstrap" >&2; exit 1; }
+	@$(MAKE) --no-print-directory sysdeps SYSDEPS_EXTRA="debootstrap iproute2" SYSDEPS_FOR="make image"
 	$(BIN)/python components/image/build.py

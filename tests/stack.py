@@ -2,7 +2,7 @@
 
 Nothing here is configured by hand: the stack renders k8s/overlays/dev (with its own throw-away secrets) and
 runs what the manifests describe, the same commands, environment variable names, secret keys and ConfigMap
-values the pods get, with only the addresses made local. So the tests that use it (tests/test_stack.py) also
+values the pods get, with only the addresses made local. So the tests that use it (tests/pipeline/test_stack.py) also
 test the manifests' wiring, and a developer gets the same stack:
 
     python tests/stack.py up [--root .stack]         # `make stack-up`: start, wait until healthy, print exports

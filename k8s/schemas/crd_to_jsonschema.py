@@ -1,6 +1,6 @@
 """Turn a CustomResourceDefinition's openAPIV3Schema into the strict JSON schema checked in next to it.
 
-    python k8s/schemas/crd_to_jsonschema.py CRD.yaml OUT.json --source "kubeflow/trainer v2.2.1 (<commit>) <path>"
+    python k8s/schemas/crd_to_jsonschema.py CRD.yaml OUT.json --source "kubeflow/trainer v2.3.0 (commit <sha>), <path>"
 
 A CRD without a structural schema (Katib's Experiment: only ``x-kubernetes-preserve-unknown-fields``; its webhook
 validates) takes its structure from the API's OpenAPI definitions instead, the ones generated from its Go types:

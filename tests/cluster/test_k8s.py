@@ -116,7 +116,7 @@ def test_pytorchjob_matches_the_crd_schema_and_its_pods_the_core_schema(rendered
 
 
 def test_katib_experiment_renders_with_the_project_image_and_its_trial_job_validates(rendered):
-    """prod-tune: the generated Experiment (tests/test_tune.py checks it against params.yaml) after kustomize:
+    """prod-tune: the generated Experiment (tests/tuning/test_tune.py checks it against params.yaml) after kustomize:
     Katib schema, image tag and namespace from the settings component, the trial Job strict against the core
     schema, its pods admitted to S3 by the network policies."""
     import kubernetes_validate as kv
@@ -146,7 +146,7 @@ def test_pytorchjob_runs_the_five_verbs_with_options_the_cli_accepts(rendered):
     for call in calls:
         args = _parser().parse_args(shlex.split(call.replace('"$DATA_URI"', "s3://bucket/key"))[1:])  # exits if unknown
         # the image has no params.yaml in its working directory: every stage reads the copy the Dockerfile puts
-        # at this path (tests/test_image.py checks it is the project's params.yaml)
+        # at this path (tests/cluster/test_image.py checks it is the project's params.yaml)
         assert args.params == "/opt/finetune/params.yaml", call
     assert "--compress /work/compress" in script  # register gets the int8 variant as in the pipeline
 

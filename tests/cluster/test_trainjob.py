@@ -1,5 +1,5 @@
 """The TrainJob launcher (src/finetune/trainjob.py): the object it creates validates against the Kubeflow Trainer
-v2.2.1 CRD schema and carries the cluster settings; create / follow / fail / time out / adopt against a fake
+v2.3.0 CRD schema and carries the cluster settings; create / follow / fail / time out / adopt against a fake
 Kubernetes API; and the TrainJob's own command line, run as the Trainer runs it (PET_* variables, 2 CPU
 processes), trains the model that the pipeline step hands on."""
 
@@ -54,7 +54,7 @@ def test_trainjob_validates_against_the_crd_schema_and_carries_the_cluster_setti
     assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": CLUSTER["trainjob"]["runtime_kind"],
                                         "name": CLUSTER["trainjob"]["runtime"]}
     (patch,) = tj["spec"]["runtimePatches"]
-    # what Trainer v2.2.1's webhook checks beyond the schema: the manager is a domain-prefixed path, the patched
+    # what Trainer v2.3.0's webhook checks beyond the schema: the manager is a domain-prefixed path, the patched
     # replicated job exists in the runtime, and no env is patched into the node container
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[\w./-]+", patch["manager"])
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
@@ -313,7 +313,7 @@ def test_the_trainjob_command_trains_with_two_processes_and_hands_the_model_on(t
     saved = json.loads((tmp_path / "out-model" / "finetune_config.json").read_text())
     assert saved["launch"] == {"launcher": "trainjob", "nodes": 1, "procs_per_node": 2}
     assert (tmp_path / "out-model" / "model.safetensors").is_file()
-    # checkpoints went to the shared volume (a restarted job resumes from there; resume: tests/test_train.py);
+    # checkpoints went to the shared volume (a restarted job resumes from there; resume: tests/training/test_train.py);
     # the finished model supersedes them, so none is left
     assert (work / "checkpoints").is_dir() and not list((work / "checkpoints").glob("step-*"))
 

@@ -1,4 +1,4 @@
-"""The train stage as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1, Trainer v2.2.1): build the
+"""The train stage as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1, checked against Trainer v2.3.0): build the
 object, create it through the Kubernetes API, follow its status and rank 0's log, and fail with the job's own
 reason when it fails or runs out of time.
 
@@ -36,10 +36,7 @@ log = logging.getLogger("finetune")
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 
-
-TRAINER_VERSION = "v2.2.1"  # the release whose CRDs k8s/schemas/*-v1alpha1.json are derived from
-
-
+TRAINER_VERSION = "v2.3.0"  # the release whose CRDs k8s/schemas/*-v1alpha1.json are derived from
 CONTAINER = "node"  # the trainer container of the runtime's "node" replicated job
 
 
