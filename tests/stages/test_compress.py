@@ -48,7 +48,12 @@ def test_onnx_variants_predict_like_pytorch(tiny_classifier_dir, toy_test, compr
     assert (int8.argmax(1) == reference.argmax(1)).mean() >= INT8_MIN_AGREEMENT
     v = result.metrics["variants"]
     assert v["onnx_fp32"]["label_agreement"] == 1.0
-    assert v["onnx_int8"]["max_probability_diff"] == pytest.approx(np.abs(int8 - reference).max(), abs=1e-5)
+    # the stage's figure, recomputed with the stage's batch size: int8 quantizes activations per batch (dynamic
+    # scales), so its outputs depend on which texts share a batch and on the batch's padded width
+    size = CompressConfig().batch_size
+    ref_b, _ = measure(torch_runner(load_classifier(tiny_classifier_dir), 1), test, 0, size, 1)
+    int8_b, _ = measure(onnx_runner(out / ONNX_INT8, 1), test, 0, size, 1)
+    assert v["onnx_int8"]["max_probability_diff"] == pytest.approx(np.abs(int8_b - ref_b).max(), abs=1e-5)
 
 
 def test_output_folder_and_metrics(compressed):
