@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.registry.comparison import CompareError
     from finetune.registry.request import RegistryError
     from finetune.stages.materialize import DataSetMismatch
-    from finetune.stages.train import TrainingError
+    from finetune.training.recipe import TrainingError
     from finetune.training.model import MismatchError
     from finetune.tuning.search import TuneError
 
