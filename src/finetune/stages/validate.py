@@ -241,7 +241,12 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
                        f"empty split(s): {empty}" if empty else "train, val and test all have rows"))
     if empty:
         return fail(rules)
+    return _passed(report, rules, labels, splits, cfg)
 
+
+def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[str],
+            splits: dict[str, pd.DataFrame], cfg: ValidateConfig) -> ValidationResult:
+    """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
     report["rules"] = rules
     report["success"] = True
     report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
