@@ -1,4 +1,4 @@
-"""modelcard: the Markdown card registered with every model version (its description in the registry and
+"""model_card: the Markdown card registered with every model version (its description in the registry and
 ``model_card.md`` in its run): data, intended use, metrics per class, limitations, how to load it.
 
 Pure: the numbers come in as the stages wrote them (metrics.json, the validation report, the flat params),
@@ -201,7 +201,7 @@ def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length
 
 def _how_to_load(name: str, uri: str) -> list[str]:
     return ["", "## How to load it", "",
-            "`finetune predict` and `finetune.registry.load_verified(uri, tracking_uri)` first check every file "
+            "`finetune predict` and `finetune.registry.loading.load_verified(uri, tracking_uri)` first check every file "
             "against the sha256 digests recorded in the registry and refuse a modified one. Plain MLflow loading "
             "needs only mlflow, torch and transformers (not the `finetune` package; set `MLFLOW_TRACKING_URI` to "
             "the registry) but checks only the weights.", "",

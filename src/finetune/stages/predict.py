@@ -1,7 +1,7 @@
 """predict: label texts with a registered model (``models:/<name>@champion``, ``models:/<name>/<version>``).
 
 One record per text: ``{"text", "label", "probabilities": {label: p}}``. The model is the registry's pyfunc
-(src/finetune/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
+(src/finetune/registry/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
 """
 
 from __future__ import annotations
