@@ -299,7 +299,7 @@ def _expected(exc: BaseException) -> bool:
 
 def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
     module, call = COMMANDS[command_name(args)]
-    if args.command == "pipeline" or module.startswith("pipelines."):
+    if args.command == "pipeline":
         _enter_project_root(args.command)
     call(importlib.import_module(module), args, cfg)
 
