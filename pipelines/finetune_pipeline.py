@@ -62,21 +62,7 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
         _secrets(v, c, "s3")
         with dsl.If(v.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (KFP condition syntax)
             t = tokenize(splits=v.outputs["splits"], params=params)
-            trainjob = cfg.launch.launcher == "trainjob"  # the TrainJob's nodes train; this step launches and waits
-            m = (trainjob_component.train if trainjob else train)(
-                tokens=t.outputs["tokens"], params=params, checkpoint_dir=checkpoint_dir,
-                **(trainjob_component.launch_args(drop_none(c)) if trainjob else {}))
-            if trainjob:  # this step launches and waits; the TrainJob's nodes get the GPUs
-                trainjob_component.mount_shared_volume(m, c)
-                _resources(m, c["resources"]["cpu"], c["resources"]["memory"])
-            else:
-                g = c["gpu"]
-                m.set_accelerator_type(g["accelerator"]).set_accelerator_limit(g["count"])
-                _resources(m, c["resources"]["train_cpu"], c["resources"]["train_memory"])
-                for key, value in (g.get("node_selector") or {}).items():
-                    kubernetes.add_node_selector(m, label_key=key, label_value=str(value))
-                for tol in g.get("tolerations") or []:
-                    kubernetes.add_toleration(m, **tol)
+            m = _train_step(cfg, c, t.outputs["tokens"], params, checkpoint_dir)
             e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
             z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
             r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
@@ -94,18 +80,44 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
             # optional last step: only a newly promoted champion moves the InferenceService
             with dsl.If(deploy_champion == True, name="deploy-enabled"):  # noqa: E712
                 with dsl.If(r.outputs["alias"] == "champion", name="promoted"):
-                    s = c["serving"]
-                    d = deploy(registration=r.outputs["registration"], inference_service=s["inference_service"],
-                               namespace=s["namespace"], artifacts_destination=s["artifacts_destination"])
-                    d.set_caching_options(False)
-                    _secrets(d, c, "mlflow")
-                    _resources(d, c["resources"]["cpu"], c["resources"]["memory"])
-                    kubernetes.add_pod_label(d, c["pod_label"]["key"], c["pod_label"]["value"])
+                    _deploy_step(c, r.outputs["registration"])
         with dsl.Else(name="data-invalid"):
             validation_failed(summary=v.outputs["summary"]).set_caching_options(False)
         _resources(v, c["resources"]["cpu"], c["resources"]["memory"])
 
     return finetune_pipeline
+
+
+def _train_step(cfg: Config, c: dict[str, Any], tokens, params, checkpoint_dir):
+    """train on a GPU node of the cluster, or (launch.launcher: trainjob) a step that launches a TrainJob and
+    waits for it: then the TrainJob's nodes get the GPUs."""
+    trainjob = cfg.launch.launcher == "trainjob"
+    m = (trainjob_component.train if trainjob else train)(
+        tokens=tokens, params=params, checkpoint_dir=checkpoint_dir,
+        **(trainjob_component.launch_args(drop_none(c)) if trainjob else {}))
+    if trainjob:
+        trainjob_component.mount_shared_volume(m, c)
+        _resources(m, c["resources"]["cpu"], c["resources"]["memory"])
+    else:
+        g = c["gpu"]
+        m.set_accelerator_type(g["accelerator"]).set_accelerator_limit(g["count"])
+        _resources(m, c["resources"]["train_cpu"], c["resources"]["train_memory"])
+        for key, value in (g.get("node_selector") or {}).items():
+            kubernetes.add_node_selector(m, label_key=key, label_value=str(value))
+        for tol in g.get("tolerations") or []:
+            kubernetes.add_toleration(m, **tol)
+    return m
+
+
+def _deploy_step(c: dict[str, Any], registration) -> None:
+    """Point the InferenceService at the newly promoted champion."""
+    s = c["serving"]
+    d = deploy(registration=registration, inference_service=s["inference_service"],
+               namespace=s["namespace"], artifacts_destination=s["artifacts_destination"])
+    d.set_caching_options(False)
+    _secrets(d, c, "mlflow")
+    _resources(d, c["resources"]["cpu"], c["resources"]["memory"])
+    kubernetes.add_pod_label(d, c["pod_label"]["key"], c["pod_label"]["value"])
 
 
 def compile_spec(out: str | Path = SPEC, cfg: Config | None = None, cluster: dict[str, Any] | None = None) -> Path:

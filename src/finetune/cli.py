@@ -1,77 +1,98 @@
-"""`finetune <stage>`: parse arguments, load params.yaml, call the stage's ``run_<verb>`` (stages.py).
+"""`finetune <verb>`: parse the arguments, load params.yaml, call the verb's ``run_<verb>``.
 
-dvc.yaml calls these commands; the Kubeflow components call the same ``run_<verb>`` functions.
+dvc.yaml calls these commands; the Kubeflow components call the same ``run_<verb>`` functions. Argument parsing
+and dispatch only: one small parser builder and one small call per verb.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
+import yaml
+
+from finetune.common import lineage, tracking
 from finetune.common.coercion import ConfigError
 from finetune.common.config import Config
-from finetune.common.params import load_config
-from finetune.stages import StageFailed
-from finetune.stages.compress import run_compress
-from finetune.stages.evaluate import run_evaluate
-from finetune.stages.predict import PredictInputError
-from finetune.stages.register import run_register
-from finetune.stages.tokenize import run_tokenize
-from finetune.stages.train import run_train
-from finetune.stages.validate import run_validate
+from finetune.common.params import apply_overrides, load_config, read_params
+from finetune.common.redact import redact_text
 
 log = logging.getLogger("finetune")
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("finetune")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
+# ---- parsing: one builder per verb ----
+
+def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a params value (repeatable), e.g. --set train.epochs=1")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     common.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained text classifiers end to end.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    common = _common_options()
+    for add in (_add_validate, _add_tokenize, _add_train, _add_evaluate, _add_compress, _add_register, _add_tune,
+                _add_predict, _add_compare, _add_materialize, _add_pipeline):
+        add(sub, common)
+    return p
 
+
+def _add_validate(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("validate", parents=[common], help="check raw data (Great Expectations) and split it")
     s.add_argument("--data", help="raw CSV/JSONL/Parquet file (default: data.path from params)")
     s.add_argument("--out", default="out/validate", help="folder for splits and report")
     s.add_argument("--report", help="also write the JSON report here, even when validation fails")
 
+
+def _add_tokenize(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("tokenize", parents=[common], help="tokenize the splits with the base model's tokenizer")
     s.add_argument("--splits", default="out/validate")
     s.add_argument("--out", default="out/tokenize")
 
+
+def _add_train(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("train", parents=[common], help="fine-tune the base model")
     s.add_argument("--tokens", default="out/tokenize")
     s.add_argument("--model", default="out/model", help="folder for the fine-tuned model")
     s.add_argument("--train-logs", default="out/train", help="folder for loss.csv, val.csv and summary.json")
     s.add_argument("--checkpoints", default="out/checkpoints", help="checkpoint folder ('' = no checkpoints)")
 
+
+def _add_evaluate(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("evaluate", parents=[common], help="score the model on the test split")
     s.add_argument("--model", default="out/model")
     s.add_argument("--tokens", default="out/tokenize")
     s.add_argument("--out", default="out/evaluate")
 
+
+def _add_compress(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("compress", parents=[common], help="ONNX + int8 variants, measured and gated on the test split")
     s.add_argument("--model", default="out/model")
     s.add_argument("--tokens", default="out/tokenize")
     s.add_argument("--out", default="out/compress")
 
+
+def _add_register(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("register", parents=[common], help="log to MLflow, register, gate the champion alias")
     s.add_argument("--model", default="out/model")
     s.add_argument("--evaluation", default="out/evaluate")
@@ -82,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                                                   "gate (as <register.model_name>-int8); add its figures to the report")
     s.add_argument("--out", default="out/register", help="folder for registration.json, model_card.md, report.html")
 
+
+def _add_tune(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("tune", parents=[common], help="hyperparameter search (Optuna) on the validation split",
                        description="Search the params.yaml tune.space: each trial trains on the train split and is "
                                    "scored on the validation split (never the test split); trials are nested MLflow "
@@ -98,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster-config", default="pipelines/cluster.yaml", help="with --katib: GPU, resources, "
                                                                                 "secrets of the trial pods")
 
+
+def _add_predict(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("predict", parents=[common], help="label texts with a registered model",
                        description="Label texts with a registered model; prints one JSON object per text: "
                                    '{"text", "label", "probabilities": {label: p}}. MLflow: MLFLOW_TRACKING_URI, '
@@ -110,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="write JSON lines here (default: stdout)")
     s.add_argument("--batch-size", type=int, default=256)
 
+
+def _add_compare(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("compare", parents=[common], help="challenger vs champion (or two runs): metrics, params",
                        description="Compare the challenger with the champion (default), two aliases, or two runs.")
     s.add_argument("--model", help="registered model name (default: register.model_name)")
@@ -117,11 +144,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare OTHER against BASE (default: champion challenger)")
     s.add_argument("--runs", nargs=2, metavar=("BASE_RUN", "OTHER_RUN"), help="compare two MLflow run ids instead")
 
+
+def _add_materialize(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("materialize", parents=[common],
                        help="write the bundled Rotten Tomatoes data set to data.path (no network)")
     s.add_argument("--out", help="destination (default: data.path from params)")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+
+def _add_pipeline(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile the spec, submit a run")
     psub = s.add_subparsers(dest="action", required=True)
     c = psub.add_parser("compile", parents=[common], help="write pipelines/finetune_pipeline.yaml")
@@ -139,97 +170,146 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--arg", dest="args", action="append", default=[], metavar="NAME=VALUE",
                    help="per-run pipeline parameter (data_uri, data_md5, checkpoint_dir, git_rev), e.g. "
                         "--arg data_uri=s3://bucket/reviews.csv; a dotted NAME (train.epochs=3) is a --set")
-    return p
 
 
-def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
-    import yaml
+# ---- dispatch: one call per verb, given the verb's module ----
 
-    root = Path.cwd()
-    if not (root / "pipelines" / "finetune_pipeline.py").is_file():
-        raise FileNotFoundError(f"run `finetune pipeline` from the project root (no pipelines/ in {root})")
-    sys.path.insert(0, str(root))
-    if args.action == "compile":
-        from pipelines.finetune_pipeline import compile_spec
+def _validate(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_validate(cfg, args.data or cfg.data.path, args.out, args.report)
 
-        cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
-        log.info("wrote %s", compile_spec(args.out, cfg, cluster))
+
+def _tokenize(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_tokenize(cfg, args.splits, args.out)
+
+
+def _train(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_train(cfg, args.tokens, args.model, args.train_logs, args.checkpoints or None)
+
+
+def _evaluate(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_evaluate(cfg, args.model, args.tokens, args.out)
+
+
+def _compress(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_compress(cfg, args.model, args.tokens, args.out)
+
+
+def _register(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    uri, artifact_location = tracking.configure(".")
+    stage.run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
+                       lineage.collect(cfg.data.path, root="."), uri, artifact_location, tokens=args.tokens or None,
+                       compress=args.compress or None)
+
+
+def _tune(runner: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    raw = apply_overrides(read_params(args.params), args.overrides)  # what cfg was built from: trials rebuild it
+    if args.trial:
+        runner.run_tune_trial(raw, args.tokens)
         return
-    from finetune.cluster.submit import build_arguments, submit
+    uri, artifact_location = tracking.configure(".")
+    tracking.require_reachable(uri)
+    runner.run_tune(raw, args.tokens, args.out, (uri, artifact_location))
 
-    arguments = build_arguments(args.params, args.overrides, args.args, args.package_file)
-    run = submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace, args.token,
-                 args.service_account or None)
+
+def _katib(katib: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    _enter_project_root("tune --katib")
+    pipeline = importlib.import_module("pipelines.finetune_pipeline")  # the data URI the pipeline defaults to
+    cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
+    print(katib.render(cfg, cluster, pipeline.DEFAULT_DATA_URI), end="")
+
+
+def _predict(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_predict(cfg, args.texts, args.input, args.text_column, args.model, args.output, args.batch_size)
+
+
+def _compare(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    print(stage.run_compare(cfg, args.model, tuple(args.aliases), tuple(args.runs) if args.runs else None), end="")
+
+
+def _materialize(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    dest = args.out or cfg.data.path
+    path, written = stage.materialize(dest, force=True) if args.force else stage.materialize_tracked(dest)
+    log.info("%s %s", "wrote" if written else "kept existing", path)
+
+
+def _compile(pipeline: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
+    log.info("wrote %s", pipeline.compile_spec(args.out, cfg, cluster))
+
+
+def _submit(submit: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    arguments = submit.build_arguments(args.params, args.overrides, args.args, args.package_file)
+    run = submit.submit(args.host, args.package_file, args.experiment, arguments, args.run_name, args.namespace,
+                        args.token, args.service_account or None)
     print(f"submitted run {getattr(run, 'run_id', run)} to {args.host} (experiment {args.experiment})")
 
 
-def _tune(args: argparse.Namespace, cfg: Config) -> None:
-    from finetune.common.params import apply_overrides, read_params
+# command -> (the module that does its work, the call above). The module is imported only when its command runs:
+# each command then loads only its own heavy dependencies (torch, mlflow, great_expectations, optuna, kfp), and
+# `finetune --version` or `finetune validate` none of the others'. tune --katib and pipeline's two actions are
+# commands of their own here.
+COMMANDS: dict[str, tuple[str, Callable[[ModuleType, argparse.Namespace, Config], None]]] = {
+    "validate": ("finetune.stages.validate", _validate),
+    "tokenize": ("finetune.stages.tokenize", _tokenize),
+    "train": ("finetune.stages.train", _train),
+    "evaluate": ("finetune.stages.evaluate", _evaluate),
+    "compress": ("finetune.stages.compress", _compress),
+    "register": ("finetune.stages.register", _register),
+    "tune": ("finetune.tuning.runner", _tune),
+    "katib": ("finetune.cluster.katib", _katib),
+    "predict": ("finetune.stages.predict", _predict),
+    "compare": ("finetune.stages.compare", _compare),
+    "materialize": ("finetune.stages.materialize", _materialize),
+    "compile": ("pipelines.finetune_pipeline", _compile),  # the project's file: found from the project root
+    "submit": ("finetune.cluster.submit", _submit),
+}
 
-    if args.katib:
-        import yaml
-
-        from finetune.cluster.katib import render
-
-        sys.path.insert(0, str(Path.cwd()))
-        from pipelines.finetune_pipeline import DEFAULT_DATA_URI
-
-        cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
-        print(render(cfg, cluster, DEFAULT_DATA_URI), end="")
-        return
-    raw = apply_overrides(read_params(args.params), args.overrides)  # what cfg was built from: trials rebuild it
-    if args.trial:
-        from finetune.tuning.runner import run_tune_trial
-
-        run_tune_trial(raw, args.tokens)
-        return
-    from finetune.common import tracking
-    from finetune.tuning.runner import run_tune
-
-    uri, artifact_location = tracking.configure(".")
-    tracking.require_reachable(uri)
-    run_tune(raw, args.tokens, args.out, (uri, artifact_location))
-
-
-def _predict(args: argparse.Namespace, cfg: Config) -> None:
-    from finetune.common import tracking
-    from finetune.stages.predict import predict, read_texts, write_jsonl
-
-    if bool(args.texts) == bool(args.input):
-        raise PredictInputError("give either TEXT arguments or --input FILE")
-    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None,
-                                     args.text_column or cfg.data.text_column)
-    uri = args.model or f"models:/{cfg.register.model_name}@champion"
-    store, _ = tracking.configure(".")
-    tracking.require_reachable(store)  # fail fast when the server is down, not after MLflow's retries
-    from finetune.registry.loading import load_verified
-
-    model = load_verified(uri, store)  # every file checked against the registry's digests before loading
-    records = predict(model, texts, args.batch_size)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as fh:
-            write_jsonl(records, fh)
-        log.info("wrote %d predictions to %s", len(records), args.output)
-    else:
-        write_jsonl(records, sys.stdout)
+# The errors that end a command with one line and exit 1 instead of a traceback, as "module:Class". Matched only
+# among modules already imported: an exception of a class can only come from a module that was imported, so
+# nothing is imported to recognise one.
+EXPECTED = (
+    "finetune.stages:StageFailed", "finetune.tuning.search:TuneError", "finetune.common.files:DataError",
+    "finetune.common.base_model:ModelNotFound", "finetune.common.tokens:TokenizerError",
+    "finetune.training.recipe:TrainingError", "finetune.training.model:MismatchError",
+    "finetune.registry.request:RegistryError", "finetune.stages.materialize:DataSetMismatch",
+    "finetune.common.sources:SourceError", "finetune.cluster.submit:SubmitError",
+    "finetune.registry.comparison:CompareError", "finetune.stages.predict:PredictInputError",
+    "finetune.common.outputs:UnsafeOutput", "finetune.common.tracking:TrackingUnreachable",
+)
 
 
-def _compare(args: argparse.Namespace, cfg: Config) -> None:
-    from mlflow import MlflowClient
+def command_name(args: argparse.Namespace) -> str:
+    """The COMMANDS key of the parsed arguments."""
+    if args.command == "pipeline":
+        return args.action
+    if args.command == "tune" and args.katib:
+        return "katib"
+    return args.command
 
-    from finetune.common import tracking
-    from finetune.registry.comparison import sides_from_registry, sides_from_runs
-    from finetune.stages.compare import compare, format_comparison
 
-    uri, _ = tracking.configure(".")
-    tracking.require_reachable(uri)
-    client = MlflowClient(uri)
-    if args.runs:
-        base, other = sides_from_runs(client, *args.runs)
-    else:
-        base, other = sides_from_registry(client, args.model or cfg.register.model_name, *args.aliases)
-    print(format_comparison(compare(base, other)), end="")
+def _expected(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return True
+    for entry in EXPECTED:
+        module, _, name = entry.partition(":")
+        if module in sys.modules and isinstance(exc, getattr(sys.modules[module], name)):
+            return True
+    return False
+
+
+def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
+    module, call = COMMANDS[command_name(args)]
+    if args.command == "pipeline":
+        _enter_project_root(args.command)
+    call(importlib.import_module(module), args, cfg)
+
+
+def _enter_project_root(command: str) -> None:
+    """pipelines/ is the project's, not the package's: it is imported from the working directory."""
+    root = Path.cwd()
+    if not (root / "pipelines" / "finetune_pipeline.py").is_file():
+        raise FileNotFoundError(f"run `finetune {command}` from the project root (no pipelines/ in {root})")
+    sys.path.insert(0, str(root))
 
 
 NOISY = ("great_expectations", "mlflow", "urllib3", "alembic", "httpx", "matplotlib")
@@ -251,8 +331,6 @@ class _RedactFilter(logging.Filter):
     """Credentials in a URI never reach the log, whoever logs it (our code, MLflow, urllib3...)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from finetune.common.redact import redact_text
-
         message = record.getMessage()
         safe = redact_text(message)
         if safe != message:
@@ -260,7 +338,7 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-def _setup_logging(verbosity: int) -> None:
+def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
     # MLflow installs its own INFO handler (propagate=False) when imported unless told not to: its records then
     # come through ours and obey -q/-v like the rest.
@@ -285,60 +363,9 @@ def _setup_logging(verbosity: int) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
-    if args.command == "pipeline":
-        _pipeline(args, cfg)
-    elif args.command == "validate":
-        run_validate(cfg, args.data or cfg.data.path, args.out, args.report)
-    elif args.command == "tokenize":
-        run_tokenize(cfg, args.splits, args.out)
-    elif args.command == "train":
-        run_train(cfg, args.tokens, args.model, args.train_logs, args.checkpoints or None)
-    elif args.command == "evaluate":
-        run_evaluate(cfg, args.model, args.tokens, args.out)
-    elif args.command == "compress":
-        run_compress(cfg, args.model, args.tokens, args.out)
-    elif args.command == "register":
-        from finetune.common import lineage, tracking
-
-        uri, artifact_location = tracking.configure(".")
-        run_register(cfg, args.model, args.evaluation, args.splits, args.train_logs, args.out,
-                     lineage.collect(cfg.data.path, root="."), uri, artifact_location, tokens=args.tokens or None,
-                     compress=args.compress or None)
-    elif args.command == "tune":
-        _tune(args, cfg)
-    elif args.command == "predict":
-        _predict(args, cfg)
-    elif args.command == "compare":
-        _compare(args, cfg)
-    elif args.command == "materialize":
-        from finetune.stages.materialize import materialize, materialize_tracked
-
-        dest = args.out or cfg.data.path
-        path, written = materialize(dest, force=True) if args.force else materialize_tracked(dest)
-        log.info("%s %s", "wrote" if written else "kept existing", path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _setup_logging(args.verbose - args.quiet)
-    from finetune.cluster.submit import SubmitError
-    from finetune.common.base_model import ModelNotFound
-    from finetune.common.files import DataError
-    from finetune.common.outputs import UnsafeOutput
-    from finetune.common.sources import SourceError
-    from finetune.common.tokens import TokenizerError
-    from finetune.common.tracking import TrackingUnreachable
-    from finetune.registry.comparison import CompareError
-    from finetune.registry.request import RegistryError
-    from finetune.stages.materialize import DataSetMismatch
-    from finetune.stages.train import TrainingError
-    from finetune.training.model import MismatchError
-    from finetune.tuning.search import TuneError
-
-    expected = (StageFailed, TuneError, DataError, ModelNotFound, TokenizerError, TrainingError, MismatchError,
-                RegistryError, FileNotFoundError, DataSetMismatch, SourceError, SubmitError, CompareError,
-                PredictInputError, UnsafeOutput, TrackingUnreachable)
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
     if args.command == "tune":  # shorthands for --set: validated with the rest
         args.overrides = [*([f"model.base={args.base}"] if args.base else []),
                           *([f"tune.trials={args.trials}"] if args.trials is not None else []), *args.overrides]
@@ -351,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         where = "" if exc.located else f"{args.params}: "
         print(f"finetune {args.command}: error: {where}{exc}", file=sys.stderr)
         return 2
-    except expected as exc:
+    except Exception as exc:
+        if not _expected(exc):
+            raise
         print(f"finetune {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -137,14 +137,14 @@ def test_katib_experiment_renders_with_the_project_image_and_its_trial_job_valid
 
 
 def test_pytorchjob_runs_the_five_verbs_with_options_the_cli_accepts(rendered):
-    from finetune.cli import _parser
+    from finetune.cli import build_parser
 
     spec = pytorchjob(rendered)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     script = " && ".join(c["args"][0] for c in containers(spec))
     calls = re.findall(r"finetune (?:validate|tokenize|train|evaluate|compress|register)\b[^&;]*", script)
     assert [c.split()[1] for c in calls] == ["validate", "tokenize", "train", "evaluate", "compress", "register"], script
     for call in calls:
-        args = _parser().parse_args(shlex.split(call.replace('"$DATA_URI"', "s3://bucket/key"))[1:])  # exits if unknown
+        args = build_parser().parse_args(shlex.split(call.replace('"$DATA_URI"', "s3://bucket/key"))[1:])  # exits if unknown
         # the image has no params.yaml in its working directory: every stage reads the copy the Dockerfile puts
         # at this path (tests/cluster/test_image.py checks it is the project's params.yaml)
         assert args.params == "/opt/finetune/params.yaml", call

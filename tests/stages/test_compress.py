@@ -172,7 +172,7 @@ def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path
     import mlflow
     from transformers import AutoTokenizer
 
-    from finetune.stages.compress import pyfunc_model_config, pyfunc_requirements
+    from finetune.registry.variants import pyfunc_model_config, pyfunc_requirements
 
     out, _ = compressed
     texts = ["a wonderful film", "boring and far too long, " * 20, "", "ok"]
@@ -205,7 +205,7 @@ def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path
 def test_onnx_pyfunc_refuses_modified_onnx_file(compressed, tmp_path):
     import mlflow
 
-    from finetune.stages.compress import pyfunc_model_config
+    from finetune.registry.variants import pyfunc_model_config
 
     out, _ = compressed
     saved = tmp_path / "saved"
@@ -265,7 +265,7 @@ def test_onnx_pyfunc_serves_without_torch(compressed, tmp_path):
 
     import mlflow
 
-    from finetune.stages.compress import pyfunc_model_config
+    from finetune.registry.variants import pyfunc_model_config
 
     out, _ = compressed
     saved = tmp_path / "saved"

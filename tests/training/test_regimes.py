@@ -245,7 +245,7 @@ def test_fgm_changes_gradients_and_restores_the_embeddings(toks, two_layer_model
     from finetune.training.model import build_model
     from finetune.training.regimes import FGM
     from finetune.training.step_plan import StepPlan
-    from finetune.stages.train import _forward_backward
+    from finetune.training.loop import forward_backward
     from finetune.training.model import seed_everything
 
     tokens, _ = toks
@@ -260,14 +260,14 @@ def test_fgm_changes_gradients_and_restores_the_embeddings(toks, two_layer_model
         before = emb.detach().clone()
         fgm = FGM(model, eps) if eps else None
         if fgm:  # the perturbation has norm epsilon, along the gradient
-            _forward_backward(model, plan, batch, Dist("cpu"), False)
+            forward_backward(model, plan, batch, Dist("cpu"), False)
             with fgm.perturbed():
                 delta = emb.detach() - before
                 assert float(delta.norm()) == pytest.approx(1.0, rel=1e-4)
                 assert float(torch.nn.functional.cosine_similarity(delta.flatten(), emb.grad.flatten(), 0)) > 0.999
             assert torch.equal(emb.detach(), before)
             model.zero_grad(set_to_none=True)
-        losses.append(float(_forward_backward(model, plan, batch, Dist("cpu"), False, fgm=fgm)))
+        losses.append(float(forward_backward(model, plan, batch, Dist("cpu"), False, fgm=fgm)))
         assert torch.equal(emb.detach(), before)  # restored exactly after the step's two passes
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert losses[0] == losses[1]  # the logged loss is the clean one

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from conftest import toy_frame
 from finetune.common.config import TokenizeConfig, TrainConfig
 from finetune.stages.tokenize import tokenize
-from finetune.stages.train import TrainingError, train, write_history
+from finetune.stages.train import train, write_history
+from finetune.training.recipe import TrainingError
 
 
 @pytest.fixture(scope="module")

@@ -223,9 +223,9 @@ def test_katib_experiment_is_generated_from_params_and_validates():
         assert args.count(f"${{trialParameters.{p['name']}}}") == 1
     sample = {"learningRate": "1.5e-05", "batchSize": "16", "warmupRatio": "0.1", "weightDecay": "0.01"}
     filled = [re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m: sample[m.group(1)], a) for a in trial["args"]]
-    from finetune.cli import _parser
+    from finetune.cli import build_parser
 
-    parsed = _parser().parse_args(filled)
+    parsed = build_parser().parse_args(filled)
     assert parsed.command == "tune" and parsed.trial and parsed.tokens.endswith("/tokenize")
     assert parsed.params == "/work/params.yaml"
     cfg = load_config(REPO / "params.yaml", parsed.overrides)

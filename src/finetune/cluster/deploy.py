@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlflow import MlflowClient
-
 from finetune.common.files import read_json
+from finetune.registry.loading import version_download_uri
 
 log = logging.getLogger("finetune")
 
@@ -76,8 +75,7 @@ def version_storage_uri(tracking_uri: str, model_name: str, version: str, artifa
     A server that proxies artifacts (``mlflow server --artifacts-destination``) answers ``mlflow-artifacts:/<path>``;
     the files are then at ``<artifacts_destination>/<path>``."""
 
-    uri = MlflowClient(tracking_uri).get_model_version_download_uri(model_name, version)
-    return resolve_proxied(uri, artifacts_destination)
+    return resolve_proxied(version_download_uri(tracking_uri, model_name, version), artifacts_destination)
 
 
 def resolve_proxied(uri: str, artifacts_destination: str) -> str:

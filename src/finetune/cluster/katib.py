@@ -75,10 +75,44 @@ def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str,
     for key, dist in t.space.items():
         hint = key_type(key)
         parameters.append(_parameter(key, dist, int in (hint, *getattr(hint, "__args__", ()))))
+    label = cluster["pod_label"]
+    spec: dict[str, Any] = {
+        "objective": {"type": TUNE_METRICS[t.metric], "objectiveMetricName": t.metric,
+                      "additionalMetricNames": other,
+                      # the last validation value, as `finetune tune` scores a trial
+                      "metricStrategies": [{"name": m, "value": "latest"} for m in (t.metric, *other)]},
+        "algorithm": {"algorithmName": t.sampler, "algorithmSettings": settings},
+        "parallelTrialCount": 1,  # one GPU per trial; raise it to run trials side by side
+        "maxTrialCount": t.trials,
+        "maxFailedTrialCount": t.trials,
+        "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
+        "parameters": parameters,
+        "trialTemplate": {
+            "primaryContainerName": "trial",
+            "successCondition": 'status.conditions.#(type=="Complete")#|#(status=="True")#',
+            "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
+            "trialParameters": [{"name": names[k], "reference": k, "description": f"params.yaml {k}"}
+                                for k in t.space],
+            "trialSpec": {
+                "apiVersion": "batch/v1", "kind": "Job",
+                "spec": {"backoffLimit": 0, "template": {
+                    "metadata": {"labels": {"app.kubernetes.io/name": NAME, label["key"]: str(label["value"])},
+                                 "annotations": {"sidecar.istio.io/inject": "false"}},
+                    "spec": _trial_pod(cfg, cluster, data_uri, names)}}}},
+    }
+    if t.pruner == "median":
+        spec["earlyStopping"] = {"algorithmName": "medianstop", "algorithmSettings": [
+            {"name": "min_trials_required", "value": str(max(1, t.startup_trials))}]}
+    return {"apiVersion": "kubeflow.org/v1beta1", "kind": "Experiment",
+            "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": NAME}}, "spec": spec}
+
+
+def _trial_pod(cfg: Config, cluster: dict[str, Any], data_uri: str, names: dict[str, str]) -> dict[str, Any]:
+    """The trial's pod: an init container validates and tokenizes into the emptyDir, the trial trains on it."""
     args = ["tune", "--trial", "--params", f"{WORK}/params.yaml", "--tokens", f"{WORK}/tokenize"]
-    for key in t.space:
+    for key in cfg.tune.space:
         args += ["--set", f"{key}=${{trialParameters.{names[key]}}}"]
-    gpu, res, label = cluster["gpu"], cluster["resources"], cluster["pod_label"]
+    gpu, res = cluster["gpu"], cluster["resources"]
     env_from = [{"secretRef": {"name": cluster["secrets"]["s3"]["name"]}}]
     security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     mounts = [{"name": "work", "mountPath": WORK}, {"name": "tmp", "mountPath": "/tmp"}]
@@ -112,35 +146,7 @@ def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str,
         pod["nodeSelector"] = {k: str(v) for k, v in gpu["node_selector"].items()}
     if gpu.get("tolerations"):
         pod["tolerations"] = gpu["tolerations"]
-    spec: dict[str, Any] = {
-        "objective": {"type": TUNE_METRICS[t.metric], "objectiveMetricName": t.metric,
-                      "additionalMetricNames": other,
-                      # the last validation value, as `finetune tune` scores a trial
-                      "metricStrategies": [{"name": m, "value": "latest"} for m in (t.metric, *other)]},
-        "algorithm": {"algorithmName": t.sampler, "algorithmSettings": settings},
-        "parallelTrialCount": 1,  # one GPU per trial; raise it to run trials side by side
-        "maxTrialCount": t.trials,
-        "maxFailedTrialCount": t.trials,
-        "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
-        "parameters": parameters,
-        "trialTemplate": {
-            "primaryContainerName": "trial",
-            "successCondition": 'status.conditions.#(type=="Complete")#|#(status=="True")#',
-            "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
-            "trialParameters": [{"name": names[k], "reference": k, "description": f"params.yaml {k}"}
-                                for k in t.space],
-            "trialSpec": {
-                "apiVersion": "batch/v1", "kind": "Job",
-                "spec": {"backoffLimit": 0, "template": {
-                    "metadata": {"labels": {"app.kubernetes.io/name": NAME, label["key"]: str(label["value"])},
-                                 "annotations": {"sidecar.istio.io/inject": "false"}},
-                    "spec": pod}}}},
-    }
-    if t.pruner == "median":
-        spec["earlyStopping"] = {"algorithmName": "medianstop", "algorithmSettings": [
-            {"name": "min_trials_required", "value": str(max(1, t.startup_trials))}]}
-    return {"apiVersion": "kubeflow.org/v1beta1", "kind": "Experiment",
-            "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": NAME}}, "spec": spec}
+    return pod
 
 
 class _Dumper(yaml.SafeDumper):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 
@@ -62,3 +63,12 @@ def sides_from_runs(client, base_run: str, other_run: str) -> tuple[Side, Side]:
         return _side(client, f"run {base_run[:8]}", base_run), _side(client, f"run {other_run[:8]}", other_run)
     except MlflowException as exc:
         raise CompareError(f"cannot read the runs: {exc.message}") from exc
+
+
+def read_sides(tracking_uri: str, model_name: str, aliases: tuple[str, str] = ("champion", "challenger"),
+               runs: tuple[str, str] | None = None) -> tuple[Side, Side]:
+    """The two sides `finetune compare` shows: two runs when ``runs`` is given, else two aliases of the model."""
+    client = MlflowClient(tracking_uri)
+    if runs:
+        return sides_from_runs(client, *runs)
+    return sides_from_registry(client, model_name, *aliases)

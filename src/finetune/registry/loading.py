@@ -38,3 +38,9 @@ def load_verified(model_uri: str, tracking_uri: str):
         raise RegistryError(str(exc)) from None
     except (MlflowException, OSError) as exc:
         raise RegistryError(redact_text(f"cannot load {model_uri} from {redact_uri(tracking_uri)}: {exc}")) from None
+
+
+def version_download_uri(tracking_uri: str, model_name: str, version: str) -> str:
+    """Where the artifact store holds a registered version's model files (``mlflow-artifacts:/...`` when the
+    server proxies artifacts)."""
+    return MlflowClient(tracking_uri).get_model_version_download_uri(model_name, version)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8
 from finetune.common.redact import redact_text, redact_uri
+from finetune.common.tokens import load_tokenizer
 from finetune.registry import integrity
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, remove_artifacts
 from finetune.registry.request import (
@@ -29,7 +32,6 @@ from finetune.registry.request import (
     RegistryUnavailable,
 )
 from finetune.registry.store import current_champion, delete_version, stored_digests, with_retries
-from finetune.stages.compress import pyfunc_model_config, pyfunc_requirements
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,20 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
         if run_id is not None:
             remove_artifacts(client, run_id, exp_id)
         raise RegistryUnavailable(f"registering {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def pyfunc_model_config(folder: str | Path, onnx_file: str = ONNX_INT8, max_length: int = 512) -> dict[str, Any]:
+    """model_config for onnx_pyfunc_model.OnnxTextClassifier over a compress output folder."""
+    tok = load_tokenizer(folder)
+    return {"onnx_file": onnx_file, "onnx_sha256": _file_sha256(Path(folder) / onnx_file), "max_length": max_length,
+            "pad_token": tok.pad_token, "pad_token_id": int(tok.pad_token_id or 0)}
+
+
+def pyfunc_requirements() -> list[str]:
+    """What serving the ONNX pyfunc needs (explicit: MLflow's inference imports around, which fails offline)."""
+    return [f"{name}=={metadata.version(name)}" for name in ("mlflow", "onnxruntime", "tokenizers", "numpy")]
+
+
+def _file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

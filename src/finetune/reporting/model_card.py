@@ -1,4 +1,4 @@
-"""modelcard: the Markdown card registered with every model version (its description in the registry and
+"""model_card: the Markdown card registered with every model version (its description in the registry and
 ``model_card.md`` in its run): data, intended use, metrics per class, limitations, how to load it.
 
 Pure: the numbers come in as the stages wrote them (metrics.json, the validation report, the flat params),
@@ -105,27 +105,42 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
     compress stage's metrics.json and ``int8`` what registering its int8 variant did (registration.json)."""
     validation, lineage = validation or {}, lineage or {}
     labels = list(metrics.get("labels") or (metrics.get("per_class") or {}).keys())
-    n = int(metrics.get("n", 0))
-    acc = float(metrics["accuracy"])
-    lo, hi = accuracy_interval(acc, n)
-    max_length = params.get("tokenize.max_length", "?")
-    base = params.get("model.base", "?")
+    out = [f"# {name}, version {version}", ""]
+    out += _intended_use(params.get("model.base", "?"), labels, validation, run_id)
+    out += _data_section(validation, lineage, labels)
+    out += ["", "## Training", "",
+            _table(["setting", "value"], [[k, str(v)] for k, v in training_settings(params)])]
+    out += _evaluation_section(metrics, labels)
+    if compressed:
+        out += ["", "## Compressed variants", "",
+                f"Measured on the same test split in one process ({compressed.get('threads') or 'default'} "
+                f"threads); deltas against the fp32 PyTorch model.", "",
+                _table(compress_header(compressed), compress_rows(compressed)), "",
+                int8_status(name, compressed, int8)]
+    out += ["", "## Limitations", ""]
+    out += [f"- {item}" for item in _limitations(metrics, validation, params.get("tokenize.max_length", "?"),
+                                                  token_stats)]
+    out += _how_to_load(name, f"models:/{name}/{version}")
+    return "\n".join(out)
+
+
+def _intended_use(base: str, labels: list[str], validation: dict[str, Any], run_id: str | None) -> list[str]:
+    return [f"A text classifier: `{base}` fine-tuned to assign one of {len(labels)} labels "
+            f"({', '.join(f'`{lab}`' for lab in labels)}) to a text. Built by the `finetune` pipeline"
+            + (f" (MLflow run `{run_id}`)." if run_id else "."), "",
+            "## Intended use", "",
+            f"Sorting short texts of the same kind as its training data (`{validation.get('data', '?')}`) into "
+            f"these labels, where a wrong label now and then is acceptable or a person reviews the results. "
+            f"Not for other languages, other kinds of text, labels it was not trained on, or decisions about "
+            f"people without review: it always answers with one of its labels, even for text unlike anything "
+            f"it has seen.", ""]
+
+
+def _data_section(validation: dict[str, Any], lineage: dict[str, Any], labels: list[str]) -> list[str]:
+    out = ["## Data", ""]
     counts = validation.get("class_counts") or {}
     total = sum(counts.values())
     splits = validation.get("splits") or {}
-    uri = f"models:/{name}/{version}"
-
-    out = [f"# {name}, version {version}", "",
-           f"A text classifier: `{base}` fine-tuned to assign one of {len(labels)} labels "
-           f"({', '.join(f'`{lab}`' for lab in labels)}) to a text. Built by the `finetune` pipeline"
-           + (f" (MLflow run `{run_id}`)." if run_id else "."), "",
-           "## Intended use", "",
-           f"Sorting short texts of the same kind as its training data (`{validation.get('data', '?')}`) into "
-           f"these labels, where a wrong label now and then is acceptable or a person reviews the results. "
-           f"Not for other languages, other kinds of text, labels it was not trained on, or decisions about "
-           f"people without review: it always answers with one of its labels, even for text unlike anything "
-           f"it has seen.", "",
-           "## Data", ""]
     if validation:
         out.append(f"`{validation.get('data', '?')}`: {validation.get('rows', '?')} rows read"
                    + (f", {total} after validation" if total else "") + ".")
@@ -140,26 +155,31 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
     hashes = [f"{k} `{lineage[k]}`" for k in ("data_md5", "data_dvc_md5", "git_commit") if lineage.get(k)]
     if hashes:
         out += ["", "Lineage: " + ", ".join(hashes) + "."]
+    return out
 
-    out += ["", "## Training", "",
-            _table(["setting", "value"], [[k, str(v)] for k, v in training_settings(params)]),
-            "", "## Evaluation", "",
-            f"On the held-out test split ({n} texts): accuracy **{acc:.4f}** (95% interval {lo:.3f}-{hi:.3f}), "
-            f"macro-F1 **{float(metrics['macro_f1']):.4f}**, cross-entropy {float(metrics.get('loss', math.nan)):.4f}, "
-            f"expected calibration error {float(metrics.get('ece', math.nan)):.4f}.", "",
-            _table(PER_CLASS_HEADER, per_class_rows(metrics))]
+
+def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]:
+    n = int(metrics.get("n", 0))
+    acc = float(metrics["accuracy"])
+    lo, hi = accuracy_interval(acc, n)
+    out = ["", "## Evaluation", "",
+           f"On the held-out test split ({n} texts): accuracy **{acc:.4f}** (95% interval {lo:.3f}-{hi:.3f}), "
+           f"macro-F1 **{float(metrics['macro_f1']):.4f}**, cross-entropy {float(metrics.get('loss', math.nan)):.4f}, "
+           f"expected calibration error {float(metrics.get('ece', math.nan)):.4f}.", "",
+           _table(PER_CLASS_HEADER, per_class_rows(metrics))]
     cm = metrics.get("confusion_matrix")
     if cm:
         out += ["", "Confusion matrix (rows: actual, columns: predicted):", "",
                 _table(["", *labels], [[lab, *row] for lab, row in zip(labels, cm)])]
+    return out
 
-    if compressed:
-        out += ["", "## Compressed variants", "",
-                f"Measured on the same test split in one process ({compressed.get('threads') or 'default'} "
-                f"threads); deltas against the fp32 PyTorch model.", "",
-                _table(compress_header(compressed), compress_rows(compressed)), "",
-                int8_status(name, compressed, int8)]
-    out += ["", "## Limitations", ""]
+
+def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length: Any,
+                 token_stats: dict[str, Any] | None) -> list[str]:
+    n = int(metrics.get("n", 0))
+    lo, hi = accuracy_interval(float(metrics["accuracy"]), n)
+    counts = validation.get("class_counts") or {}
+    total = sum(counts.values())
     limits = [f"Texts longer than {max_length} tokens are cut to their first {max_length} tokens."]
     if token_stats and "test" in token_stats:
         t = token_stats["test"]
@@ -176,10 +196,12 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
     limits.append(f"The test split has {n} texts: the accuracy is known to about ±{(hi - lo) / 2:.3f}.")
     limits.append(calibration_sentence(float(metrics.get("ece", math.nan))))
     limits.append("It learns whatever biases its training texts and the pretrained base model carry.")
-    out += [f"- {item}" for item in limits]
+    return limits
 
-    out += ["", "## How to load it", "",
-            "`finetune predict` and `finetune.registry.load_verified(uri, tracking_uri)` first check every file "
+
+def _how_to_load(name: str, uri: str) -> list[str]:
+    return ["", "## How to load it", "",
+            "`finetune predict` and `finetune.registry.loading.load_verified(uri, tracking_uri)` first check every file "
             "against the sha256 digests recorded in the registry and refuse a modified one. Plain MLflow loading "
             "needs only mlflow, torch and transformers (not the `finetune` package; set `MLFLOW_TRACKING_URI` to "
             "the registry) but checks only the weights.", "",
@@ -193,4 +215,3 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
             f"finetune predict --model {uri} \"some text\"",
             f"mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001",
             "```", ""]
-    return "\n".join(out)

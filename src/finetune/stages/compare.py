@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.registry.comparison import Side
+from finetune.common import tracking
+from finetune.common.config import Config
+from finetune.registry.comparison import Side, read_sides
 
 PRIMARY = ("accuracy", "macro_f1", "loss", "ece", "n")
 
@@ -77,3 +79,12 @@ def format_comparison(c: Comparison) -> str:
     else:
         lines.append("Params and lineage: identical.")
     return "\n".join(lines) + "\n"
+
+
+def run_compare(cfg: Config, model: str | None, aliases: tuple[str, str], runs: tuple[str, str] | None) -> str:
+    """`finetune compare`: the comparison of two aliases of ``model`` (default: register.model_name), or of two
+    runs, read from the project's tracking store (or MLFLOW_TRACKING_URI)."""
+    uri, _ = tracking.configure(".")
+    tracking.require_reachable(uri)
+    base, other = read_sides(uri, model or cfg.register.model_name, aliases, runs)
+    return format_comparison(compare(base, other))

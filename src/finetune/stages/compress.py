@@ -11,14 +11,12 @@ message naming the model and the operator, never a failed pipeline.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +28,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from finetune.common.config import CompressConfig, Config
 from finetune.common.files import write_json
 from finetune.common.outputs import METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
-from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_tokens
+from finetune.common.tokens import TokenizedSplit, read_tokens
 from finetune.tasks.single_label import classification_metrics, softmax
 from finetune.training.batches import collate
 from finetune.training.model import MismatchError, load_classifier
@@ -169,7 +167,7 @@ def measure(run: Runner, split: TokenizedSplit, pad_id: int, batch_size: int, la
     return softmax(np.concatenate(logits).astype(np.float64)), timing
 
 
-def gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float) -> tuple[bool, str]:
+def variant_gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float) -> tuple[bool, str]:
     drop = baseline["accuracy"] - candidate["accuracy"]
     if drop <= max_drop + 1e-12:
         return True, (f"int8 variant passed: accuracy {candidate['accuracy']:.4f} vs fp32 {baseline['accuracy']:.4f} "
@@ -237,32 +235,12 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
             variants[variant] = variant_metrics(probs[variant], test, labels, timing, size, probs.get("pytorch_fp32")
                                                 if variant != "pytorch_fp32" else None)
         with_deltas(variants)
-        passed, message = gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
+        passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
         metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants}
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
     return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},
                           probs)
-
-
-def file_sha256(path: str | Path) -> str:
-
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def pyfunc_model_config(folder: str | Path, onnx_file: str = ONNX_INT8, max_length: int = 512) -> dict[str, Any]:
-    """model_config for onnx_pyfunc_model.OnnxTextClassifier over a compress output folder."""
-
-    tok = load_tokenizer(folder)
-    return {"onnx_file": onnx_file, "onnx_sha256": file_sha256(Path(folder) / onnx_file), "max_length": max_length,
-            "pad_token": tok.pad_token, "pad_token_id": int(tok.pad_token_id or 0)}
-
-
-def pyfunc_requirements() -> list[str]:
-    """What serving the ONNX pyfunc needs (explicit: MLflow's inference imports around, which fails offline)."""
-
-    return [f"{name}=={version(name)}" for name in ("mlflow", "onnxruntime", "tokenizers", "numpy")]
 
 
 def run_compress(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:

@@ -1,17 +1,21 @@
 """predict: label texts with a registered model (``models:/<name>@champion``, ``models:/<name>/<version>``).
 
 One record per text: ``{"text", "label", "probabilities": {label: p}}``. The model is the registry's pyfunc
-(src/finetune/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
+(src/finetune/registry/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import IO, Any, Iterable
 
+from finetune.common import tracking
+from finetune.common.config import Config
 from finetune.common.files import FORMATS, read_table, split_lines
+from finetune.registry.loading import load_verified
 
 log = logging.getLogger("finetune")
 
@@ -67,4 +71,26 @@ def write_jsonl(records: Iterable[dict[str, Any]], fh: IO[str]) -> int:
     for rec in records:
         fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         n += 1
+    return n
+
+
+def run_predict(cfg: Config, texts: list[str], input_path: str | None, text_column: str | None, model: str | None,
+                output: str | None, batch_size: int) -> int:
+    """`finetune predict`: label TEXT arguments or the texts of ``input_path`` ('-' = stdin) with a registered
+    model (default: the champion), as JSON lines to ``output`` or stdout; returns how many were written."""
+    if bool(texts) == bool(input_path):
+        raise PredictInputError("give either TEXT arguments or --input FILE")
+    texts = texts or read_texts(input_path, sys.stdin if input_path == "-" else None,
+                                text_column or cfg.data.text_column)
+    uri = model or f"models:/{cfg.register.model_name}@champion"
+    store, _ = tracking.configure(".")
+    tracking.require_reachable(store)  # fail fast when the server is down, not after MLflow's retries
+    loaded = load_verified(uri, store)  # every file checked against the registry's digests before loading
+    records = predict(loaded, texts, batch_size)
+    if not output:
+        return write_jsonl(records, sys.stdout)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as fh:
+        n = write_jsonl(records, fh)
+    log.info("wrote %d predictions to %s", len(records), output)
     return n

@@ -40,23 +40,12 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     ``tokens`` (the tokenize output) only adds token-length statistics to the card and report. ``compress``
     (the compress output): its int8 variant, when it passed its gate, is registered as ``<name>-int8`` and
     its figures go into the card and report; registration.json["int8"] says what happened to it."""
-
-
-
     # register writes its three files by name (deletes nothing), but never into the project root or an input
     check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens, compress) if p])
     metrics = read_json(Path(evaluation) / "metrics.json")
     test = pd.read_parquet(Path(splits) / "test.parquet")
-    history = []
-    artifacts: dict[str, Path] = {"evaluation": Path(evaluation), "validation": Path(splits) / "report.json"}
-    if train_logs and Path(train_logs).is_dir():
-        with (Path(train_logs) / "loss.csv").open(encoding="utf-8") as fh:
-            history = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
-        artifacts["training"] = Path(train_logs)
-    # Log the config the model was really trained with (saved beside it), plus this run's register settings.
-    trained = Path(model) / "finetune_config.json"
-    logged = config_from_dict({**read_json(trained), "register": asdict(cfg.register)}) if trained.is_file() else cfg
-    params = redact_values(logged.flat())
+    history, artifacts = _training_history(evaluation, splits, train_logs)
+    params = _logged_params(cfg, model)
     lineage = redact_values(lineage)
     validation = _optional_json(Path(splits) / "report.json")
     token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
@@ -89,6 +78,26 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
                   Path(out), tracking_uri, compressed)
     log.info("registered %s version %s as @%s: %s", reg.model_name, reg.version, reg.alias, reg.reason)
     return out_dict
+
+
+def _training_history(evaluation: str | Path, splits: str | Path,
+                      train_logs: str | Path | None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """The loss curve (when train's logs are at hand) and the folders logged as run artifacts."""
+    history = []
+    artifacts: dict[str, Path] = {"evaluation": Path(evaluation), "validation": Path(splits) / "report.json"}
+    if train_logs and Path(train_logs).is_dir():
+        with (Path(train_logs) / "loss.csv").open(encoding="utf-8") as fh:
+            history = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
+        artifacts["training"] = Path(train_logs)
+    return history, artifacts
+
+
+def _logged_params(cfg: Config, model: str | Path) -> dict[str, Any]:
+    """The config the model was really trained with (saved beside it), plus this run's register settings;
+    credentials redacted."""
+    trained = Path(model) / "finetune_config.json"
+    logged = config_from_dict({**read_json(trained), "register": asdict(cfg.register)}) if trained.is_file() else cfg
+    return redact_values(logged.flat())
 
 
 def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str, Any] | None) -> dict[str, Any]:

@@ -115,33 +115,8 @@ def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame
     return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
 
 
-def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
-             workspace: str | Path | None = None) -> ValidationResult:
-    """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
-    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink)."""
-    path = str(data_path)
-    text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
-    report: dict[str, Any] = {"data": path, "rules": [], "success": False}
-
-    def fail(extra_rules: list[dict[str, Any]]) -> ValidationResult:
-        report["rules"].extend(extra_rules)
-        report["success"] = False
-        return ValidationResult(False, report)
-
-    try:
-        df = read_table(path, workspace)
-    except DataError as e:
-        return fail([_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)])
-    report["rows"] = int(len(df))
-    report["columns"] = [str(c) for c in df.columns]
-
-    missing = [c for c in (text, label) if c not in df.columns]
-    if missing:
-        return fail([_rule("required_columns", ",".join(missing), False,
-                           f"missing column(s) {missing}; found {report['columns']} "
-                           f"(set data.text_column / data.label_column)")])
-
-    # Texts must be strings (JSONL/Parquet may carry numbers or objects); labels may be any scalar but one type.
+def _type_rules(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
+    """Texts must be strings (JSONL/Parquet may carry numbers or objects); labels may be any scalar but one type."""
     not_str = [i for i, v in df[text].items() if v is not None and not pd.isna(v) and not isinstance(v, str)]
     rules = [_rule("text_is_string", text, not not_str, "text values must be strings", not_str,
                    [df.at[i, text] for i in not_str[: cfg.max_examples]], cfg.max_examples)]
@@ -152,14 +127,14 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     rules.append(_rule("label_single_type", label, not mixed,
                        f"labels mix types {types}" if mixed else f"all labels have one type ({', '.join(types)})", odd,
                        [df.at[i, label] for i in odd[: cfg.max_examples]], cfg.max_examples))
-    if not_str or mixed:
-        return fail(rules)
+    return rules
 
-    df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
-    rules += _run_great_expectations(df, text, label, cfg)
-    if not all(r["success"] for r in rules):
-        return fail(rules)
 
+def _text_rules(df: pd.DataFrame, text: str, label: str, split: str,
+                cfg: ValidateConfig) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Conflicting labels, split values and leakage, duplicates: the rules and the (text, label[, _split]) frame,
+    without the dropped duplicates."""
+    rules: list[dict[str, Any]] = []
     frame = pd.DataFrame({"text": df[text], "label": df[label]}, index=df.index)
     key = frame["text"].str.strip()
 
@@ -194,6 +169,57 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
         r["dropped"] = len(dup)
         rules.append(r)
         frame = frame.drop(index=dup)
+    return frame, rules
+
+
+def _class_rules(counts: pd.Series, labels: list[str], label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
+    """At least two classes, and enough rows in each named one."""
+    small = {k: int(v) for k, v in counts.items() if v < cfg.min_rows_per_class}
+    absent = [lab for lab in labels if lab not in counts.index]
+    return [_rule("at_least_two_classes", label, len(counts) >= 2,
+                  f"found {len(counts)} class(es) {list(counts.index)}; a classifier needs at least 2"),
+            _rule("min_rows_per_class", label, not small and not absent,
+                  f"each class needs >= {cfg.min_rows_per_class} rows; too few: {small}, absent: {absent}"
+                  if small or absent else f"every class has >= {cfg.min_rows_per_class} rows")]
+
+
+def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
+             workspace: str | Path | None = None) -> ValidationResult:
+    """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
+    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink)."""
+    path = str(data_path)
+    text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
+    report: dict[str, Any] = {"data": path, "rules": [], "success": False}
+
+    def fail(extra_rules: list[dict[str, Any]]) -> ValidationResult:
+        report["rules"].extend(extra_rules)
+        report["success"] = False
+        return ValidationResult(False, report)
+
+    try:
+        df = read_table(path, workspace)
+    except DataError as e:
+        return fail([_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)])
+    report["rows"] = int(len(df))
+    report["columns"] = [str(c) for c in df.columns]
+
+    missing = [c for c in (text, label) if c not in df.columns]
+    if missing:
+        return fail([_rule("required_columns", ",".join(missing), False,
+                           f"missing column(s) {missing}; found {report['columns']} "
+                           f"(set data.text_column / data.label_column)")])
+
+    rules = _type_rules(df, text, label, cfg)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
+    rules += _run_great_expectations(df, text, label, cfg)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+
+    frame, found = _text_rules(df, text, label, split, cfg)
+    rules += found
     if not all(r["success"] for r in rules):
         return fail(rules)
 
@@ -202,13 +228,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     report["labels"] = labels
     report["labels_inferred"] = not cfg.labels
     report["class_counts"] = {k: int(v) for k, v in counts.items()}
-    rules.append(_rule("at_least_two_classes", label, len(counts) >= 2,
-                       f"found {len(counts)} class(es) {list(counts.index)}; a classifier needs at least 2"))
-    small = {k: int(v) for k, v in counts.items() if v < cfg.min_rows_per_class}
-    absent = [lab for lab in labels if lab not in counts.index]
-    rules.append(_rule("min_rows_per_class", label, not small and not absent,
-                       f"each class needs >= {cfg.min_rows_per_class} rows; too few: {small}, absent: {absent}"
-                       if small or absent else f"every class has >= {cfg.min_rows_per_class} rows"))
+    rules += _class_rules(counts, labels, label, cfg)
     if not all(r["success"] for r in rules):
         return fail(rules)
 
@@ -221,7 +241,12 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
                        f"empty split(s): {empty}" if empty else "train, val and test all have rows"))
     if empty:
         return fail(rules)
+    return _passed(report, rules, labels, splits, cfg)
 
+
+def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[str],
+            splits: dict[str, pd.DataFrame], cfg: ValidateConfig) -> ValidationResult:
+    """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
     report["rules"] = rules
     report["success"] = True
     report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in

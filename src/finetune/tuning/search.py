@@ -32,7 +32,8 @@ from finetune.common.params import apply_overrides, config_from_dict
 from finetune.common.progress import Progress
 from finetune.common.tokens import TokenizedSplit
 from finetune.reporting import plots
-from finetune.stages.train import TrainingError, train
+from finetune.stages.train import train
+from finetune.training.recipe import TrainingError
 
 log = logging.getLogger("finetune")
 
