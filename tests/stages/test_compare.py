@@ -39,6 +39,7 @@ def test_cli_compare_challenger_against_champion_and_two_runs(tmp_path, monkeypa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store tracking.configure() picks in this folder
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("cmp")  # this store's own: not the active experiment an earlier test left behind
     runs = []
     for acc, lr in ((0.80, "0.0001"), (0.78, "5e-05")):
         with mlflow.start_run() as run:
