@@ -280,3 +280,40 @@ def test_log_lines_never_carry_uri_credentials():
     err = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=ENV, timeout=120).stderr
     assert "retrying http://" in err and "127.0.0.1:5057" in err, err
     assert "s3cret" not in err and "token=abc" not in err, err
+
+
+SECRET_DATA_URI = ("dvc://data/raw.csv?repo=https://bob:ghp_SecretTok3n@git.example/o/r.git&rev=main"
+                   "&X-Amz-Credential=AKIASECRETCRED&X-Amz-Signature=f00dSECRETsig")
+
+
+def _secret_cfg() -> Config:
+    from finetune.common.params import load_config
+
+    cfg = load_config(REPO / "params.yaml")
+    cfg.data.path = SECRET_DATA_URI
+    return cfg
+
+
+def _assert_redacted(text: str) -> None:
+    for secret in ("ghp_SecretTok3n", "AKIASECRETCRED", "f00dSECRETsig"):
+        assert secret not in text
+    assert "repo=https://***@git.example/o/r.git" in text and "X-Amz-Signature=***" in text
+
+
+def test_katib_experiment_carries_no_credentials_of_the_data_uri():
+    import yaml
+
+    from finetune.cluster.katib import render
+
+    cluster = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text(encoding="utf-8"))
+    _assert_redacted(render(_secret_cfg(), cluster, SECRET_DATA_URI))
+
+
+def test_compiled_pipeline_carries_no_credentials_of_the_data_uri(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from pipelines.finetune_pipeline import compile_spec
+
+    spec = compile_spec(tmp_path / "spec.yaml", _secret_cfg())
+    _assert_redacted(spec.read_text(encoding="utf-8"))
