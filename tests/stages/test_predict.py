@@ -139,12 +139,89 @@ def test_cli_predict_uses_the_default_store_and_writes_jsonl(in_project, capsys)
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_with_labels_and_probabilities(project):
     """`mlflow models serve -m models:/<name>/<version> --env-manager local` (about 15 s to start)."""
+    import urllib.error
+
     with serving(project, f"models:/{NAME}/1") as post:
         labels = post({"inputs": TEXTS})
         assert len(labels) == 3 and set(labels) <= {"fresh", "rotten"}
         records = post({"inputs": TEXTS, "params": {"probabilities": True}})
         assert [r["label"] for r in records] == labels
         assert all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for r in records)
+        # a request past the model's bound is answered at once with 400, not computed past a gateway's timeout
+        start = time.perf_counter()
+        with pytest.raises(urllib.error.HTTPError) as too_many:
+            post({"inputs": ["a fine film"] * 10_000})
+        assert too_many.value.code == 400 and time.perf_counter() - start < 20
+        assert "10000 texts in one request: at most 1000; split the request" in too_many.value.read().decode()
+
+
+def test_pyfunc_bounds_the_request_size(in_project):
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    from finetune.common import tracking
+
+    tracking.configure(".")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    assert len(model.predict(["ok"] * 1000)) == 1000  # the bound itself is served
+    with pytest.raises(MlflowException, match=r"1001 texts in one request: at most 1000; split the request") as e:
+        model.predict(["ok"] * 1001)
+    assert e.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match=r"text\(s\) \[1\] longer than 20000 characters"):
+        model.predict(["ok", "x" * 20001])
+
+
+@pytest.mark.parametrize("module, cls", [("pyfunc_model", "TextClassifier"),
+                                         ("onnx_pyfunc_model", "OnnxTextClassifier")])
+def test_pyfunc_file_check_refuses_changed_extra_missing_and_linked_files(tmp_path, module, cls):
+    import importlib
+
+    from finetune.registry.integrity import folder_digests
+
+    check = getattr(importlib.import_module(f"finetune.registry.{module}"), cls)._check_files
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text('{"id2label": {"0": "fresh", "1": "rotten"}}')
+    (folder / "sub" / "tokenizer.json").write_text("{}")
+    logged = folder_digests(folder)
+    check(str(folder), logged)  # unchanged: loads
+    (folder / "config.json").write_text('{"id2label": {"0": "rotten", "1": "fresh"}}')
+    with pytest.raises(RuntimeError, match="model file config.json differs"):
+        check(str(folder), logged)
+    (folder / "config.json").write_text('{"id2label": {"0": "fresh", "1": "rotten"}}')
+    (folder / "extra.py").write_text("import os")
+    with pytest.raises(RuntimeError, match="model file extra.py was not logged"):
+        check(str(folder), logged)
+    (folder / "extra.py").unlink()
+    (folder / "sub" / "tokenizer.json").unlink()
+    with pytest.raises(RuntimeError, match="model file sub/tokenizer.json is missing"):
+        check(str(folder), logged)
+    (folder / "sub" / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(RuntimeError, match="model file sub/tokenizer.json is a symbolic link"):
+        check(str(folder), logged)
+
+
+@pytest.mark.integration
+def test_unverified_pyfunc_load_refuses_swapped_labels(tmp_path, tiny_classifier_dir):
+    """What `mlflow models serve -m models:/...` runs: the pyfunc itself checks its files against the digests
+    logged with it, so swapped id2label in the artifact store is refused (finetune predict also checks the registry)."""
+    import mlflow.pyfunc
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = RegisterConfig(model_name="tampered", experiment="t", floor=0.0)
+    register(RegistrationRequest.for_model(tiny_classifier_dir, {"accuracy": 0.9, "macro_f1": 0.9}, cfg, uri,
+                                           artifact_location=(tmp_path / "mlartifacts").as_uri()))
+    with _use_tracking_uri(uri):
+        assert mlflow.pyfunc.load_model("models:/tampered/1").predict(["fine"])[0] in ("fresh", "rotten")
+    stored = [p for p in (tmp_path / "mlartifacts").rglob("config.json") if "id2label" in p.read_text()]
+    assert stored
+    for p in stored:
+        conf = json.loads(p.read_text())
+        conf["id2label"] = {"0": "rotten", "1": "fresh"}
+        p.write_text(json.dumps(conf))
+    with pytest.raises(Exception, match="model file config.json differs"), _use_tracking_uri(uri):
+        mlflow.pyfunc.load_model("models:/tampered/1")
 
 
 
