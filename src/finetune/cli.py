@@ -107,8 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--input", help="one text per line ('\\n' or '\\r\\n' end a line; blank lines skipped), or a "
                                    ".jsonl/.csv/.parquet file with a text column ('-' = stdin, one text per line)")
     s.add_argument("--text-column", help="the text column of a table --input (default: data.text_column)")
-    s.add_argument("--output", help="write JSON lines here (default: stdout)")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--output", help="write JSON lines to this file (default: stdout); written as it goes into a "
+                                    "temporary file renamed to OUTPUT at the end")
+    s.add_argument("--force", action="store_true", help="replace an existing --output file")
+    s.add_argument("--batch-size", type=int, default=256, help="texts per model call (at most 1000)")
 
     s = sub.add_parser("compare", parents=[common], help="challenger vs champion (or two runs): metrics, params",
                        description="Compare the challenger with the champion (default), two aliases, or two runs.")
@@ -193,26 +195,29 @@ def _tune(args: argparse.Namespace, cfg: Config) -> None:
 
 def _predict(args: argparse.Namespace, cfg: Config) -> None:
     from finetune.common import tracking
-    from finetune.stages.predict import predict, read_texts, write_jsonl
+    from finetune.stages.predict import check_output, count_lines, iter_texts, predict_stream, sqlite_paths, \
+        write_predictions
 
     if bool(args.texts) == bool(args.input):
         raise PredictInputError("give either TEXT arguments or --input FILE")
-    texts = args.texts or read_texts(args.input, sys.stdin if args.input == "-" else None,
-                                     args.text_column or cfg.data.text_column)
+    if not 1 <= args.batch_size <= 1000:  # the pyfunc refuses a request of more than 1000 texts
+        raise PredictInputError(f"--batch-size {args.batch_size}: give 1 to 1000")
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
     store, _ = tracking.configure(".")
+    output = args.output and check_output(args.output, [args.input or "-"], args.force,
+                                          [*sqlite_paths(store), Path(cfg.tune.storage)])
     tracking.require_reachable(store)  # fail fast when the server is down, not after MLflow's retries
     from finetune.registry.loading import load_verified
 
     model = load_verified(uri, store)  # every file checked against the registry's digests before loading
-    records = predict(model, texts, args.batch_size)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as fh:
-            write_jsonl(records, fh)
-        log.info("wrote %d predictions to %s", len(records), args.output)
+    texts = args.texts or iter_texts(args.input, sys.stdin if args.input == "-" else None,
+                                     args.text_column or cfg.data.text_column)
+    total = len(args.texts) if args.texts else 0 if args.input == "-" else count_lines(args.input)
+    if output:
+        n = write_predictions(model, texts, output, args.batch_size, total)
+        log.info("wrote %d predictions to %s", n, output)
     else:
-        write_jsonl(records, sys.stdout)
+        predict_stream(model, texts, sys.stdout, args.batch_size, total)
 
 
 def _compare(args: argparse.Namespace, cfg: Config) -> None:

@@ -238,3 +238,106 @@ def test_queued_dvc_experiments_use_the_projects_store(tmp_path, monkeypatch):
     uri, artifacts = configure(temp_ws)
     assert uri == f"sqlite:///{(tmp_path / 'proj' / 'mlflow.db').resolve()}"
     assert artifacts == (tmp_path / "proj" / "mlartifacts").resolve().as_uri()
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_predict_output_refuses_existing_input_store_and_stage_files(in_project, capsys):
+    """Refused before the model is even loaded, the refused file unchanged; --force replaces only a plain file."""
+    from finetune.common.outputs import MARKER
+
+    model = ["predict", "--model", f"models:/{NAME}/1"]
+    (in_project / "in.txt").write_text("a wonderful film\na dull mess\n", encoding="utf-8")
+    (in_project / "old.jsonl").write_text("keep me\n", encoding="utf-8")
+    (in_project / "mlartifacts").mkdir(exist_ok=True)
+    stage = in_project / "out" / "evaluate"
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / MARKER).write_text("evaluate\n")
+    (in_project / "optuna.db").write_bytes(b"SQLite format 3\x00")
+    (in_project / "link.jsonl").symlink_to(in_project / "mlflow.db")
+    cases = [("old.jsonl", [], "--output old.jsonl: exists; give --force to replace it"),
+             ("in.txt", ["--force"], "--output in.txt: is the --input file; write the predictions elsewhere"),
+             ("mlflow.db", ["--force"], "--output mlflow.db: is mlflow.db, a file of the project's own stores"),
+             ("link.jsonl", ["--force"], "--output link.jsonl: is mlflow.db, a file of the project's own stores"),
+             ("optuna.db", ["--force"], "--output optuna.db: is optuna.db, a file of the project's own stores"),
+             ("mlartifacts/p.jsonl", ["--force"], "--output mlartifacts/p.jsonl: is inside mlartifacts/"),
+             ("out/evaluate/p.jsonl", ["--force"], f"--output out/evaluate/p.jsonl: is inside the stage output "
+                                                   f"folder {stage}"),
+             ("res", [], "--output res: is a folder; give a file, e.g. res/predictions.jsonl")]
+    (in_project / "res").mkdir(exist_ok=True)
+    before = {f: _digest(in_project / f) for f in ("old.jsonl", "in.txt", "mlflow.db", "optuna.db")}
+    for output, flags, message in cases:
+        assert main([*model, "--input", "in.txt", "--output", output, *flags]) == 1, output
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert {f: _digest(in_project / f) for f in before} == before
+    assert not (in_project / "mlartifacts" / "p.jsonl").exists() and not (stage / "p.jsonl").exists()
+    assert main([*model, "--input", "in.txt", "--output", "old.jsonl", "--force"]) == 0
+    assert [json.loads(x)["text"] for x in (in_project / "old.jsonl").read_text().splitlines()] == \
+        ["a wonderful film", "a dull mess"]
+    assert not [p.name for p in in_project.iterdir() if ".part-" in p.name]
+
+
+class _FakeModel:
+    """A pyfunc stand-in: label by length; records every batch it was asked for."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.batches, self.fail_at = [], fail_at
+
+    def predict(self, texts, params=None):
+        self.batches.append(len(texts))
+        if self.fail_at is not None and len(self.batches) == self.fail_at:
+            raise RuntimeError("model failed")
+        return [{"label": "fresh" if len(t) % 2 else "rotten", "probabilities": {"fresh": 0.5, "rotten": 0.5}}
+                for t in texts]
+
+
+def test_predictions_are_written_as_they_go_and_never_half_into_the_output(tmp_path):
+    from finetune.stages.predict import write_predictions
+
+    out = tmp_path / "p.jsonl"
+    tmp = tmp_path / f".p.jsonl.part-{os.getpid()}"
+
+    def texts(stop_at: int | None = None):
+        for i in range(10):
+            if i == 8:  # two batches of 4 are done: written already, to the temporary file only
+                assert len(tmp.read_text().splitlines()) == 8 and not out.exists()
+            if i == stop_at:
+                raise KeyboardInterrupt  # as a kill: what was written stays in the temporary file
+            yield f"text {i}"
+
+    model = _FakeModel()
+    assert write_predictions(model, texts(), out, 4, total=10) == 10
+    assert model.batches == [4, 4, 2] and len(out.read_text().splitlines()) == 10 and not tmp.exists()
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(_FakeModel(), texts(stop_at=9), out, 4)
+    assert not out.exists() and len(tmp.read_text().splitlines()) == 8
+    tmp.unlink()
+    with pytest.raises(RuntimeError, match="model failed"):  # a failure removes the temporary file too
+        write_predictions(_FakeModel(fail_at=2), texts(), out, 4)
+    assert not out.exists() and not tmp.exists()
+
+
+def test_predict_reads_a_large_input_line_by_line(tmp_path):
+    """8 MB of texts through read -> predict -> write holds well under 8 MB of Python memory."""
+    import tracemalloc
+
+    from finetune.stages.predict import count_lines, iter_texts, predict_stream
+
+    big = tmp_path / "big.txt"
+    line = "a long and winding review of a film that goes on \u00e9t\u00e9 and on\r\n"
+    with open(big, "w", encoding="utf-8", newline="") as fh:
+        for _ in range(8_000_000 // len(line)):
+            fh.write(line)
+    n = count_lines(big)
+    tracemalloc.start()
+    with open(os.devnull, "w", encoding="utf-8") as sink:
+        written = predict_stream(_FakeModel(), iter_texts(big), sink, 256, n)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert written == n == 8_000_000 // len(line) and peak < 2_000_000, peak

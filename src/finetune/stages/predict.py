@@ -1,17 +1,25 @@
 """predict: label texts with a registered model (``models:/<name>@champion``, ``models:/<name>/<version>``).
 
 One record per text: ``{"text", "label", "probabilities": {label: p}}``. The model is the registry's pyfunc
-(src/finetune/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
+(registry/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
+
+Streamed: texts are read, labelled and written batch by batch (one text per line is read line by line; a table
+is read whole, its predictions streamed), so memory does not grow with the input. ``--output`` is written to a
+temporary sibling renamed over the final name at the end: killed, only the temporary file holds what was done.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Iterable, Iterator
+from urllib.parse import unquote, urlsplit
 
 from finetune.common.files import FORMATS, read_table, split_lines
+from finetune.common.outputs import MARKER
+from finetune.common.progress import Progress
 
 log = logging.getLogger("finetune")
 
@@ -21,45 +29,113 @@ class PredictInputError(ValueError):
 
 
 def read_texts(path: str | Path, stream: IO[str] | None = None, text_column: str = "text") -> list[str]:
+    """Every text of ``path`` (see iter_texts) as a list."""
+    return list(iter_texts(path, stream, text_column))
+
+
+def iter_texts(path: str | Path, stream: IO[str] | None = None, text_column: str = "text") -> Iterator[str]:
     """Texts from a table's ``text_column`` (.jsonl, .csv, .tsv, .parquet, optionally compressed: read as the
     validate stage reads data, with the same precise errors), or from any other file, one text per line (blank
-    lines skipped). ``stream`` replaces the file and is read line by line (``--input -`` reads stdin).
+    lines skipped), read line by line. ``stream`` replaces the file (``--input -`` reads stdin).
     Raises PredictInputError when there is no text at all."""
 
     p = Path(path)
     if stream is None and any(s.lower() in FORMATS for s in p.suffixes):
-        frame = read_table(p)
-        if text_column not in frame.columns:
-            raise PredictInputError(f"{p}: no \"{text_column}\" column (found {', '.join(map(str, frame.columns))}); "
-                                    f"name the text column with --text-column")
-        bad = [int(i) for i, v in frame[text_column].items() if not isinstance(v, str)]
-        if bad:
-            raise PredictInputError(f"{p}: \"{text_column}\" is missing or not a string in row(s) {bad[:5]}")
-        return frame[text_column].tolist()
-    # bytes, not read_text: no newline translation; split_lines ends a text at '\n' only ('\x85' is inside one)
-    text = stream.read() if stream is not None else p.read_bytes().decode("utf-8-sig")
-    texts = [line for line in split_lines(text) if line.strip()]
-    if not texts:
+        yield from _table_texts(p, text_column)
+        return
+    n = 0
+    for line in (_stream_lines(stream) if stream is not None else _file_lines(p)):
+        if line.strip():
+            n += 1
+            yield line
+    if not n:
         raise PredictInputError(f"{'stdin' if stream is not None else p}: no texts to label (the input is empty "
                                 f"or blank)")
-    return texts
 
 
-def predict(model, texts: list[str], batch_size: int = 256) -> list[dict[str, Any]]:
-    """Label ``texts`` with a loaded pyfunc model, in batches. Versions registered before the model could return
-    probabilities give only the label (``probabilities`` is then None)."""
-    records: list[dict[str, Any]] = []
-    for start in range(0, len(texts), batch_size):
-        batch = list(texts[start:start + batch_size])
-        out = model.predict(batch, params={"probabilities": True})
-        for text, item in zip(batch, out):
-            if isinstance(item, dict):
-                records.append({"text": text, "label": item["label"], "probabilities": item["probabilities"]})
-            else:  # an older version: MLflow dropped the params it has no schema for
-                records.append({"text": text, "label": str(item), "probabilities": None})
-    if records and records[0]["probabilities"] is None:
-        log.warning("this model version returns labels only (registered before probabilities were supported)")
-    return records
+def _table_texts(p: Path, text_column: str) -> list[str]:
+    frame = read_table(p)
+    if text_column not in frame.columns:
+        raise PredictInputError(f"{p}: no \"{text_column}\" column (found {', '.join(map(str, frame.columns))}); "
+                                f"name the text column with --text-column")
+    bad = [int(i) for i, v in frame[text_column].items() if not isinstance(v, str)]
+    if bad:
+        raise PredictInputError(f"{p}: \"{text_column}\" is missing or not a string in row(s) {bad[:5]}")
+    return frame[text_column].tolist()
+
+
+def _file_lines(p: Path) -> Iterator[str]:
+    # binary: a line ends at '\n' only ('\x85', '\u2028' are inside a text), '\r\n' too; no newline translation
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh):
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise PredictInputError(f"{p}: line {i + 1} is not valid UTF-8 ({raw[exc.start:exc.start + 4]!r}); "
+                                        f"re-save the file as UTF-8") from None
+            yield from split_lines(line)
+
+
+def _stream_lines(stream: IO[str]) -> Iterator[str]:
+    for chunk in iter(lambda: stream.readline(), ""):
+        yield from split_lines(chunk)
+
+
+def count_lines(path: str | Path) -> int:
+    """Lines of a file (an upper bound of its texts, for progress), counted without decoding."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            n, last = n + block.count(b"\n"), block[-1:]
+    return n + (last != b"\n")
+
+
+def predict(model, texts: Iterable[str], batch_size: int = 256) -> list[dict[str, Any]]:
+    """Label ``texts`` with a loaded pyfunc model, in batches (all records in memory: see predict_stream)."""
+    return [rec for batch in predict_batches(model, texts, batch_size) for rec in batch]
+
+
+def predict_batches(model, texts: Iterable[str], batch_size: int = 256) -> Iterator[list[dict[str, Any]]]:
+    """The records of ``texts``, one list per batch, reading ``texts`` only as far as needed. Versions registered
+    before the model could return probabilities give only the label (``probabilities`` is then None)."""
+    batch: list[str] = []
+    warned = False
+    for text in _with_end(texts):
+        if text is not None:
+            batch.append(text)
+        if batch and (len(batch) == batch_size or text is None):
+            out = model.predict(batch, params={"probabilities": True})
+            records = [{"text": t, "label": item["label"], "probabilities": item["probabilities"]}
+                       if isinstance(item, dict) else {"text": t, "label": str(item), "probabilities": None}
+                       for t, item in zip(batch, out)]  # not a dict: an older version without probabilities
+            if not warned and records[0]["probabilities"] is None:
+                warned = True
+                log.warning("this model version returns labels only (registered before probabilities were supported)")
+            yield records
+            batch = []
+
+
+def _with_end(texts: Iterable[str]) -> Iterator[str | None]:
+    yield from texts
+    yield None
+
+
+def predict_stream(model, texts: Iterable[str], fh: IO[str], batch_size: int = 256, total: int = 0) -> int:
+    """Label ``texts`` batch by batch, writing each batch's JSON lines to ``fh`` as it is done; progress lines
+    (of at most ``total`` texts) on stderr. Returns the number of records written."""
+    n = 0
+    with Progress(max(total, 1), "predict", "texts", stream=None if total else _NotATerminal()) as progress:
+        for records in predict_batches(model, texts, batch_size):
+            n += write_jsonl(records, fh)
+            fh.flush()
+            if total:  # unknown for stdin: no progress to say
+                progress.update(len(records))
+    return n
+
+
+class _NotATerminal:
+    def isatty(self) -> bool:
+        return False
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], fh: IO[str]) -> int:
@@ -67,4 +143,66 @@ def write_jsonl(records: Iterable[dict[str, Any]], fh: IO[str]) -> int:
     for rec in records:
         fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         n += 1
+    return n
+
+
+# Files and folders the project's own stores use: a prediction file never replaces one of them.
+STORE_FILES = ("mlflow.db", "optuna.db", "dvc.lock", "dvc.yaml", "params.yaml")
+
+
+STORE_FOLDERS = ("mlartifacts", "mlruns", ".dvc", ".git")
+
+
+def check_output(output: str | Path, inputs: Iterable[str | Path] = (), force: bool = False,
+                 stores: Iterable[str | Path] = ()) -> Path:
+    """Return ``output`` if predictions may be written there, else raise PredictInputError naming the rule:
+    never a folder, never an input file, never a file of the project's stores (``stores``: more such files, e.g.
+    a SQLite tracking store), nor anything inside a store folder or a stage's output folder; an existing file
+    only with ``force``."""
+    out = Path(output)
+    real = out.resolve()
+    if out.is_dir():
+        raise PredictInputError(f"--output {out}: is a folder; give a file, e.g. {out / 'predictions.jsonl'}")
+    for src in inputs:
+        if src != "-" and Path(src).exists() and real == Path(src).resolve():
+            raise PredictInputError(f"--output {out}: is the --input file; write the predictions elsewhere")
+    extra = {Path(s).resolve() for s in stores}
+    for place in {out.absolute(), real}:
+        base = place.name.removesuffix("-journal").removesuffix("-wal").removesuffix("-shm")
+        if base in STORE_FILES or place in extra or place.with_name(base) in extra:
+            raise PredictInputError(f"--output {out}: is {base}, a file of the project's own stores; refusing to "
+                                    f"replace it")
+        for folder in place.parents:
+            if folder.name in STORE_FOLDERS or (folder / MARKER).is_file():
+                what = f"{folder.name}/" if folder.name in STORE_FOLDERS else f"the stage output folder {folder}"
+                raise PredictInputError(f"--output {out}: is inside {what}, which the project's own stages "
+                                        f"write; give a file outside it")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise PredictInputError(f"--output {out}: exists; give --force to replace it")
+    return out
+
+
+def sqlite_paths(*uris: str | None) -> list[Path]:
+    """The files of ``sqlite:///...`` URIs among ``uris`` (tracking stores a prediction must not replace)."""
+    found = []
+    for uri in uris:
+        parts = urlsplit(uri or "")
+        if parts.scheme == "sqlite" and parts.path:
+            found.append(Path(unquote(parts.path[1:] if parts.path.startswith("//") else parts.path)))
+    return found
+
+
+def write_predictions(model, texts: Iterable[str], output: Path, batch_size: int, total: int = 0) -> int:
+    """Stream the predictions into a temporary sibling of ``output``, renamed over it once all are written: a
+    failure removes it, a kill leaves only the temporary file (never a half-written ``output``)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.part-{os.getpid()}")
+    log.info("predict: writing %s (renamed to %s when complete)", tmp, output)
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            n = predict_stream(model, texts, fh, batch_size, total)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, output)
     return n
