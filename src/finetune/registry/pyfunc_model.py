@@ -84,8 +84,8 @@ class TextClassifier(PythonModel):
         for rel in sorted(set(found) | set(expected)):
             if found.get(rel) != expected.get(rel):
                 how = "is missing" if rel not in found else "was not logged" if rel not in expected else "differs"
-                raise RuntimeError(f"model file {rel} {how} (sha256 recorded at log time): refusing to load a "
-                                   f"modified artifact")
+                raise RuntimeError(f"model file {rel} {how}: the files do not match the registered sha256 digests "
+                                   f"(recorded at log time); refusing to load a modified artifact")
 
     def _check_request(self, texts) -> None:
         """Bound one request: a server answers a too-large one at once with HTTP 400 instead of computing past a
