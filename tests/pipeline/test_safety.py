@@ -70,6 +70,21 @@ def test_rerun_replaces_its_own_output_and_marks_it(project):
     assert _tmp_leftovers(project / "out") == []
 
 
+def test_symlinked_output_folder_is_refused_and_left_alone(project, tmp_path, capsys):
+    """--out a link to a folder elsewhere: replacing the folder would replace the link and leave .old- links."""
+    outside = tmp_path / "outside"
+    assert main(["validate", "--data", "data/d.csv", "--out", str(outside)]) == 0  # a stage's folder, marked
+    before = sorted(p.name for p in outside.iterdir())
+    (project / "symout").symlink_to(outside)
+    assert main(["validate", "--data", "data/d.csv", "--out", "symout"]) == 1
+    err = capsys.readouterr().err
+    assert f"output folder symout: is a symbolic link (to {outside}); give the real folder" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (project / "symout").is_symlink() and sorted(p.name for p in outside.iterdir()) == before
+    assert sorted(p.name for p in project.iterdir()) == ["data", "params.yaml", "symout"]
+    assert _tmp_leftovers(project, tmp_path) == []
+
+
 def test_empty_existing_folder_is_used(project):
     (project / "empty").mkdir()
     assert main(["validate", "--data", "data/d.csv", "--out", "empty"]) == 0

@@ -25,6 +25,9 @@ def check_output_place(final: str | Path, inputs: Iterable[str | Path] = ()) -> 
     """Return ``final`` as an absolute path if a stage may write into it, else raise UnsafeOutput naming why:
     never the cwd or one of its ancestors (the project root), nor a folder holding the stage's own ``inputs``."""
     out = _norm(final)
+    if out.is_symlink():  # replacing the folder would replace the link, not write where it points
+        raise UnsafeOutput(f"output folder {final}: is a symbolic link (to {os.readlink(out)}); give the real folder "
+                           f"it points to, or a new folder")
     cwd = _norm(Path.cwd())
     real = out.resolve()
     if out == cwd or out in cwd.parents or real == cwd.resolve() or real in cwd.resolve().parents:
