@@ -332,3 +332,26 @@ def test_compiled_pipeline_carries_no_credentials_of_the_data_uri(tmp_path):
 
     spec = compile_spec(tmp_path / "spec.yaml", _secret_cfg())
     _assert_redacted(spec.read_text(encoding="utf-8"))
+
+
+def test_full_disk_during_a_stage_write_is_one_line(project, capsys, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 0
+    before = sorted(p.name for p in (project / "out" / "validate").iterdir())
+
+    def full(self, path, *a, **kw):
+        open(path, "wb").write(b"PAR1")  # partly written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full)
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"finetune validate: error: output folder {project / 'out' / 'validate'}: no space left on "
+                          f"the device while writing it (") and f"MiB free in {project / 'out'})" in err
+    assert "the previous validate is unchanged" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in (project / "out" / "validate").iterdir()) == before
+    assert _tmp_leftovers(project / "out") == []
