@@ -267,7 +267,8 @@ def test_cli_predict_output_refuses_existing_input_store_and_stage_files(in_proj
              ("mlartifacts/p.jsonl", ["--force"], "--output mlartifacts/p.jsonl: is inside mlartifacts/"),
              ("out/evaluate/p.jsonl", ["--force"], f"--output out/evaluate/p.jsonl: is inside the stage output "
                                                    f"folder {stage}"),
-             ("res", [], "--output res: is a folder; give a file, e.g. res/predictions.jsonl")]
+             ("res", [], "--output res: is a folder; give a file, e.g. res/predictions.jsonl"),
+             ("new.jsonl", ["--batch-size", "1001"], "--batch-size 1001: give 1 to 1000")]
     (in_project / "res").mkdir(exist_ok=True)
     before = {f: _digest(in_project / f) for f in ("old.jsonl", "in.txt", "mlflow.db", "optuna.db")}
     for output, flags, message in cases:
