@@ -195,7 +195,7 @@ def _tune(args: argparse.Namespace, cfg: Config) -> None:
 
 def _predict(args: argparse.Namespace, cfg: Config) -> None:
     from finetune.common import tracking
-    from finetune.stages.predict import check_output, count_lines, iter_texts, predict_stream, sqlite_paths, \
+    from finetune.stages.predict import check_output, count_texts, iter_texts, predict_stream, sqlite_paths, \
         write_predictions
 
     if bool(args.texts) == bool(args.input):
@@ -212,7 +212,7 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
     model = load_verified(uri, store)  # every file checked against the registry's digests before loading
     texts = args.texts or iter_texts(args.input, sys.stdin if args.input == "-" else None,
                                      args.text_column or cfg.data.text_column)
-    total = len(args.texts) if args.texts else 0 if args.input == "-" else count_lines(args.input)
+    total = len(args.texts) if args.texts else count_texts(args.input)
     if output:
         n = write_predictions(model, texts, output, args.batch_size, total)
         log.info("wrote %d predictions to %s", n, output)

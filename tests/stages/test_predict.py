@@ -328,17 +328,34 @@ def test_predict_reads_a_large_input_line_by_line(tmp_path):
     """8 MB of texts through read -> predict -> write holds well under 8 MB of Python memory."""
     import tracemalloc
 
-    from finetune.stages.predict import count_lines, iter_texts, predict_stream
+    from finetune.stages.predict import count_texts, iter_texts, predict_stream
 
     big = tmp_path / "big.txt"
     line = "a long and winding review of a film that goes on \u00e9t\u00e9 and on\r\n"
     with open(big, "w", encoding="utf-8", newline="") as fh:
         for _ in range(8_000_000 // len(line)):
             fh.write(line)
-    n = count_lines(big)
+    n = count_texts(big)
     tracemalloc.start()
     with open(os.devnull, "w", encoding="utf-8") as sink:
         written = predict_stream(_FakeModel(), iter_texts(big), sink, 256, n)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert written == n == 8_000_000 // len(line) and peak < 2_000_000, peak
+
+
+def test_predict_says_its_progress(tmp_path, caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from finetune.common import progress
+    from finetune.stages.predict import predict_stream
+
+    clock = iter(range(0, 10_000, 20)).__next__  # 20 s between readings: every update says where it is
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=clock))
+    with caplog.at_level("INFO", logger="finetune"), open(os.devnull, "w", encoding="utf-8") as sink:
+        assert predict_stream(_FakeModel(), (f"t{i}" for i in range(10)), sink, 4, total=10) == 10
+    assert "predict: 4/10 texts (40%)" in caplog.text and "predict: 10/10 texts (100%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="finetune"), open(os.devnull, "w", encoding="utf-8") as sink:
+        predict_stream(_FakeModel(), iter(["a", "b"]), sink, 4, total=0)  # stdin: no total, no progress line
+    assert "predict:" not in caplog.text

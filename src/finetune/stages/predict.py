@@ -81,10 +81,14 @@ def _stream_lines(stream: IO[str]) -> Iterator[str]:
         yield from split_lines(chunk)
 
 
-def count_lines(path: str | Path) -> int:
-    """Lines of a file (an upper bound of its texts, for progress), counted without decoding."""
+def count_texts(path: str | Path) -> int:
+    """At most how many texts ``path`` holds, for progress, without decoding it: its lines for a one-text-per-line
+    file, 0 (unknown) for stdin ('-') and tables (read whole later)."""
+    p = Path(path)
+    if str(path) == "-" or any(s.lower() in FORMATS for s in p.suffixes):
+        return 0
     n, last = 0, b"\n"
-    with open(path, "rb") as fh:
+    with open(p, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             n, last = n + block.count(b"\n"), block[-1:]
     return n + (last != b"\n")
@@ -122,20 +126,19 @@ def _with_end(texts: Iterable[str]) -> Iterator[str | None]:
 
 def predict_stream(model, texts: Iterable[str], fh: IO[str], batch_size: int = 256, total: int = 0) -> int:
     """Label ``texts`` batch by batch, writing each batch's JSON lines to ``fh`` as it is done; progress lines
-    (of at most ``total`` texts) on stderr. Returns the number of records written."""
+    (of at most ``total`` texts; none when 0, unknown) on stderr. Returns the number of records written."""
     n = 0
-    with Progress(max(total, 1), "predict", "texts", stream=None if total else _NotATerminal()) as progress:
+    progress = Progress(total, "predict", "texts") if total else None
+    try:
         for records in predict_batches(model, texts, batch_size):
             n += write_jsonl(records, fh)
             fh.flush()
-            if total:  # unknown for stdin: no progress to say
+            if progress is not None:
                 progress.update(len(records))
+    finally:
+        if progress is not None:
+            progress.close()
     return n
-
-
-class _NotATerminal:
-    def isatty(self) -> bool:
-        return False
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], fh: IO[str]) -> int:
