@@ -195,8 +195,7 @@ def _tune(args: argparse.Namespace, cfg: Config) -> None:
 
 def _predict(args: argparse.Namespace, cfg: Config) -> None:
     from finetune.common import tracking
-    from finetune.stages.predict import check_output, count_texts, iter_texts, predict_stream, sqlite_paths, \
-        write_predictions
+    from finetune.stages import predict as stage
 
     if bool(args.texts) == bool(args.input):
         raise PredictInputError("give either TEXT arguments or --input FILE")
@@ -204,20 +203,20 @@ def _predict(args: argparse.Namespace, cfg: Config) -> None:
         raise PredictInputError(f"--batch-size {args.batch_size}: give 1 to 1000")
     uri = args.model or f"models:/{cfg.register.model_name}@champion"
     store, _ = tracking.configure(".")
-    output = args.output and check_output(args.output, [args.input or "-"], args.force,
-                                          [*sqlite_paths(store), Path(cfg.tune.storage)])
+    output = args.output and stage.check_output(args.output, [args.input or "-"], args.force,
+                                                [*stage.sqlite_paths(store), Path(cfg.tune.storage)])
     tracking.require_reachable(store)  # fail fast when the server is down, not after MLflow's retries
     from finetune.registry.loading import load_verified
 
     model = load_verified(uri, store)  # every file checked against the registry's digests before loading
-    texts = args.texts or iter_texts(args.input, sys.stdin if args.input == "-" else None,
-                                     args.text_column or cfg.data.text_column)
-    total = len(args.texts) if args.texts else count_texts(args.input)
+    texts = args.texts or stage.iter_texts(args.input, sys.stdin if args.input == "-" else None,
+                                           args.text_column or cfg.data.text_column)
+    total = len(args.texts) if args.texts else stage.count_texts(args.input)
     if output:
-        n = write_predictions(model, texts, output, args.batch_size, total)
+        n = stage.write_predictions(model, texts, output, args.batch_size, total)
         log.info("wrote %d predictions to %s", n, output)
     else:
-        predict_stream(model, texts, sys.stdout, args.batch_size, total)
+        stage.predict_stream(model, texts, sys.stdout, args.batch_size, total)
 
 
 def _compare(args: argparse.Namespace, cfg: Config) -> None:

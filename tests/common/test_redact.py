@@ -20,11 +20,12 @@ from finetune.common.redact import redact_text, redact_tree, redact_uri, redact_
      "dvc://data/raw.csv?repo=https://***@github.com/o/r.git&rev=main"),
     ("dvc://data/raw.csv?repo=https%3A%2F%2Fbob%3Aghp_tok%40github.com%2Fo%2Fr&rev=v1",
      "dvc://data/raw.csv?repo=https%3A%2F%2F***%40github.com%2Fo%2Fr&rev=v1"),
-    ("dvc://d.csv?repo=https://h/r?x=1%26access_token%3Dt9", "dvc://d.csv?repo=https%3A%2F%2Fh%2Fr%3Fx%3D1%26access_token%3D***"),
-    ("https://b.s3.amazonaws.com/k.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261204&"
-     "X-Amz-Security-Token=IQo&X-Amz-Signature=9f&x-id=GetObject",
-     "https://b.s3.amazonaws.com/k.csv?X-Amz-Algorithm=***&X-Amz-Credential=***&X-Amz-Security-Token=***&"
-     "X-Amz-Signature=***&x-id=GetObject"),
+    ("dvc://d.csv?repo=https://h/r?x=1%26access_token%3Dt9",
+     "dvc://d.csv?repo=https%3A%2F%2Fh%2Fr%3Fx%3D1%26access_token%3D***"),
+    (("https://b.s3.amazonaws.com/k.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261204&"
+      "X-Amz-Security-Token=IQo&X-Amz-Signature=9f&x-id=GetObject"),
+     ("https://b.s3.amazonaws.com/k.csv?X-Amz-Algorithm=***&X-Amz-Credential=***&X-Amz-Security-Token=***&"
+      "X-Amz-Signature=***&x-id=GetObject")),
     ("dvc://data/raw.csv?repo=git@github.com:o/r.git&rev=main", "dvc://data/raw.csv?repo=git@github.com:o/r.git&rev=main"),
 ])
 def test_redact_uri(uri, expected):

@@ -343,7 +343,7 @@ def test_full_disk_during_a_stage_write_is_one_line(project, capsys, monkeypatch
     before = sorted(p.name for p in (project / "out" / "validate").iterdir())
 
     def full(self, path, *a, **kw):
-        open(path, "wb").write(b"PAR1")  # partly written
+        Path(path).write_bytes(b"PAR1")  # partly written
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", full)

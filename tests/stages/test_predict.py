@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import signal
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
-from conftest import BIN, ENV, free_port, serving
+from conftest import serving
 from finetune.cli import main
 from finetune.common.config import RegisterConfig
-from finetune.stages.predict import PredictInputError, predict, read_texts
 from finetune.registry.request import RegistrationRequest
 from finetune.registry.transaction import register
+from finetune.stages.predict import PredictInputError, predict, read_texts
 
 NAME = "toy-predict"
 TEXTS = ["a wonderful film", "a dull mess", "ok \u00e9t\u00e9 \u2014 \u201cfine\u201d"]
@@ -265,8 +261,8 @@ def test_cli_predict_output_refuses_existing_input_store_and_stage_files(in_proj
              ("link.jsonl", ["--force"], "--output link.jsonl: is mlflow.db, a file of the project's own stores"),
              ("optuna.db", ["--force"], "--output optuna.db: is optuna.db, a file of the project's own stores"),
              ("mlartifacts/p.jsonl", ["--force"], "--output mlartifacts/p.jsonl: is inside mlartifacts/"),
-             ("out/evaluate/p.jsonl", ["--force"], f"--output out/evaluate/p.jsonl: is inside the stage output "
-                                                   f"folder {stage}"),
+             ("out/evaluate/p.jsonl", ["--force"], (f"--output out/evaluate/p.jsonl: is inside the stage output "
+                                                    f"folder {stage}")),
              ("res", [], "--output res: is a folder; give a file, e.g. res/predictions.jsonl"),
              ("new.jsonl", ["--batch-size", "1001"], "--batch-size 1001: give 1 to 1000")]
     (in_project / "res").mkdir(exist_ok=True)
@@ -333,8 +329,7 @@ def test_predict_reads_a_large_input_line_by_line(tmp_path):
     big = tmp_path / "big.txt"
     line = "a long and winding review of a film that goes on \u00e9t\u00e9 and on\r\n"
     with open(big, "w", encoding="utf-8", newline="") as fh:
-        for _ in range(8_000_000 // len(line)):
-            fh.write(line)
+        fh.write(line * (8_000_000 // len(line)))
     n = count_texts(big)
     tracemalloc.start()
     with open(os.devnull, "w", encoding="utf-8") as sink:
