@@ -236,6 +236,15 @@ def test_queued_dvc_experiments_use_the_projects_store(tmp_path, monkeypatch):
     assert artifacts == (tmp_path / "proj" / "mlartifacts").resolve().as_uri()
 
 
+def test_sqlite_store_paths_relative_and_absolute():
+    from pathlib import Path
+
+    from finetune.stages.predict import sqlite_paths
+
+    assert sqlite_paths("sqlite:///rel/m.db", "sqlite:////abs/m%20x.db", "http://h:5000", None) == \
+        [Path("rel/m.db"), Path("/abs/m x.db")]
+
+
 def _digest(path) -> str:
     import hashlib
 

@@ -191,7 +191,7 @@ def sqlite_paths(*uris: str | None) -> list[Path]:
     for uri in uris:
         parts = urlsplit(uri or "")
         if parts.scheme == "sqlite" and parts.path:
-            found.append(Path(unquote(parts.path[1:] if parts.path.startswith("//") else parts.path)))
+            found.append(Path(unquote(parts.path[1:])))  # sqlite:///rel.db, sqlite:////abs/x.db
     return found
 
 
