@@ -323,7 +323,12 @@ def test_predictions_are_written_as_they_go_and_never_half_into_the_output(tmp_p
     with pytest.raises(KeyboardInterrupt):
         write_predictions(_FakeModel(), texts(stop_at=9), out, 4)
     assert not out.exists() and len(tmp.read_text().splitlines()) == 8
-    tmp.unlink()
+    dead = tmp.rename(tmp_path / ".p.jsonl.part-999999999")  # as if its process had been killed
+    live = tmp_path / f".p.jsonl.part-{os.getppid()}"  # a running writer's: kept
+    live.write_text("")
+    assert write_predictions(_FakeModel(), ["x"], out, 4) == 1  # the next run into the same output cleans up
+    assert not dead.exists() and live.exists() and out.read_text().count("\n") == 1
+    out.unlink()
     with pytest.raises(RuntimeError, match="model failed"):  # a failure removes the temporary file too
         write_predictions(_FakeModel(fail_at=2), texts(), out, 4)
     assert not out.exists() and not tmp.exists()

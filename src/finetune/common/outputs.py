@@ -124,6 +124,11 @@ def _writer_id(stage: str) -> str:
     return f"{stage}\n{socket.gethostname()}\n{pid}\n{_process_start(pid)}\n"
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's too)."""
+    return _writer_alive(socket.gethostname(), pid, "")
+
+
 def _writer_alive(host: str, pid: int, start: str) -> bool:
     if host != socket.gethostname():
         return True  # another machine's process (a shared volume): cannot tell, so never removed

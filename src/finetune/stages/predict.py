@@ -18,7 +18,7 @@ from typing import IO, Any, Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 
 from finetune.common.files import FORMATS, read_table, split_lines
-from finetune.common.outputs import MARKER
+from finetune.common.outputs import MARKER, process_alive
 from finetune.common.progress import Progress
 
 log = logging.getLogger("finetune")
@@ -199,6 +199,11 @@ def write_predictions(model, texts: Iterable[str], output: Path, batch_size: int
     """Stream the predictions into a temporary sibling of ``output``, renamed over it once all are written: a
     failure removes it, a kill leaves only the temporary file (never a half-written ``output``)."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.part-*"):  # of a killed predict into the same output
+        pid = stale.name.rpartition("-")[2]
+        if stale.is_file() and not stale.is_symlink() and pid.isdigit() and not process_alive(int(pid)):
+            log.info("predict: removing %s, left by a predict run that was killed (pid %s)", stale, pid)
+            stale.unlink()
     tmp = output.with_name(f".{output.name}.part-{os.getpid()}")
     log.info("predict: writing %s (renamed to %s when complete)", tmp, output)
     try:
