@@ -16,6 +16,7 @@ from kfp import compiler, dsl, kubernetes
 
 from finetune.common.config import Config
 from finetune.common.params import as_params, drop_none, load_config
+from finetune.common.redact import redact_tree
 
 from components.finetune_components import (compress, deploy, evaluate, register, tokenize, train, validate,
                                             validation_failed)
@@ -43,7 +44,8 @@ def _resources(task, cpu: str, memory: str) -> None:
 def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
     """Return the pipeline function; ``params`` defaults to ``cfg`` (params.yaml), cluster settings to ``cluster``."""
     cfg = cfg or load_config(ROOT / "params.yaml")
-    defaults = as_params(cfg)
+    # redacted: the compiled spec is a file (checked in, uploaded to KFP); a credential in data.path must not be in it
+    defaults = redact_tree(as_params(cfg))
     c = cluster or _load(ROOT / "pipelines" / "cluster.yaml")
     retry = c["retries"]
 

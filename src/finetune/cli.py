@@ -132,8 +132,10 @@ def _add_predict(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--input", help="one text per line ('\\n' or '\\r\\n' end a line; blank lines skipped), or a "
                                    ".jsonl/.csv/.parquet file with a text column ('-' = stdin, one text per line)")
     s.add_argument("--text-column", help="the text column of a table --input (default: data.text_column)")
-    s.add_argument("--output", help="write JSON lines here (default: stdout)")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--output", help="write JSON lines to this file (default: stdout); written as it goes into a "
+                                    "temporary file renamed to OUTPUT at the end")
+    s.add_argument("--force", action="store_true", help="replace an existing --output file")
+    s.add_argument("--batch-size", type=int, default=256, help="texts per model call (at most 1000)")
 
 
 def _add_compare(sub, common: argparse.ArgumentParser) -> None:
@@ -219,7 +221,8 @@ def _katib(katib: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _predict(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
-    stage.run_predict(cfg, args.texts, args.input, args.text_column, args.model, args.output, args.batch_size)
+    stage.run_predict(cfg, args.texts, args.input, args.text_column, args.model, args.output, args.batch_size,
+                      args.force)
 
 
 def _compare(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:

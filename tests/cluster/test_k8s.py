@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import BIN, K8S_VERSION, MARKERS, NAMESPACE, REPO, SETTINGS, kubernetes_validate
+from conftest import K8S_VERSION, MARKERS, NAMESPACE, REPO, SETTINGS, kubernetes_validate
 from stack import PLACEHOLDER, Manifests, read_env_file, render_text
 
 K8S = REPO / "k8s"

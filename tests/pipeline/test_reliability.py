@@ -206,7 +206,8 @@ class BasicAuthProxy:
         self.server.server_close()
 
 
-def test_credentials_in_uris_are_written_nowhere(mlflow_server, stage_inputs, tiny_classifier_dir, tmp_path, caplog):
+def test_credentials_in_uris_are_written_nowhere(mlflow_server, stage_inputs, tiny_classifier_dir, tmp_path, caplog,
+                                               capfd, monkeypatch):
     import logging
     import urllib.error
     import urllib.request
@@ -214,10 +215,11 @@ def test_credentials_in_uris_are_written_nowhere(mlflow_server, stage_inputs, ti
     import mlflow.artifacts
     from mlflow import MlflowClient
 
+    from finetune.common import tracking
     from finetune.common.config import Config, RegisterConfig
     from finetune.stages.register import run_register
 
-    password, signature = "pw-Zq81-secret", "sig0a1b2c3d4e5f"
+    password, signature, token = "pw-Zq81-secret", "sig0a1b2c3d4e5f", "ghp_Tok3nInRepoUrl"
     proxy = BasicAuthProxy(mlflow_server.url, "alice", password)
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:  # the gateway really demands the credentials
@@ -225,24 +227,32 @@ def test_credentials_in_uris_are_written_nowhere(mlflow_server, stage_inputs, ti
         assert refused.value.code == 401
         uri = f"http://alice:{password}@127.0.0.1:{proxy.port}"
         cfg = Config(register=RegisterConfig(model_name="behind-auth", experiment="auth", floor=0.0, min_macro_f1=0.0))
-        lineage = {"git_commit": "c0ffee", "data_uri": f"s3://bucket/reviews.csv?X-Amz-Signature={signature}&v=2",
-                   "data_md5": "0a1b2c"}
+        # a DVC URI whose repo= carries a token, and a presigned URL: both redacted wherever lineage goes
+        lineage = {"git_commit": "c0ffee", "data_uri": f"dvc://data/raw.csv?repo=https://alice:{token}@git.example/o/r"
+                                                       f"&rev=main", "data_md5": "0a1b2c",
+                   "kfp_run": f"s3://bucket/reviews.csv?X-Amz-Signature={signature}&v=2"}
         out = tmp_path / "register"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking.configure(tmp_path)  # the CLI's edge: MLflow's own "View run ... at: <uri>" print is switched off
         with caplog.at_level(logging.DEBUG):
             reg = run_register(cfg, tiny_classifier_dir, stage_inputs / "evaluate", stage_inputs / "validate",
                                stage_inputs / "train", out, lineage, uri, tokens=stage_inputs / "tokenize")
         assert proxy.admitted > 10 and proxy.refused == 1  # everything went through the authenticating gateway
 
-        secrets = (password.encode(), signature.encode())
+        secrets = (password.encode(), signature.encode(), token.encode())
+        printed = capfd.readouterr()
         written = {p.name: p.read_bytes() for p in out.iterdir()}
         assert set(written) == {"registration.json", "model_card.md", "report.html"}
         assert json.loads(written["registration.json"])["tracking_uri"] == f"http://***@127.0.0.1:{proxy.port}"
-        assert b"X-Amz-Signature=***" in written["report.html"]
+        assert b"repo=https://***@git.example/o/r" in written["report.html"]
+        assert json.loads(written["registration.json"])["lineage"]["data_uri"] == (
+            "dvc://data/raw.csv?repo=https://***@git.example/o/r&rev=main")
         client = MlflowClient(uri)
         run = client.get_run(reg["run_id"])
         mv = client.get_model_version("behind-auth", reg["version"])
         registry_text = json.dumps([run.data.params, run.data.tags, mv.tags, mv.description, mv.source]).encode()
         assert b"X-Amz-Signature=***" in registry_text
+        assert run.data.tags["lineage.data_uri"] == "dvc://data/raw.csv?repo=https://***@git.example/o/r&rev=main"
         dl = tmp_path / "dl"
         run_files = Path(client.download_artifacts(reg["run_id"], "", str(dl / "run")))
         with _tracking(uri):
@@ -254,7 +264,7 @@ def test_credentials_in_uris_are_written_nowhere(mlflow_server, stage_inputs, ti
         stored = [mlflow_server.root / "server.db", *(f for f in (mlflow_server.root / "artifacts").rglob("*")
                                                      if f.is_file())]
         for blob in [*written.values(), registry_text, *(f.read_bytes() for f in files + stored),
-                     caplog.text.encode()]:
+                     caplog.text.encode(), printed.out.encode(), printed.err.encode()]:
             assert not any(s in blob for s in secrets)
     finally:
         proxy.stop()

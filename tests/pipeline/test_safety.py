@@ -70,6 +70,21 @@ def test_rerun_replaces_its_own_output_and_marks_it(project):
     assert _tmp_leftovers(project / "out") == []
 
 
+def test_symlinked_output_folder_is_refused_and_left_alone(project, tmp_path, capsys):
+    """--out a link to a folder elsewhere: replacing the folder would replace the link and leave .old- links."""
+    outside = tmp_path / "outside"
+    assert main(["validate", "--data", "data/d.csv", "--out", str(outside)]) == 0  # a stage's folder, marked
+    before = sorted(p.name for p in outside.iterdir())
+    (project / "symout").symlink_to(outside)
+    assert main(["validate", "--data", "data/d.csv", "--out", "symout"]) == 1
+    err = capsys.readouterr().err
+    assert f"output folder symout: is a symbolic link (to {outside}); give the real folder" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (project / "symout").is_symlink() and sorted(p.name for p in outside.iterdir()) == before
+    assert sorted(p.name for p in project.iterdir()) == ["data", "params.yaml", "symout"]
+    assert _tmp_leftovers(project, tmp_path) == []
+
+
 def test_empty_existing_folder_is_used(project):
     (project / "empty").mkdir()
     assert main(["validate", "--data", "data/d.csv", "--out", "empty"]) == 0
@@ -280,3 +295,63 @@ def test_log_lines_never_carry_uri_credentials():
     err = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=ENV, timeout=120).stderr
     assert "retrying http://" in err and "127.0.0.1:5057" in err, err
     assert "s3cret" not in err and "token=abc" not in err, err
+
+
+SECRET_DATA_URI = ("dvc://data/raw.csv?repo=https://bob:ghp_SecretTok3n@git.example/o/r.git&rev=main"
+                   "&X-Amz-Credential=AKIASECRETCRED&X-Amz-Signature=f00dSECRETsig")
+
+
+def _secret_cfg() -> Config:
+    from finetune.common.params import load_config
+
+    cfg = load_config(REPO / "params.yaml")
+    cfg.data.path = SECRET_DATA_URI
+    return cfg
+
+
+def _assert_redacted(text: str) -> None:
+    for secret in ("ghp_SecretTok3n", "AKIASECRETCRED", "f00dSECRETsig"):
+        assert secret not in text
+    assert "repo=https://***@git.example/o/r.git" in text and "X-Amz-Signature=***" in text
+
+
+def test_katib_experiment_carries_no_credentials_of_the_data_uri():
+    import yaml
+
+    from finetune.cluster.katib import render
+
+    cluster = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text(encoding="utf-8"))
+    _assert_redacted(render(_secret_cfg(), cluster, SECRET_DATA_URI))
+
+
+def test_compiled_pipeline_carries_no_credentials_of_the_data_uri(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from pipelines.finetune_pipeline import compile_spec
+
+    spec = compile_spec(tmp_path / "spec.yaml", _secret_cfg())
+    _assert_redacted(spec.read_text(encoding="utf-8"))
+
+
+def test_full_disk_during_a_stage_write_is_one_line(project, capsys, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 0
+    before = sorted(p.name for p in (project / "out" / "validate").iterdir())
+
+    def full(self, path, *a, **kw):
+        Path(path).write_bytes(b"PAR1")  # partly written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full)
+    assert main(["validate", "--data", "data/d.csv", "--out", "out/validate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"finetune validate: error: output folder {project / 'out' / 'validate'}: no space left on "
+                          f"the device while writing it (") and f"MiB free in {project / 'out'})" in err
+    assert "the previous validate is unchanged" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in (project / "out" / "validate").iterdir()) == before
+    assert _tmp_leftovers(project / "out") == []

@@ -9,10 +9,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import VALIDATION, toy_frame
+from conftest import VALIDATION
 from finetune.reporting.report import ReportData, render_report
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -102,3 +102,75 @@ def test_tokenizer_mismatch_is_refused(toy_tokens, tiny_model_dir, tmp_path):
     bad = {**meta, "tokenizer": {**meta["tokenizer"], "vocab_size": 123}}
     with pytest.raises(TrainingError, match="different tokenizer"):
         train(toks, bad, tiny_model_dir, _cfg(), tmp_path / "m")
+
+
+def _tiny_state():
+    import torch
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def test_a_killed_checkpoint_write_is_cleaned_by_the_next_save(tmp_path, caplog):
+    """kill -9 inside a checkpoint write leaves .step-*.tmp-*; the next save of the same run removes it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ENV
+    from finetune.training import checkpoint
+
+    root = tmp_path / "ckpt"
+    code = textwrap.dedent(f"""
+        import os, signal, torch
+        from finetune.training import checkpoint
+        real = checkpoint.save_file
+        def dying(tensors, path):
+            real(tensors, path)
+            os.kill(os.getpid(), signal.SIGKILL)  # after the weights, before the optimizer state
+        checkpoint.save_file = dying
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        checkpoint.save(__import__("pathlib").Path({str(root)!r}), 7, {{}}, model, opt, sched, [])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], check=False,
+                          env={**ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == -9
+    left = [p.name for p in root.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".step-0000007.tmp-")
+    with caplog.at_level("INFO", logger="finetune"):
+        checkpoint.save(root, 8, {}, *_tiny_state(), [])
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000008"]
+    assert f"removed {root / left[0]}" in caplog.text and "left by a train run that was killed" in caplog.text
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    from finetune.common.outputs import DiskFull
+    from finetune.training import checkpoint
+
+    root = tmp_path / "ckpt"
+    model, opt, sched = _tiny_state()
+    checkpoint.save(root, 10, {}, model, opt, sched, [])
+    real = checkpoint.save_file
+
+    def full(tensors, path):
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 100)  # a partly written file, as when the disk fills
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                           '"No space left on device" })')  # SafetensorError's text
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(DiskFull, match=rf"output folder {root / 'step-0000020'}: no space left on the device while "
+                                       rf"writing it \(\d+ MiB free in {root}\); nothing of it was kept\. Free some space and rerun; "
+                                       rf"training stopped at step 20, the last complete checkpoint "
+                                       rf"{root / 'step-0000010'} is kept: a rerun resumes from it"):
+        checkpoint.save(root, 20, {}, model, opt, sched, [])
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000010"]
+    assert checkpoint.find(root, {}) == root / "step-0000010"
+    assert set(load_file(root / "step-0000010" / "model.safetensors")) == {"weight", "bias"}

@@ -20,6 +20,7 @@ import yaml
 
 from finetune.common.config import TUNE_METRICS, Config, key_type
 from finetune.common.params import as_params
+from finetune.common.redact import redact_text, redact_tree
 from finetune.tuning.search import yaml_scalar
 
 NAME = "finetune-tune"
@@ -117,7 +118,9 @@ def _trial_pod(cfg: Config, cluster: dict[str, Any], data_uri: str, names: dict[
     security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     mounts = [{"name": "work", "mountPath": WORK}, {"name": "tmp", "mountPath": "/tmp"}]
     # the image holds no params.yaml: the resolved one travels in the Experiment, written out by the init container
-    params = yaml.safe_dump(as_params(cfg), sort_keys=False, width=1000)
+    # redacted: a data.path such as dvc://...?repo=https://user:token@... must not be written into a manifest
+    # (the trial reads DATA_URI; credentials reach the pods through the cluster's secrets)
+    params = yaml.safe_dump(redact_tree(as_params(cfg)), sort_keys=False, width=1000)
     env = [{"name": "HF_HOME", "value": "/tmp/hf"}]
     limits = {"cpu": res["train_cpu"], "memory": res["train_memory"], gpu["accelerator"]: str(gpu["count"])}
     pod = {
@@ -131,7 +134,7 @@ def _trial_pod(cfg: Config, cluster: dict[str, Any], data_uri: str, names: dict[
             "args": [f'printf "%s" "$FINETUNE_PARAMS" > {WORK}/params.yaml && '
                      f'finetune validate --params {WORK}/params.yaml --data "$DATA_URI" --out {WORK}/validate && '
                      f"finetune tokenize --params {WORK}/params.yaml --splits {WORK}/validate --out {WORK}/tokenize"],
-            "env": [{"name": "DATA_URI", "value": data_uri}, {"name": "FINETUNE_PARAMS", "value": params}, *env],
+            "env": [{"name": "DATA_URI", "value": redact_text(data_uri)}, {"name": "FINETUNE_PARAMS", "value": params}, *env],
             "envFrom": env_from,
             "resources": {"requests": {"cpu": res["cpu"], "memory": res["memory"]},
                           "limits": {"cpu": res["cpu"], "memory": res["memory"]}},

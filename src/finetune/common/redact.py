@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 
@@ -21,7 +21,8 @@ _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+(?<![.,;:)\]])
 
 
 def redact_uri(uri: str) -> str:
-    """``uri`` with its userinfo replaced by *** and the values of secret-looking query parameters masked."""
+    """``uri`` with its userinfo replaced by *** and the values of secret-looking query parameters masked; a URI
+    inside a query value (``dvc://path?repo=https://user:token@host/r``) is redacted by the same rule."""
     try:
         parts = urlsplit(uri)
     except ValueError:  # not parseable as a URI: mask everything between :// and an @, if any
@@ -29,14 +30,27 @@ def redact_uri(uri: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_PARAM.search(k) for k, _ in pairs):
-            query = urlencode([(k, MASK if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*")
+    query = "&".join(_redact_pair(p) for p in parts.query.split("&")) if parts.query else parts.query
     if netloc == parts.netloc and query == parts.query:
         return uri
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redact_pair(pair: str) -> str:
+    """One ``name=value`` of a query: the value masked when the name looks secret, redacted when it is a URI (plain
+    or percent-encoded); anything else kept byte for byte."""
+    name, sep, value = pair.partition("=")
+    if not sep:
+        return pair
+    if _SECRET_PARAM.search(unquote_plus(name)):
+        return f"{name}={MASK}"
+    plain = unquote_plus(value)
+    if "://" not in plain and "@" not in plain:
+        return pair
+    safe = redact_uri(plain)
+    if safe == plain:
+        return pair
+    return f"{name}={safe if plain == value else quote(safe, safe='*')}"
 
 
 def redact_text(text: str) -> str:
@@ -47,3 +61,12 @@ def redact_text(text: str) -> str:
 def redact_values(values: dict[str, Any]) -> dict[str, Any]:
     """A flat mapping (params, tags, lineage) with every string value passed through redact_text."""
     return {k: redact_text(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
+def redact_tree(value: Any) -> Any:
+    """Nested dicts/lists (a params mapping, a manifest) with every string passed through redact_text."""
+    if isinstance(value, dict):
+        return {k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_tree(v) for v in value]
+    return redact_text(value) if isinstance(value, str) else value

@@ -82,6 +82,9 @@ def configure(root: str | Path = ".", require_env: bool = False) -> tuple[str, s
 
     ``require_env``: on a cluster a local SQLite file would vanish with the pod, so insist on a server.
     """
+    # MLflow prints "View run <name> at: <tracking URI>/#/..." with print-like writes to stdout, past the redacting
+    # log handler: with http://user:password@host the password would reach the console and pod logs. Off, always.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     root = project_root(root)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

@@ -10,6 +10,13 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+# Request bounds (model_config max_texts / max_text_chars override them): ~1,000 texts take seconds on a CPU, far
+# below a gateway's 60 s; 20,000 characters is far more than max_length tokens.
+MAX_TEXTS = 1000
+
+
+MAX_TEXT_CHARS = 20000
+
 
 class TextClassifier(PythonModel):
     """Input: a list of texts. Output: one predicted label per text, or with ``params={"probabilities": True}``
@@ -22,7 +29,13 @@ class TextClassifier(PythonModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = context.artifacts["model"]
-        self._check_weights(path, (context.model_config or {}).get("weights_sha256") or {})
+        conf = context.model_config or {}
+        if conf.get("files_sha256"):
+            self._check_files(path, conf["files_sha256"])
+        else:  # a version logged before every file's digest was recorded: its weights at least
+            self._check_weights(path, conf.get("weights_sha256") or {})
+        self.max_texts = int(conf.get("max_texts", MAX_TEXTS))
+        self.max_text_chars = int(conf.get("max_text_chars", MAX_TEXT_CHARS))
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -46,6 +59,49 @@ class TextClassifier(PythonModel):
                 raise RuntimeError(f"model weights {name} do not match the registered sha256 {digest}: "
                                    f"refusing to load a modified artifact")
 
+    @staticmethod
+    def _check_files(folder: str, expected: dict) -> None:
+        """Refuse the artifact folder unless its files are exactly those logged (same names, same sha256): a changed
+        config.json (swapped labels), tokenizer or weights, an extra or missing file, a symlink. The digests travel
+        in MLmodel's model_config, so this catches a partial change of the store, not a rewritten MLmodel or code
+        file: only `finetune predict` checks against the registry (docs/serving.md)."""
+        import hashlib
+        import os
+
+        found = {}
+        for top, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                full = os.path.join(top, name)
+                rel = os.path.relpath(full, folder).replace(os.sep, "/")
+                if os.path.islink(full):
+                    raise RuntimeError(f"model file {rel} is a symbolic link: refusing to load a modified artifact")
+                if name in files:
+                    h = hashlib.sha256()
+                    with open(full, "rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(chunk)
+                    found[rel] = h.hexdigest()
+        for rel in sorted(set(found) | set(expected)):
+            if found.get(rel) != expected.get(rel):
+                how = "is missing" if rel not in found else "was not logged" if rel not in expected else "differs"
+                raise RuntimeError(f"model file {rel} {how}: the files do not match the registered sha256 digests "
+                                   f"(recorded at log time); refusing to load a modified artifact")
+
+    def _check_request(self, texts) -> None:
+        """Bound one request: a server answers a too-large one at once with HTTP 400 instead of computing past a
+        gateway's timeout. MlflowException(INVALID_PARAMETER_VALUE) is what `mlflow models serve` maps to 400."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        if len(texts) > self.max_texts:
+            raise MlflowException(f"{len(texts)} texts in one request: at most {self.max_texts}; split the request",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        long = [i for i, t in enumerate(texts) if len(str(t)) > self.max_text_chars]
+        if long:
+            raise MlflowException(f"text(s) {long[:5]} longer than {self.max_text_chars} characters: shorten them "
+                                  f"(the model reads at most max_length tokens anyway)",
+                                  error_code=INVALID_PARAMETER_VALUE)
+
     def predict_proba(self, texts: list[str]):
         torch = self.torch
         out = []
@@ -58,6 +114,7 @@ class TextClassifier(PythonModel):
 
     # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list:
+        self._check_request(model_input)
         probs = self.predict_proba(model_input)
         if (params or {}).get("probabilities"):
             return [{"label": self.labels[int(row.argmax())],

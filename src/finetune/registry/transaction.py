@@ -213,7 +213,8 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
                 (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), sub)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"model": str(req.model_dir)},
-                model_config={"max_length": req.max_length, "weights_sha256": weights},
+                model_config={"max_length": req.max_length, "weights_sha256": weights,
+                              "files_sha256": integrity.folder_digests(req.model_dir)},  # checked at load
                 # (texts, params): MLflow infers the params schema from it, so predict(..., params=
                 # {"probabilities": True}) and the serving endpoint's "params" reach the model
                 input_example=(["An example review."], {"probabilities": False}),

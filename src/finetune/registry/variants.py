@@ -132,6 +132,7 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
             mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
             mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
             model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
+            model_config["files_sha256"] = integrity.folder_digests(files)  # the pyfunc checks them at load
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
                 model_config=model_config,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.common.config import TrainConfig
 from finetune.common.files import read_json, write_json
-from finetune.common.outputs import MARKER, atomic_dir
+from finetune.common.outputs import MARKER, DiskFull, atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,19 @@ def save(root: Path, step: int, identity: dict[str, Any], model, opt, sched, his
         else:  # not train's: keep it, and train on without this checkpoint rather than fail
             log.warning("%s exists and was not written by train: checkpoint of step %d skipped", target, step)
             return
+    try:
+        _write(target, step, identity, model, opt, sched, history, extra, best)
+    except DiskFull as exc:  # the older checkpoints are only pruned after a complete write: they are all there
+        last = sorted(_owned(root))
+        raise DiskFull(f"{exc}; training stopped at step {step}, "
+                       + (f"the last complete checkpoint {last[-1]} is kept: a rerun resumes from it" if last else
+                          "no earlier checkpoint exists")) from None
+    for old in sorted(_owned(root))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(target: Path, step: int, identity: dict[str, Any], model, opt, sched, history,
+           extra: dict[str, Any] | None, best: dict[str, torch.Tensor] | None) -> None:
     with atomic_dir(target, "train") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         osd = opt.state_dict()
@@ -69,8 +82,6 @@ def save(root: Path, step: int, identity: dict[str, Any], model, opt, sched, his
         write_json(tmp / "state.json", {"step": step, "fingerprint": fingerprint(identity), "identity": identity,
                                         "param_groups": osd["param_groups"], "scheduler": sched.state_dict(),
                                         "history": history, "extra": extra or {}})
-    for old in sorted(_owned(root))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def find(root: Path | None, identity: dict[str, Any]) -> Path | None:
