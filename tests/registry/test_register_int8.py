@@ -13,6 +13,7 @@ import pytest
 
 from conftest import toy_frame
 from finetune.cli import main
+from finetune.common.digests import MODEL_DIGEST, model_digest
 from finetune.common.outputs import ONNX_INT8
 from finetune.stages.compress import compress, onnx_runner
 from finetune.common.config import CompressConfig
@@ -53,7 +54,7 @@ def _register(project: Path, model: Path, compress_dir: Path | None, accuracy: f
 
     evaluation = project / f"eval-{out}"
     write_json(evaluation / "metrics.json", {"accuracy": accuracy, "macro_f1": accuracy, "n": 20,
-                                             "labels": ["fresh", "rotten"]})
+                                             "labels": ["fresh", "rotten"], MODEL_DIGEST: model_digest(model)})
     cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.5, "retries": 0}})
     uri, art = tracking.configure(".")
     run_register(cfg, model, evaluation, project / "splits", None, project / out, {"git_commit": "abc"}, uri, art,
@@ -220,3 +221,96 @@ def test_a_killed_int8_registration_is_reaped_by_the_next_registration(tiny_clas
     versions = {str(v.version) for v in client.search_model_versions(f"name = '{NAME}-int8'")}
     assert str(half.version) not in versions and reg["int8"]["version"] in versions
     assert reg2["int8"]["registered"] is True
+
+
+# ---- every figure bound to the model it measured ----
+
+@pytest.fixture(scope="module")
+def model_e(tiny_classifier_dir, tmp_path_factory):
+    """Model E: the tiny classifier with another head (other weights, same labels and tokenizer)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("model-e") / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_classifier_dir))
+    with torch.no_grad():
+        model.classifier.bias += torch.tensor([0.7, -0.7])
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tiny_classifier_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def e_outputs(model_e, toy_test, tmp_path_factory):
+    """E's evaluate and compress outputs, written by the stages themselves."""
+    from finetune.common.config import EvaluateConfig
+    from finetune.stages.evaluate import evaluate, write_evaluation
+
+    test, meta = toy_test
+    root = tmp_path_factory.mktemp("e-outputs")
+    write_evaluation(evaluate(model_e, test, meta, EvaluateConfig(), device="cpu"), root / "evaluate")
+    assert compress(model_e, test, meta, CompressConfig(threads=1, latency_requests=3), root / "compress").passed
+    return root / "evaluate", root / "compress"
+
+
+def _registry_state(project: Path) -> tuple:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    models = {m.name: (sorted(str(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
+                       dict(m.aliases or {})) for m in client.search_registered_models()}
+    runs = sorted(r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id]))
+    return models, runs
+
+
+def _run_register(project: Path, model: Path, evaluation: Path, compress_dir: Path | None, out: str) -> dict:
+    from finetune.common import tracking
+
+    cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.0, "min_macro_f1": 0.0,
+                                         "retries": 0}})
+    uri, art = tracking.configure(".")
+    return run_register(cfg, model, evaluation, project / "splits", None, project / out, {"git_commit": "abc"}, uri,
+                        art, compress=compress_dir)
+
+
+def test_another_models_evaluation_and_compress_are_refused_before_anything_is_logged(
+        tiny_classifier_dir, model_e, e_outputs, compressed, project):
+    """The issue's mix: model B registered with E's evaluate and compress folders. Refused naming both digests
+    and both folders; the registry (a champion registered before) is exactly as it was."""
+    e_eval, e_compress = e_outputs
+    _register(project, tiny_classifier_dir, compressed, 0.9, "r1")  # a legitimate champion and its variant
+    before = _registry_state(project)
+    b_digest, e_digest = model_digest(tiny_classifier_dir), model_digest(model_e)
+    assert b_digest != e_digest
+
+    with pytest.raises(RegistryError) as exc:
+        _run_register(project, tiny_classifier_dir, e_eval, e_compress, "mixed")
+    msg = str(exc.value)
+    assert (f"evaluate output {e_eval} measured the model with sha256 {e_digest}, but the model being registered, "
+            f"{tiny_classifier_dir}, has sha256 {b_digest}") in msg and "Nothing was registered" in msg
+    assert _registry_state(project) == before and not (project / "mixed").exists()
+
+    # B's own evaluation but E's compress output: refused the same way, naming the compress folder
+    b_eval = project / "eval-r1"
+    with pytest.raises(RegistryError) as exc:
+        _run_register(project, tiny_classifier_dir, b_eval, e_compress, "mixed")
+    assert (f"compress output {e_compress} measured the model with sha256 {e_digest}, but the model being "
+            f"registered, {tiny_classifier_dir}, has sha256 {b_digest}") in str(exc.value)
+    assert _registry_state(project) == before
+
+
+def test_a_swapped_int8_file_is_not_the_variant_compress_measured(tiny_classifier_dir, e_outputs, compressed, project):
+    """B's compress output with E's int8 ONNX file put in its place: refused up front, naming the file and both
+    digests; nothing registered."""
+    from finetune.common.digests import file_sha256
+
+    swapped = project / "compress-swapped"
+    shutil.copytree(compressed, swapped)
+    shutil.copy2(e_outputs[1] / ONNX_INT8, swapped / ONNX_INT8)
+    _register(project, tiny_classifier_dir, compressed, 0.9, "r1")
+    before = _registry_state(project)
+    with pytest.raises(RegistryError) as exc:
+        _run_register(project, tiny_classifier_dir, project / "eval-r1", swapped, "r2")
+    assert (f"compress output {swapped}: file {ONNX_INT8} has sha256 {file_sha256(swapped / ONNX_INT8)}, compress "
+            f"measured {file_sha256(compressed / ONNX_INT8)}: it is not the file compress measured") in str(exc.value)
+    assert _registry_state(project) == before

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8
 from finetune.common.redact import redact_text, redact_uri
 from finetune.registry import integrity
+from finetune.registry.binding import BindingError, check_compress_files
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, remove_artifacts
 from finetune.registry.request import (
     CHALLENGER,
@@ -120,31 +121,36 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
     req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
     version, run_id = None, None
     try:
-        with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp, \
-                mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8", HEARTBEAT_TAG: str(time.time())}
-                                 ) as run, heartbeat(req.tracking_uri, run.info.run_id):
-            run_id = run.info.run_id
+        with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp:
             files = _variant_files(Path(vreq.folder), Path(tmp) / "onnx")
-            variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
-            mlflow.log_metrics({k: float(v) for k, v in variant.items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
-            mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
-            model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
-                model_config=model_config,
-                input_example=(["An example review."], {"probabilities": False}),
-                pip_requirements=pyfunc_requirements())
-            tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
-                    "run_id": run_id, "task": req.kind.task, "labels": json.dumps(list(req.kind.labels)),
-                    "onnx_sha256": model_config["onnx_sha256"], "test_data_hash": req.test_hash or ""}
-            tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta") if k in variant})
-            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-            digests = stored_digests(f"models:/{name}/{version}", req.tracking_uri, files)
-            for key, digest in integrity.as_tags(digests).items():
-                client.set_model_version_tag(name, version, key, digest)
-            client.set_model_version_tag(name, version, "complete", "true")
-            return version, run_id
+            # what is logged is exactly what compress measured (checked on the copy, before any run starts)
+            check_compress_files(files, vreq.metrics, only=tuple(sorted(p.name for p in files.iterdir())))
+            with mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8",
+                                                              HEARTBEAT_TAG: str(time.time())}
+                                  ) as run, heartbeat(req.tracking_uri, run.info.run_id):
+                run_id = run.info.run_id
+                variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
+                mlflow.log_metrics({k: float(v) for k, v in variant.items() if isinstance(v, (int, float))})
+                mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
+                mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
+                model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
+                    model_config=model_config,
+                    input_example=(["An example review."], {"probabilities": False}),
+                    pip_requirements=pyfunc_requirements())
+                tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
+                        "run_id": run_id, "task": req.kind.task, "labels": json.dumps(list(req.kind.labels)),
+                        "onnx_sha256": model_config["onnx_sha256"], "test_data_hash": req.test_hash or ""}
+                tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta") if k in variant})
+                version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+                digests = stored_digests(f"models:/{name}/{version}", req.tracking_uri, files)
+                for key, digest in integrity.as_tags(digests).items():
+                    client.set_model_version_tag(name, version, key, digest)
+                client.set_model_version_tag(name, version, "complete", "true")
+                return version, run_id
+    except BindingError:
+        raise  # a file that is not the one compress measured: nothing was logged, and a retry cannot help
     except Exception as exc:
         if version is not None:
             delete_version(client, name, version)

@@ -11,7 +11,6 @@ message naming the model and the operator, never a failed pipeline.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -28,8 +27,9 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from finetune.common.config import CompressConfig, Config
+from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, file_sha256, folder_digests, model_digest
 from finetune.common.files import write_json
-from finetune.common.outputs import METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
+from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_tokens
 from finetune.tasks.single_label import classification_metrics, softmax
 from finetune.training.batches import collate
@@ -208,13 +208,14 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     """
     model_dir = Path(model_dir)
     name = model_name or model_dir.name
+    digest = model_digest(model_dir)  # binds these figures and files to this model: register checks it
     labels = meta["labels"]
     pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
     model = load_classifier(model_dir)
     model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_labels != labels:
         raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
-    common = {"model": name, "n": len(test), "batch_size": cfg.batch_size, "threads": cfg.threads,
+    common = {"model": name, MODEL_DIGEST: digest, "n": len(test), "batch_size": cfg.batch_size, "threads": cfg.threads,
               "max_accuracy_drop": cfg.max_accuracy_drop}
     with atomic_dir(out_dir, "compress", [model_dir]) as tmp:
         try:
@@ -238,17 +239,12 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
                                                 if variant != "pytorch_fp32" else None)
         with_deltas(variants)
         passed, message = gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
-        metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants}
+        metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants,
+                   FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items() if k not in (METRICS, MARKER)}}
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
     return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},
                           probs)
-
-
-def file_sha256(path: str | Path) -> str:
-
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def pyfunc_model_config(folder: str | Path, onnx_file: str = ONNX_INT8, max_length: int = 512) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from finetune.common.lineage import split_hash
 from finetune.common.outputs import check_output_place
 from finetune.common.params import config_from_dict
 from finetune.common.redact import redact_values
+from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
 from finetune.registry.transaction import register
@@ -62,6 +63,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
     token_stats = (token_meta or {}).get("stats")
     compressed = _optional_json(Path(compress) / "metrics.json") if compress else None
+    check_inputs(model, evaluation, metrics, compress, compressed)  # before anything is logged
     summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
     int8: dict[str, Any] = {}  # filled once the variant is registered (or refused): the card shows it
 
