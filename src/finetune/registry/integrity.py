@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.common.digests import folder_digests  # noqa: F401 (integrity.folder_digests: the same digests)
+from finetune.common.digests import folder_digests  # one digest rule for the stages and the registry
 
 TAG_PREFIX = "sha256/"  # one model-version tag per file: sha256/<path inside the model> = hex digest
 

@@ -94,6 +94,7 @@ class Registration:
     tracking_uri: str  # redacted
     model_uri: str = ""
     lineage: dict[str, Any] = field(default_factory=dict)
+    int8_aliases: dict[str, Any] = field(default_factory=dict)  # what the leased step did to <name>-int8's aliases
 
 
 def experiment_id(client, name: str, artifact_location: str | None) -> str:

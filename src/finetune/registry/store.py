@@ -40,9 +40,13 @@ def with_retries(cfg: RegisterConfig, tracking_uri: str, attempt_once: Callable[
 
 
 def current_champion(client, name: str):
+    return current_alias(client, name, CHAMPION)
 
+
+def current_alias(client, name: str, alias: str):
+    """The version of ``name`` holding ``alias``, or None (no such alias, or no such model)."""
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None

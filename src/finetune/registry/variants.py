@@ -12,13 +12,13 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8
-from finetune.common.redact import redact_text, redact_uri
-from finetune.registry import integrity
+from finetune.common.redact import redact_uri
+from finetune.registry import aliases, integrity
 from finetune.registry.binding import BindingError, check_compress_files
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, remove_artifacts
+from finetune.registry.lease import alias_lock
 from finetune.registry.request import (
     CHALLENGER,
     CHAMPION,
@@ -29,7 +29,7 @@ from finetune.registry.request import (
     RegistryError,
     RegistryUnavailable,
 )
-from finetune.registry.store import current_champion, delete_version, stored_digests, with_retries
+from finetune.registry.store import delete_version, stored_digests, with_retries
 from finetune.stages.compress import pyfunc_model_config, pyfunc_requirements
 
 
@@ -58,7 +58,6 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
 
     req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
     client = MlflowClient(req.tracking_uri)
-    alias = CHAMPION if parent.promoted else CHALLENGER
     try:
         done = None
         for mv in client.search_model_versions(f"name = '{name}'"):
@@ -76,32 +75,21 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
     if version is None:
         version, run_id = _log_variant(client, vreq, exp_id)
     try:
-        client.set_registered_model_alias(name, alias, version)
         client.set_model_version_tag(parent.model_name, parent.version, "int8_version", f"{name}/{version}")
+        # the alias is derived from the fp32 aliases as they are now, under the same lease as the fp32 move
+        with alias_lock(client, parent.model_name, parent.run_id) as lease:
+            aliases.sync_variant_aliases(client, parent.model_name, lease)
+        mv = client.get_model_version(name, version)
+    except RegistryError:
+        raise
     except Exception as exc:
         raise RegistryUnavailable(f"moving the alias of {name} v{version} failed: {exc}") from exc
-    run_id = run_id or client.get_model_version(name, version).run_id
-    return {"registered": True, "model_name": name, "version": version, "alias": alias, "run_id": run_id,
-            "model_uri": f"models:/{name}/{version}",
-            "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; alias follows fp32 "
-                      f"v{parent.version} (@{parent.alias})"}
-
-
-def drop_int8_champion(req: RegistrationRequest) -> str | None:
-    """The fp32 version of ``req`` was promoted without an int8 variant: ``<name>-int8@champion`` would still
-    name the variant of the previous champion, so the alias is removed. Returns the version it named."""
-
-    name = req.cfg.model_name + INT8_SUFFIX
-    client = MlflowClient(req.tracking_uri)
-    try:
-        if not client.search_registered_models(f"name = '{name}'"):
-            return None
-        old = current_champion(client, name)
-        if old is not None:
-            client.delete_registered_model_alias(name, CHAMPION)
-        return None if old is None else str(old.version)
-    except MlflowException as exc:
-        raise RegistryError(redact_text(f"removing {name}@{CHAMPION} failed: {exc}")) from None
+    alias = next((a for a in (CHAMPION, CHALLENGER) if a in (mv.aliases or [])), None)
+    follows = (f"alias follows fp32 v{parent.version} (@{alias})" if alias else
+               f"no alias: fp32 v{parent.version} holds neither @{CHAMPION} nor @{CHALLENGER} now")
+    return {"registered": True, "model_name": name, "version": version, "alias": alias,
+            "run_id": run_id or mv.run_id, "model_uri": f"models:/{name}/{version}",
+            "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; {follows}"}
 
 
 def _variant_files(folder: Path, dst: Path) -> Path:

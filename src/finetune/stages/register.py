@@ -24,7 +24,7 @@ from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
 from finetune.registry.transaction import register
-from finetune.registry.variants import VariantRequest, drop_int8_champion, register_variant
+from finetune.registry.variants import VariantRequest, register_variant
 from finetune.reporting import plots
 from finetune.reporting.model_card import model_card
 from finetune.reporting.report import ReportData, render_report
@@ -112,14 +112,10 @@ def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str
             log.error("the int8 variant was not registered: %s", exc)
             why = f"registering it failed: {exc}"
     out = {"registered": False, "reason": f"no int8 variant: {why}"}
-    if reg.promoted:  # the new champion has no variant: -int8@champion must not name the old champion's
-        try:
-            dropped = drop_int8_champion(request)
-        except RegistryError as exc:
-            dropped = None
-            out["reason"] += f"; {exc}"
-        if dropped:
-            out["reason"] += f"; @champion removed from version {dropped} of the int8 model"
+    # the leased step removed -int8@champion when the new champion has no variant (registry.aliases)
+    dropped = (reg.int8_aliases.get("champion") or {}) if reg.promoted else {}
+    if dropped.get("from") and not dropped.get("to"):
+        out["reason"] += f"; @champion removed from version {dropped['from']} of the int8 model"
     return out
 
 
