@@ -369,3 +369,65 @@ def test_held_lease_is_waited_for_and_logged(tiny_classifier_dir, store, caplog)
     waits = [m for m in caplog.messages if "waiting for the alias lock" in m]
     until = time.strftime("%H:%M:%S", time.gmtime(expiry))
     assert len(waits) == 1 and f"of toy: held by deadbeef.1234 until {until} UTC" in waits[0], caplog.messages
+
+
+# ---- the lease: renewed while held, re-checked before the alias move, released only by its holder ----
+
+def test_lease_is_renewed_while_its_holder_works(store, monkeypatch):
+    """A holder working three times longer than the lease keeps it (a heartbeat renews it): a second registration
+    gets it only after the first released it."""
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import lease
+
+    monkeypatch.setattr(lease, "LEASE_TTL", 1.0)
+    client = MlflowClient(store[0])
+    client.create_registered_model("toy")
+    events = []
+
+    def second():
+        with lease.alias_lock(client, "toy", "second", settle=0.1):
+            events.append("second acquired")
+
+    with lease.alias_lock(client, "toy", "first", settle=0.1) as held:
+        other = threading.Thread(target=second)
+        other.start()
+        time.sleep(3.0)  # without renewal the second one takes the expired lease after ~1 s
+        held.check()  # still ours
+        events.append("first released")
+    other.join(60)
+    assert events == ["first released", "second acquired"]
+    assert lease.LOCK_TAG not in (client.get_registered_model("toy").tags or {})
+
+
+def test_a_lost_lease_moves_no_alias_and_keeps_the_new_holders_lock(tiny_classifier_dir, store, monkeypatch):
+    """The issue's case: A's re-scoring outlasts its lease, E takes the lease meanwhile. A must not move
+    @champion, and its cleanup must not delete E's lock."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import transaction
+    from finetune.registry.lease import LOCK_TAG
+
+    champ = _reg(tiny_classifier_dir, 0.7, store)
+    client = MlflowClient(store[0])
+    real = transaction._champion_score
+    others = f"e0e0e0e0.12345678@{time.time() + 300}"
+
+    def outlasted(client_, req, mv):
+        out = real(client_, req, mv)
+        client.set_registered_model_tag("toy", LOCK_TAG, others)  # A's lease expired: E holds it now
+        return out
+
+    monkeypatch.setattr(transaction, "_champion_score", outlasted)
+    cfg = RegisterConfig(**{**CFG.__dict__, "retries": 0})
+    with pytest.raises(RegistryError, match=r"the alias lease of toy was lost before the alias move \(now "
+                                            r"e0e0e0e0.12345678; ours, .* had expired\): no alias moved"):
+        _reg(tiny_classifier_dir, 0.9, store, cfg=cfg)
+    assert str(client.get_model_version_by_alias("toy", "champion").version) == champ.version
+    assert all(not mv.aliases for mv in client.search_model_versions("name = 'toy'") if mv.version != 1)
+    assert client.get_registered_model("toy").tags[LOCK_TAG] == others  # E's lock, untouched

@@ -21,6 +21,9 @@ LOCK_TAG = "finetune.alias_lock"
 LEASE_TTL = 120.0  # seconds a lease lasts unless its holder renews it (every LEASE_TTL / 4 while it works)
 
 
+LEASE_WAIT = 900.0  # seconds a registration waits for a live (renewing) holder before it gives up
+
+
 class LeaseLost(RegistryUnavailable):
     """Another registration holds the alias lease now (ours expired, e.g. the process was paused): nothing moved."""
 
@@ -78,7 +81,7 @@ def alias_lock(client, name: str, owner: str, ttl: float | None = None, settle: 
     """
     ttl = LEASE_TTL if ttl is None else ttl
     owner = f"{owner}.{uuid.uuid4().hex[:8]}"
-    deadline = time.time() + 2 * ttl
+    deadline = time.time() + max(2 * ttl, LEASE_WAIT)
     reported = None
     while True:
         held = (client.get_registered_model(name).tags or {}).get(LOCK_TAG, "")
