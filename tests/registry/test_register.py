@@ -431,3 +431,22 @@ def test_a_lost_lease_moves_no_alias_and_keeps_the_new_holders_lock(tiny_classif
     assert str(client.get_model_version_by_alias("toy", "champion").version) == champ.version
     assert all(not mv.aliases for mv in client.search_model_versions("name = 'toy'") if mv.version != 1)
     assert client.get_registered_model("toy").tags[LOCK_TAG] == others  # E's lock, untouched
+
+
+def test_changed_register_settings_do_not_register_the_same_model_again(tiny_classifier_dir, store, tmp_path):
+    """The idempotency key holds only what defines the model and its data: rerunning with other retries, backoff,
+    gate settings or experiment, or with a model folder whose recorded config differs only in those, reuses the
+    version instead of registering a duplicate."""
+    import json
+    import shutil
+
+    a = _reg(tiny_classifier_dir, 0.8, store)
+    again = RegisterConfig(**{**CFG.__dict__, "retries": 7, "retry_backoff": 0.5, "floor": 0.65,
+                              "min_improvement": 0.02, "experiment": "toy-other"})
+    b = _reg(tiny_classifier_dir, 0.8, store, cfg=again)
+    recorded = tmp_path / "same-model"
+    shutil.copytree(tiny_classifier_dir, recorded)
+    (recorded / "finetune_config.json").write_text(json.dumps({"register": {"retries": 9}}))
+    c = _reg(recorded, 0.8, store)
+    assert a.version == b.version == c.version == "1" and b.reason.startswith("already registered")
+    assert _versions(store) == [1]

@@ -75,7 +75,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
         model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
         lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
         test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
-        pipeline_run=lineage.get("kfp_run"), model_card=card)
+        model_card=card)
     reg = register(request)
     int8.update(_register_int8(request, reg, compress, compressed))
     final_card = card(reg.version, reg.run_id)
