@@ -450,3 +450,17 @@ def test_changed_register_settings_do_not_register_the_same_model_again(tiny_cla
     c = _reg(recorded, 0.8, store)
     assert a.version == b.version == c.version == "1" and b.reason.startswith("already registered")
     assert _versions(store) == [1]
+
+
+@pytest.mark.parametrize("name", ["x'y", "a b", "name@champion", "a/b", "-lead", "é"])
+def test_model_name_outside_the_registry_rule_is_refused_up_front(name, tmp_path, monkeypatch, capsys):
+    """One line naming the key, the value and the rule, exit 2, before any registry is contacted (no mlflow.db)."""
+    from finetune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["register", "--set", f"register.model_name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"finetune register: error: params.yaml + --set: register.model_name = {name!r}: must be 1-250 "
+                   f"letters, digits, '.', '_' or '-', starting with a letter or digit (registered model names)\n")
+    assert not (tmp_path / "mlflow.db").exists()
