@@ -61,14 +61,50 @@ def test_champion_moves_only_when_gate_passes(tiny_classifier_dir, store):
     assert client.get_model_version("toy", "3").tags["test_data_hash"] == "h1"
 
 
-def test_registered_model_loads_and_predicts_labels(tiny_classifier_dir, store, monkeypatch):
-    import mlflow.pyfunc
+@pytest.fixture(scope="module")
+def learned_model_dir(tiny_classifier_dir, tmp_path_factory) -> Path:
+    """The tiny classifier trained until it separates the toy task (every toy text on the right side)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    _reg(tiny_classifier_dir, 0.9, store)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
-    model = mlflow.pyfunc.load_model("models:/toy@champion")
-    preds = model.predict(["a wonderful film", "a dull mess", "ok"])
-    assert len(preds) == 3 and set(preds) <= {"fresh", "rotten"}
+    from conftest import toy_frame
+
+    out = tmp_path_factory.mktemp("learned") / "model"
+    tok = AutoTokenizer.from_pretrained(str(tiny_classifier_dir))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_classifier_dir))
+    df = toy_frame(24)
+    enc = tok(df["text"].tolist(), padding=True, return_tensors="pt")
+    y = torch.tensor([model.config.label2id[lab] for lab in df["label"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        loss = model(**enc, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    with torch.no_grad():
+        assert (model(**enc).logits.argmax(1) == y).all(), "the tiny model did not learn the toy task"
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_registered_model_loads_and_predicts_labels(learned_model_dir, store):
+    """Through the verified path: known texts give known labels, with probabilities that say so."""
+    from conftest import NEGATIVE, POSITIVE
+    from finetune.registry.loading import load_verified
+
+    _reg(learned_model_dir, 0.9, store)
+    model = load_verified("models:/toy@champion", store[0])
+    texts = [f"{t} #{i}" for i, t in enumerate(POSITIVE[:4] + NEGATIVE[:4])]
+    assert list(model.predict(texts)) == ["fresh"] * 4 + ["rotten"] * 4
+    records = model.predict(texts[:1] + texts[4:5], params={"probabilities": True})
+    assert [r["label"] for r in records] == ["fresh", "rotten"]
+    assert records[0]["probabilities"]["fresh"] > 0.5 > records[1]["probabilities"]["fresh"]
 
 
 def test_champion_rescored_when_test_data_differs(tiny_classifier_dir, store):
