@@ -500,3 +500,45 @@ def test_model_name_outside_the_registry_rule_is_refused_up_front(name, tmp_path
     assert err == (f"finetune register: error: params.yaml + --set: register.model_name = {name!r}: must be 1-250 "
                    f"letters, digits, '.', '_' or '-', starting with a letter or digit (registered model names)\n")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("COMMIT")
+"""
+
+
+def _hold_lock(db: Path, seconds: float):
+    """Another process holding a write on the SQLite store for ``seconds`` (more than MLflow's 20 s busy
+    timeout); returns once the lock is held."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(db), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_store_locked_too_long_ends_in_one_line_naming_it_and_its_holder(tiny_classifier_dir, store, monkeypatch):
+    from finetune.registry import store as registry_store
+
+    _reg(tiny_classifier_dir, 0.7, store)  # the store exists
+    db = Path(store[0].removeprefix("sqlite:///"))
+    monkeypatch.setattr(registry_store, "LOCK_WAIT", 1.0)
+    holder = _hold_lock(db, 120)
+    try:
+        cfg = RegisterConfig(**{**CFG.__dict__, "retries": 0})
+        with pytest.raises(RegistryError) as exc:
+            _reg(tiny_classifier_dir, 0.8, store, cfg=cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    msg = str(exc.value)
+    assert msg.startswith(f"the MLflow store {db} stayed locked for 1 s: PID {holder.pid} (") and "\n" not in msg
+    assert "holds a write on it; this registration did not complete" in msg
+    assert "sqlalchemy" not in msg.lower() and "OperationalError" not in msg
