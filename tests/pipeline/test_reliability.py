@@ -67,10 +67,12 @@ def test_sigkill_mid_training_then_rerun_resumes_and_matches(tmp_path, tokens_di
 
 _REGISTER = """
 import sys
-from finetune.config import RegisterConfig
-from finetune.registry import RegistrationRequest, register
+from finetune.common.config import RegisterConfig
+from finetune.registry.request import RegistrationRequest
+from finetune.registry.transaction import register
 value = float(sys.argv[3])
-cfg = RegisterConfig(model_name=sys.argv[4], experiment=sys.argv[4], floor=0.0)
+cfg = RegisterConfig(model_name=sys.argv[4], experiment=sys.argv[4], floor=0.0, retries=int(sys.argv[5:6] and
+                                                                                            sys.argv[5] or 3))
 r = register(RegistrationRequest.for_model(sys.argv[1], {"accuracy": value, "macro_f1": value}, cfg, sys.argv[2],
                                            test_hash="same-test-data"))
 print(r.version, r.alias)
@@ -99,6 +101,37 @@ def test_concurrent_registrations_end_with_the_better_champion(mlflow_server, ti
     assert champ.tags["accuracy"] == "0.8"
     assert outs[1][0].split()[-1] == "champion"  # the better pipeline reports what the registry shows
     assert "finetune.alias_lock" not in (client.get_registered_model("race").tags or {})
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("COMMIT")
+"""
+
+
+def test_two_registrations_at_once_on_the_sqlite_store_both_complete(tiny_classifier_dir, tmp_path):
+    """Two registrations at once on the default (SQLite) store while a third process holds a write for longer
+    than MLflow's 20 s busy timeout: both wait (no retries allowed), both register, the better is champion."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    MlflowClient(uri).create_experiment("both", (tmp_path / "art").as_uri())
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(db), "30"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), uri, value, "both", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for value in ("0.7", "0.8")]
+    outs = [p.communicate(timeout=900) for p in procs]
+    holder.wait(60)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    assert any("the MLflow store" in o[1] and "is locked by another writer" in o[1] for o in outs)
+    client = MlflowClient(uri)
+    assert len(client.search_model_versions("name = 'both'")) == 2
+    assert client.get_model_version_by_alias("both", "champion").tags["accuracy"] == "0.8"
 
 
 def test_register_killed_mid_way_is_marked_failed_and_cleaned_by_the_next(tiny_classifier_dir, tmp_path, monkeypatch):

@@ -64,8 +64,8 @@ def register(req: RegistrationRequest) -> Registration:
 def _register_once(req: RegistrationRequest, run_key: str) -> Registration:
 
     cfg, safe_uri = req.cfg, redact_uri(req.tracking_uri)
-    client = MlflowClient(req.tracking_uri)
     try:  # fail early and clearly when the registry is unreachable, before anything is written
+        client = MlflowClient(req.tracking_uri)  # opens (and may find locked) an embedded store
         exp_id = experiment_id(client, cfg.experiment, req.artifact_location)
         reap_stale_runs(client, exp_id, cfg.model_name)
         done = _existing(client, cfg.model_name, run_key)

@@ -57,8 +57,8 @@ def register_variant(vreq: VariantRequest) -> dict[str, Any]:
 def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
 
     req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
-    client = MlflowClient(req.tracking_uri)
     try:
+        client = MlflowClient(req.tracking_uri)  # opens (and may find locked) an embedded store
         done = None
         for mv in client.search_model_versions(f"name = '{name}'"):
             tags = mv.tags or {}
