@@ -134,6 +134,60 @@ def test_two_registrations_at_once_on_the_sqlite_store_both_complete(tiny_classi
     assert client.get_model_version_by_alias("both", "champion").tags["accuracy"] == "0.8"
 
 
+def test_kill_9_between_the_fp32_and_the_int8_alias_is_repaired_by_the_next_registration(
+        tiny_classifier_dir, tokens_dir, tmp_path):
+    """B is champion with its int8 variant. C is killed (SIGKILL) right after its fp32 alias moved, before the
+    int8 aliases were derived: @champion = C, -int8@champion = B's variant. The next, unrelated registration
+    (a challenger) removes -int8@champion, since C has no variant."""
+    from mlflow import MlflowClient
+
+    from finetune.common.config import CompressConfig, RegisterConfig
+    from finetune.common.tokens import read_tokens
+    from finetune.registry.lease import LOCK_TAG
+    from finetune.registry.request import RegistrationRequest
+    from finetune.registry.store import current_alias
+    from finetune.registry.transaction import register
+    from finetune.registry.variants import VariantRequest, register_variant
+    from finetune.stages.compress import compress
+
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "killed-int8"
+    client = MlflowClient(uri)
+    client.create_experiment(name, (tmp_path / "art").as_uri())
+    toks, meta = read_tokens(tokens_dir, names=("test",))
+    folder = tmp_path / "compress"
+    cfg = CompressConfig(threads=1, latency_requests=2)
+    assert compress(tiny_classifier_dir, toks["test"], meta, cfg, folder).passed
+
+    def req(value: float) -> RegistrationRequest:
+        return RegistrationRequest.for_model(tiny_classifier_dir, {"accuracy": value, "macro_f1": value},
+                                             RegisterConfig(model_name=name, experiment=name, floor=0.0), uri,
+                                             test_hash="same-test-data")
+
+    b_req = req(0.7)
+    b = register(b_req)
+    register_variant(VariantRequest(b_req, b, folder, json.loads((folder / "metrics.json").read_text())))
+    assert current_alias(client, f"{name}-int8", "champion").tags["fp32_model"] == f"{name}/{b.version}"
+
+    env = {**os.environ, "FINETUNE_VARIANT_ALIAS_DELAY": "300"}  # the kill lands between the two alias moves
+    proc = subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), uri, "0.8", name],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while str(current_alias(client, name, "champion").version) == b.version and time.time() < deadline:
+        assert proc.poll() is None, "the registration ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    c_version = str(current_alias(client, name, "champion").version)
+    assert c_version != b.version  # drifted: @champion is C, -int8@champion still B's variant
+    assert current_alias(client, f"{name}-int8", "champion").tags["fp32_model"] == f"{name}/{b.version}"
+    client.delete_registered_model_tag(name, LOCK_TAG)  # the dead holder's lease: as if its 120 s had passed
+
+    d = register(req(0.6))
+    assert d.alias == "challenger" and str(current_alias(client, name, "champion").version) == c_version
+    assert current_alias(client, f"{name}-int8", "champion") is None
+    assert d.int8_aliases["champion"] == {"from": "1", "to": None}
+
+
 def test_register_killed_mid_way_is_marked_failed_and_cleaned_by_the_next(tiny_classifier_dir, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
