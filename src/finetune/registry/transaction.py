@@ -177,11 +177,11 @@ def _move_alias(client, req: RegistrationRequest, version: str) -> tuple[Decisio
             note = (f"register.new_lineage: the previous champion v{champion.version} ({was}) was not compared "
                     f"and {fate}; ")
             decision = Decision(decision.promote, note + decision.reason)
-            if decision.promote:
-                client.set_model_version_tag(cfg.model_name, str(champion.version), "superseded_by", version)
         time.sleep(float(os.environ.get("FINETUNE_ALIAS_DELAY", "0")))  # fault injection: widen the race window
         lease.check()  # re-scoring may have outlasted the lease: never move an alias on a lease now another's
         client.set_registered_model_alias(cfg.model_name, CHAMPION if decision.promote else CHALLENGER, version)
+        if note and decision.promote:  # only once this version really took @champion from the other lineage
+            client.set_model_version_tag(cfg.model_name, str(champion.version), "superseded_by", version)
         time.sleep(float(os.environ.get("FINETUNE_VARIANT_ALIAS_DELAY", "0")))  # fault injection: a kill lands here
         int8 = aliases.sync_variant_aliases(client, cfg.model_name, lease)  # same leased step
     if note:
