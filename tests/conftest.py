@@ -262,8 +262,10 @@ VALIDATION = {"data": "data/reviews.csv", "success": True, "rows": 820, "columns
 
 
 @pytest.fixture
-def stage_inputs(tmp_path, tiny_model_dir):
-    """The folders the register stage reads, as the earlier stages write them (tiny and synthetic)."""
+def stage_inputs(tmp_path, tiny_model_dir, tiny_classifier_dir):
+    """The folders the register stage reads, as the earlier stages write them (tiny and synthetic); the
+    evaluation is bound to tiny_classifier_dir (the model these tests register)."""
+    from finetune.common.digests import MODEL_DIGEST, model_digest
     from finetune.common.config import TokenizeConfig
     from finetune.stages.evaluate import EvalResult, roc_curves, write_evaluation
     from finetune.tasks.single_label import classification_metrics
@@ -283,6 +285,7 @@ def stage_inputs(tmp_path, tiny_model_dir):
     p = np.clip(0.5 + (0.5 - y) * 0.4 + rng.normal(0, 0.2, 16), 0.01, 0.99)
     probs = np.c_[p, 1 - p]
     metrics, calib = classification_metrics(y, probs, ["fresh", "rotten"], 5)
+    metrics[MODEL_DIGEST] = model_digest(tiny_classifier_dir)
     write_evaluation(EvalResult(metrics, ["fresh", "rotten"], y, probs.argmax(1), probs.max(1), calib,
                                 roc_curves(y, probs, ["fresh", "rotten"])), tmp_path / "evaluate")
     logs = tmp_path / "train"

@@ -213,3 +213,30 @@ def test_pipeline_service_account_may_patch_only_the_inferenceservice(docs):
     assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
                               "resourceNames": [isvc(docs)["metadata"]["name"]], "verbs": ["get", "patch"]}]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "finetune-pipeline", "namespace": NAMESPACE}]
+
+
+def test_run_deploy_reads_the_registry_address_from_the_environment(docs, tmp_path, monkeypatch):
+    """registration.json holds the redacted tracking URI (credentials replaced by ***): the deploy step must use
+    MLFLOW_TRACKING_URI (the pod's secret) to look the version up, and say so in one line when it is unset."""
+    from mlflow import MlflowClient
+
+    from finetune.cluster.deploy import run_deploy
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    client.create_registered_model(PROMOTED["model_name"])
+    source = "s3://finetune-prod/mlflow-artifacts/1/models/m-abc/artifacts"
+    mv = client.create_model_version(PROMOTED["model_name"], source)
+    redacted = {**PROMOTED, "version": str(mv.version), "tracking_uri": "http://***@127.0.0.1:9"}
+    (tmp_path / "registration.json").write_text(json.dumps(redacted))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a wrong address fails at once, not after minutes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    api = FakeCustomObjects(isvc(docs))
+    result = run_deploy(tmp_path, "finetune-champion", NAMESPACE, "s3://finetune-prod/mlflow-artifacts", api=api)
+    assert result["changed"] and result["storage_uri"] == source
+    assert api.obj["spec"]["predictor"]["model"]["storageUri"] == source
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(DeployError, match="^MLFLOW_TRACKING_URI is not set: the deploy step reads the registry's "
+                                          "address from the environment"):
+        run_deploy(tmp_path, "finetune-champion", NAMESPACE, "s3://finetune-prod/mlflow-artifacts", api=api)

@@ -67,10 +67,12 @@ def test_sigkill_mid_training_then_rerun_resumes_and_matches(tmp_path, tokens_di
 
 _REGISTER = """
 import sys
-from finetune.config import RegisterConfig
-from finetune.registry import RegistrationRequest, register
+from finetune.common.config import RegisterConfig
+from finetune.registry.request import RegistrationRequest
+from finetune.registry.transaction import register
 value = float(sys.argv[3])
-cfg = RegisterConfig(model_name=sys.argv[4], experiment=sys.argv[4], floor=0.0)
+cfg = RegisterConfig(model_name=sys.argv[4], experiment=sys.argv[4], floor=0.0, retries=int(sys.argv[5:6] and
+                                                                                            sys.argv[5] or 3))
 r = register(RegistrationRequest.for_model(sys.argv[1], {"accuracy": value, "macro_f1": value}, cfg, sys.argv[2],
                                            test_hash="same-test-data"))
 print(r.version, r.alias)
@@ -99,6 +101,91 @@ def test_concurrent_registrations_end_with_the_better_champion(mlflow_server, ti
     assert champ.tags["accuracy"] == "0.8"
     assert outs[1][0].split()[-1] == "champion"  # the better pipeline reports what the registry shows
     assert "finetune.alias_lock" not in (client.get_registered_model("race").tags or {})
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("COMMIT")
+"""
+
+
+def test_two_registrations_at_once_on_the_sqlite_store_both_complete(tiny_classifier_dir, tmp_path):
+    """Two registrations at once on the default (SQLite) store while a third process holds a write for longer
+    than MLflow's 20 s busy timeout: both wait (no retries allowed), both register, the better is champion."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    MlflowClient(uri).create_experiment("both", (tmp_path / "art").as_uri())
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(db), "30"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), uri, value, "both", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for value in ("0.7", "0.8")]
+    outs = [p.communicate(timeout=900) for p in procs]
+    holder.wait(60)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    assert any("the MLflow store" in o[1] and "is locked by another writer" in o[1] for o in outs)
+    client = MlflowClient(uri)
+    assert len(client.search_model_versions("name = 'both'")) == 2
+    assert client.get_model_version_by_alias("both", "champion").tags["accuracy"] == "0.8"
+
+
+def test_kill_9_between_the_fp32_and_the_int8_alias_is_repaired_by_the_next_registration(
+        tiny_classifier_dir, tokens_dir, tmp_path):
+    """B is champion with its int8 variant. C is killed (SIGKILL) right after its fp32 alias moved, before the
+    int8 aliases were derived: @champion = C, -int8@champion = B's variant. The next, unrelated registration
+    (a challenger) removes -int8@champion, since C has no variant."""
+    from mlflow import MlflowClient
+
+    from finetune.common.config import CompressConfig, RegisterConfig
+    from finetune.common.tokens import read_tokens
+    from finetune.registry.lease import LOCK_TAG
+    from finetune.registry.request import RegistrationRequest
+    from finetune.registry.store import current_alias
+    from finetune.registry.transaction import register
+    from finetune.registry.variants import VariantRequest, register_variant
+    from finetune.stages.compress import compress
+
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "killed-int8"
+    client = MlflowClient(uri)
+    client.create_experiment(name, (tmp_path / "art").as_uri())
+    toks, meta = read_tokens(tokens_dir, names=("test",))
+    folder = tmp_path / "compress"
+    cfg = CompressConfig(threads=1, latency_requests=2)
+    assert compress(tiny_classifier_dir, toks["test"], meta, cfg, folder).passed
+
+    def req(value: float) -> RegistrationRequest:
+        return RegistrationRequest.for_model(tiny_classifier_dir, {"accuracy": value, "macro_f1": value},
+                                             RegisterConfig(model_name=name, experiment=name, floor=0.0), uri,
+                                             test_hash="same-test-data")
+
+    b_req = req(0.7)
+    b = register(b_req)
+    register_variant(VariantRequest(b_req, b, folder, json.loads((folder / "metrics.json").read_text())))
+    assert current_alias(client, f"{name}-int8", "champion").tags["fp32_model"] == f"{name}/{b.version}"
+
+    env = {**os.environ, "FINETUNE_VARIANT_ALIAS_DELAY": "300"}  # the kill lands between the two alias moves
+    proc = subprocess.Popen([sys.executable, "-c", _REGISTER, str(tiny_classifier_dir), uri, "0.8", name],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while str(current_alias(client, name, "champion").version) == b.version and time.time() < deadline:
+        assert proc.poll() is None, "the registration ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    c_version = str(current_alias(client, name, "champion").version)
+    assert c_version != b.version  # drifted: @champion is C, -int8@champion still B's variant
+    assert current_alias(client, f"{name}-int8", "champion").tags["fp32_model"] == f"{name}/{b.version}"
+    client.delete_registered_model_tag(name, LOCK_TAG)  # the dead holder's lease: as if its 120 s had passed
+
+    d = register(req(0.6))
+    assert d.alias == "challenger" and str(current_alias(client, name, "champion").version) == c_version
+    assert current_alias(client, f"{name}-int8", "champion") is None
+    assert d.int8_aliases["champion"] == {"from": "1", "to": None}
 
 
 def test_register_killed_mid_way_is_marked_failed_and_cleaned_by_the_next(tiny_classifier_dir, tmp_path, monkeypatch):

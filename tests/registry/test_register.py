@@ -61,14 +61,50 @@ def test_champion_moves_only_when_gate_passes(tiny_classifier_dir, store):
     assert client.get_model_version("toy", "3").tags["test_data_hash"] == "h1"
 
 
-def test_registered_model_loads_and_predicts_labels(tiny_classifier_dir, store, monkeypatch):
-    import mlflow.pyfunc
+@pytest.fixture(scope="module")
+def learned_model_dir(tiny_classifier_dir, tmp_path_factory) -> Path:
+    """The tiny classifier trained until it separates the toy task (every toy text on the right side)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    _reg(tiny_classifier_dir, 0.9, store)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
-    model = mlflow.pyfunc.load_model("models:/toy@champion")
-    preds = model.predict(["a wonderful film", "a dull mess", "ok"])
-    assert len(preds) == 3 and set(preds) <= {"fresh", "rotten"}
+    from conftest import toy_frame
+
+    out = tmp_path_factory.mktemp("learned") / "model"
+    tok = AutoTokenizer.from_pretrained(str(tiny_classifier_dir))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_classifier_dir))
+    df = toy_frame(24)
+    enc = tok(df["text"].tolist(), padding=True, return_tensors="pt")
+    y = torch.tensor([model.config.label2id[lab] for lab in df["label"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        loss = model(**enc, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    with torch.no_grad():
+        assert (model(**enc).logits.argmax(1) == y).all(), "the tiny model did not learn the toy task"
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_registered_model_loads_and_predicts_labels(learned_model_dir, store):
+    """Through the verified path: known texts give known labels, with probabilities that say so."""
+    from conftest import NEGATIVE, POSITIVE
+    from finetune.registry.loading import load_verified
+
+    _reg(learned_model_dir, 0.9, store)
+    model = load_verified("models:/toy@champion", store[0])
+    texts = [f"{t} #{i}" for i, t in enumerate(POSITIVE[:4] + NEGATIVE[:4])]
+    assert list(model.predict(texts)) == ["fresh"] * 4 + ["rotten"] * 4
+    records = model.predict(texts[:1] + texts[4:5], params={"probabilities": True})
+    assert [r["label"] for r in records] == ["fresh", "rotten"]
+    assert records[0]["probabilities"]["fresh"] > 0.5 > records[1]["probabilities"]["fresh"]
 
 
 def test_champion_rescored_when_test_data_differs(tiny_classifier_dir, store):
@@ -369,3 +405,140 @@ def test_held_lease_is_waited_for_and_logged(tiny_classifier_dir, store, caplog)
     waits = [m for m in caplog.messages if "waiting for the alias lock" in m]
     until = time.strftime("%H:%M:%S", time.gmtime(expiry))
     assert len(waits) == 1 and f"of toy: held by deadbeef.1234 until {until} UTC" in waits[0], caplog.messages
+
+
+# ---- the lease: renewed while held, re-checked before the alias move, released only by its holder ----
+
+def test_lease_is_renewed_while_its_holder_works(store, monkeypatch):
+    """A holder working three times longer than the lease keeps it (a heartbeat renews it): a second registration
+    gets it only after the first released it."""
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import lease
+
+    monkeypatch.setattr(lease, "LEASE_TTL", 1.0)
+    client = MlflowClient(store[0])
+    client.create_registered_model("toy")
+    events = []
+
+    def second():
+        with lease.alias_lock(client, "toy", "second", settle=0.1):
+            events.append("second acquired")
+
+    with lease.alias_lock(client, "toy", "first", settle=0.1) as held:
+        other = threading.Thread(target=second)
+        other.start()
+        time.sleep(3.0)  # without renewal the second one takes the expired lease after ~1 s
+        held.check()  # still ours
+        events.append("first released")
+    other.join(60)
+    assert events == ["first released", "second acquired"]
+    assert lease.LOCK_TAG not in (client.get_registered_model("toy").tags or {})
+
+
+def test_a_lost_lease_moves_no_alias_and_keeps_the_new_holders_lock(tiny_classifier_dir, store, monkeypatch):
+    """The issue's case: A's re-scoring outlasts its lease, E takes the lease meanwhile. A must not move
+    @champion, and its cleanup must not delete E's lock."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import transaction
+    from finetune.registry.lease import LOCK_TAG
+
+    champ = _reg(tiny_classifier_dir, 0.7, store)
+    client = MlflowClient(store[0])
+    real = transaction._champion_score
+    others = f"e0e0e0e0.12345678@{time.time() + 300}"
+
+    def outlasted(client_, req, mv):
+        out = real(client_, req, mv)
+        client.set_registered_model_tag("toy", LOCK_TAG, others)  # A's lease expired: E holds it now
+        return out
+
+    monkeypatch.setattr(transaction, "_champion_score", outlasted)
+    cfg = RegisterConfig(**{**CFG.__dict__, "retries": 0})
+    with pytest.raises(RegistryError, match=r"the alias lease of toy was lost before the alias move \(now "
+                                            r"e0e0e0e0.12345678; ours, .* had expired\): no alias moved"):
+        _reg(tiny_classifier_dir, 0.9, store, cfg=cfg)
+    assert str(client.get_model_version_by_alias("toy", "champion").version) == champ.version
+    assert all(not mv.aliases for mv in client.search_model_versions("name = 'toy'") if mv.version != 1)
+    assert client.get_registered_model("toy").tags[LOCK_TAG] == others  # E's lock, untouched
+
+
+def test_changed_register_settings_do_not_register_the_same_model_again(tiny_classifier_dir, store, tmp_path):
+    """The idempotency key holds only what defines the model and its data: rerunning with other retries, backoff,
+    gate settings or experiment, or with a model folder whose recorded config differs only in those, reuses the
+    version instead of registering a duplicate."""
+    import json
+    import shutil
+
+    a = _reg(tiny_classifier_dir, 0.8, store)
+    again = RegisterConfig(**{**CFG.__dict__, "retries": 7, "retry_backoff": 0.5, "floor": 0.65,
+                              "min_improvement": 0.02, "experiment": "toy-other"})
+    b = _reg(tiny_classifier_dir, 0.8, store, cfg=again)
+    recorded = tmp_path / "same-model"
+    shutil.copytree(tiny_classifier_dir, recorded)
+    (recorded / "finetune_config.json").write_text(json.dumps({"register": {"retries": 9}}))
+    c = _reg(recorded, 0.8, store)
+    assert a.version == b.version == c.version == "1" and b.reason.startswith("already registered")
+    assert _versions(store) == [1]
+
+
+@pytest.mark.parametrize("name", ["x'y", "a b", "name@champion", "a/b", "-lead", "é"])
+def test_model_name_outside_the_registry_rule_is_refused_up_front(name, tmp_path, monkeypatch, capsys):
+    """One line naming the key, the value and the rule, exit 2, before any registry is contacted (no mlflow.db)."""
+    from finetune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["register", "--set", f"register.model_name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"finetune register: error: params.yaml + --set: register.model_name = {name!r}: must be 1-250 "
+                   f"letters, digits, '.', '_' or '-', starting with a letter or digit (registered model names)\n")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("COMMIT")
+"""
+
+
+def _hold_lock(db: Path, seconds: float):
+    """Another process holding a write on the SQLite store for ``seconds`` (more than MLflow's 20 s busy
+    timeout); returns once the lock is held."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(db), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_store_locked_too_long_ends_in_one_line_naming_it_and_its_holder(tiny_classifier_dir, store, monkeypatch):
+    from finetune.registry import store as registry_store
+
+    _reg(tiny_classifier_dir, 0.7, store)  # the store exists
+    db = Path(store[0].removeprefix("sqlite:///"))
+    monkeypatch.setattr(registry_store, "LOCK_WAIT", 1.0)
+    holder = _hold_lock(db, 120)
+    try:
+        cfg = RegisterConfig(**{**CFG.__dict__, "retries": 0})
+        with pytest.raises(RegistryError) as exc:
+            _reg(tiny_classifier_dir, 0.8, store, cfg=cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    msg = str(exc.value)
+    assert msg.startswith(f"the MLflow store {db} stayed locked for 1 s: PID {holder.pid} (") and "\n" not in msg
+    assert "holds a write on it; this registration did not complete" in msg
+    assert "sqlalchemy" not in msg.lower() and "OperationalError" not in msg

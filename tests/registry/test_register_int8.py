@@ -13,6 +13,7 @@ import pytest
 
 from conftest import toy_frame
 from finetune.cli import main
+from finetune.common.digests import MODEL_DIGEST, model_digest
 from finetune.common.outputs import ONNX_INT8
 from finetune.stages.compress import compress, onnx_runner
 from finetune.common.config import CompressConfig
@@ -53,7 +54,7 @@ def _register(project: Path, model: Path, compress_dir: Path | None, accuracy: f
 
     evaluation = project / f"eval-{out}"
     write_json(evaluation / "metrics.json", {"accuracy": accuracy, "macro_f1": accuracy, "n": 20,
-                                             "labels": ["fresh", "rotten"]})
+                                             "labels": ["fresh", "rotten"], MODEL_DIGEST: model_digest(model)})
     cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.5, "retries": 0}})
     uri, art = tracking.configure(".")
     run_register(cfg, model, evaluation, project / "splits", None, project / out, {"git_commit": "abc"}, uri, art,
@@ -170,7 +171,7 @@ def test_refused_variant_is_not_registered_and_registration_says_why(tiny_classi
     assert reg["alias"] == "champion" and reg["version"] == "3"
     assert reg["int8"] == {"registered": False, "reason": "no int8 variant: no compress output was given; "
                                                           "@champion removed from version 1 of the int8 model"}
-    assert "champion" not in {a for mv in client.search_model_versions(f"name = '{NAME}-int8'") for a in mv.aliases}
+    assert _int8_champion_parent(project) is None
 
 
 def test_tampered_int8_file_in_the_store_is_refused_naming_the_file(tiny_classifier_dir, compressed, project):
@@ -220,3 +221,188 @@ def test_a_killed_int8_registration_is_reaped_by_the_next_registration(tiny_clas
     versions = {str(v.version) for v in client.search_model_versions(f"name = '{NAME}-int8'")}
     assert str(half.version) not in versions and reg["int8"]["version"] in versions
     assert reg2["int8"]["registered"] is True
+
+
+# ---- every figure bound to the model it measured ----
+
+@pytest.fixture(scope="module")
+def model_e(tiny_classifier_dir, tmp_path_factory):
+    """Model E: the tiny classifier with another head (other weights, same labels and tokenizer)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("model-e") / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_classifier_dir))
+    with torch.no_grad():
+        model.classifier.bias += torch.tensor([0.7, -0.7])
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tiny_classifier_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def e_outputs(model_e, toy_test, tmp_path_factory):
+    """E's evaluate and compress outputs, written by the stages themselves."""
+    from finetune.common.config import EvaluateConfig
+    from finetune.stages.evaluate import evaluate, write_evaluation
+
+    test, meta = toy_test
+    root = tmp_path_factory.mktemp("e-outputs")
+    write_evaluation(evaluate(model_e, test, meta, EvaluateConfig(), device="cpu"), root / "evaluate")
+    assert compress(model_e, test, meta, CompressConfig(threads=1, latency_requests=3), root / "compress").passed
+    return root / "evaluate", root / "compress"
+
+
+def _registry_state(project: Path) -> tuple:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    models = {m.name: (sorted(str(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
+                       dict(m.aliases or {})) for m in client.search_registered_models()}
+    runs = sorted(r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id]))
+    return models, runs
+
+
+def _run_register(project: Path, model: Path, evaluation: Path, compress_dir: Path | None, out: str) -> dict:
+    from finetune.common import tracking
+
+    cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.0, "min_macro_f1": 0.0,
+                                         "retries": 0}})
+    uri, art = tracking.configure(".")
+    return run_register(cfg, model, evaluation, project / "splits", None, project / out, {"git_commit": "abc"}, uri,
+                        art, compress=compress_dir)
+
+
+def test_another_models_evaluation_and_compress_are_refused_before_anything_is_logged(
+        tiny_classifier_dir, model_e, e_outputs, compressed, project):
+    """The issue's mix: model B registered with E's evaluate and compress folders. Refused naming both digests
+    and both folders; the registry (a champion registered before) is exactly as it was."""
+    e_eval, e_compress = e_outputs
+    _register(project, tiny_classifier_dir, compressed, 0.9, "r1")  # a legitimate champion and its variant
+    before = _registry_state(project)
+    b_digest, e_digest = model_digest(tiny_classifier_dir), model_digest(model_e)
+    assert b_digest != e_digest
+
+    with pytest.raises(RegistryError) as exc:
+        _run_register(project, tiny_classifier_dir, e_eval, e_compress, "mixed")
+    msg = str(exc.value)
+    assert (f"evaluate output {e_eval} measured the model with sha256 {e_digest}, but the model being registered, "
+            f"{tiny_classifier_dir}, has sha256 {b_digest}") in msg and "Nothing was registered" in msg
+    assert _registry_state(project) == before and not (project / "mixed").exists()
+
+    # B's own evaluation but E's compress output: refused the same way, naming the compress folder
+    b_eval = project / "eval-r1"
+    with pytest.raises(RegistryError) as exc:
+        _run_register(project, tiny_classifier_dir, b_eval, e_compress, "mixed")
+    assert (f"compress output {e_compress} measured the model with sha256 {e_digest}, but the model being "
+            f"registered, {tiny_classifier_dir}, has sha256 {b_digest}") in str(exc.value)
+    assert _registry_state(project) == before
+
+
+def test_a_swapped_int8_file_is_not_the_variant_compress_measured(tiny_classifier_dir, e_outputs, compressed, project):
+    """B's compress output with E's int8 ONNX file put in its place: refused up front, naming the file and both
+    digests; nothing registered."""
+    from finetune.common.digests import file_sha256
+
+    swapped = project / "compress-swapped"
+    shutil.copytree(compressed, swapped)
+    shutil.copy2(e_outputs[1] / ONNX_INT8, swapped / ONNX_INT8)
+    _register(project, tiny_classifier_dir, compressed, 0.9, "r1")
+    before = _registry_state(project)
+    with pytest.raises(RegistryError) as exc:
+        _run_register(project, tiny_classifier_dir, project / "eval-r1", swapped, "r2")
+    assert (f"compress output {swapped}: file {ONNX_INT8} has sha256 {file_sha256(swapped / ONNX_INT8)}, compress "
+            f"measured {file_sha256(compressed / ONNX_INT8)}: it is not the file compress measured") in str(exc.value)
+    assert _registry_state(project) == before
+
+
+# ---- the int8 champion follows the fp32 champion, whatever the order and whatever was killed ----
+
+def _int8_champion_parent(project: Path) -> str | None:
+    """fp32_model of <name>-int8@champion, or None when no int8 version holds @champion."""
+    from mlflow import MlflowClient
+
+    from finetune.registry.store import current_alias
+
+    mv = current_alias(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), f"{NAME}-int8", "champion")
+    return mv.tags["fp32_model"] if mv is not None else None
+
+
+def _fp32_champion(project: Path) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return f"{NAME}/{client.get_model_version_by_alias(NAME, 'champion').version}"
+
+
+def test_a_paused_registrations_variant_does_not_take_the_int8_champion(tiny_classifier_dir, compressed, project):
+    """The race in the issue, in its racy order: A's fp32 version is promoted, A pauses; E registers fully (fp32
+    and variant); A resumes and registers its variant. -int8@champion stays E's variant."""
+    from finetune.common import tracking
+    from finetune.common.lineage import split_hash
+    from finetune.registry.request import RegistrationRequest
+    from finetune.registry.transaction import register
+    from finetune.registry.variants import VariantRequest, register_variant
+
+    import pandas as pd
+
+    uri, art = tracking.configure(".")
+    cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.5, "retries": 0}})
+    metrics = {"accuracy": 0.8, "macro_f1": 0.8}
+    req_a = RegistrationRequest.for_model(tiny_classifier_dir, metrics, cfg.register, uri, artifact_location=art,
+                                          test_hash=split_hash(pd.read_parquet(project / "splits" / "test.parquet")))
+    reg_a = register(req_a)  # A: fp32 promoted ...
+    assert reg_a.promoted
+    reg_e = _register(project, tiny_classifier_dir, compressed, 0.9, "e")  # ... E registers fully meanwhile ...
+    assert reg_e["alias"] == "champion" and reg_e["int8"]["alias"] == "champion"
+    late = register_variant(VariantRequest(req_a, reg_a, compressed, json.loads((compressed / "metrics.json")
+                                                                                .read_text())))  # ... A resumes
+    assert late["registered"] is True and late["alias"] is None
+    assert f"no alias: fp32 v{reg_a.version} holds neither @champion nor @challenger now" in late["reason"]
+    assert _int8_champion_parent(project) == _fp32_champion(project) == f"{NAME}/{reg_e['version']}"
+
+
+class Killed(BaseException):
+    """What kill -9 does to the registering process at that point: nothing after it runs."""
+
+
+def _killed_at(monkeypatch, calls: set[int]):
+    """Kill the registration at the given calls (1-based, counted from now) of the int8 alias derivation."""
+    from finetune.registry import aliases
+
+    real, seen = aliases.sync_variant_aliases, []
+
+    def sync(*a, **kw):
+        seen.append(1)
+        if len(seen) in calls:
+            raise Killed()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(aliases, "sync_variant_aliases", sync)
+    return lambda: monkeypatch.setattr(aliases, "sync_variant_aliases", real)
+
+
+def test_a_registration_killed_between_the_alias_moves_is_repaired_by_the_next(tiny_classifier_dir, compressed,
+                                                                             project, monkeypatch):
+    """Killed right after its fp32 alias moved: @champion is C while -int8@champion still names B's variant. The
+    next registration, even one that promotes nothing, repairs it: removed while the champion has no variant,
+    then set to the champion's variant once one exists but its own alias move was killed."""
+    _register(project, tiny_classifier_dir, compressed, 0.8, "b")
+    assert _int8_champion_parent(project) == f"{NAME}/1"
+
+    revive = _killed_at(monkeypatch, {1})  # C: killed between the fp32 alias move and the int8 derivation
+    with pytest.raises(Killed):
+        _register(project, tiny_classifier_dir, compressed, 0.9, "c")
+    revive()
+    assert _fp32_champion(project) == f"{NAME}/2" and _int8_champion_parent(project) == f"{NAME}/1"  # drifted
+    d = _register(project, tiny_classifier_dir, None, 0.6, "d")  # unrelated, stays challenger
+    assert d["alias"] == "challenger" and _fp32_champion(project) == f"{NAME}/2"
+    assert _int8_champion_parent(project) is None  # C has no variant: no int8 champion rather than B's
+
+    revive = _killed_at(monkeypatch, {2})  # F: variant registered, killed before its alias was derived
+    with pytest.raises(Killed):
+        _register(project, tiny_classifier_dir, compressed, 0.95, "f")
+    revive()
+    assert _fp32_champion(project) == f"{NAME}/4" and _int8_champion_parent(project) is None
+    _register(project, tiny_classifier_dir, None, 0.61, "g")
+    assert _int8_champion_parent(project) == _fp32_champion(project) == f"{NAME}/4"

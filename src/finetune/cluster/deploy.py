@@ -9,6 +9,7 @@ the cluster, a fake in unit tests), so the logic has no cluster dependency.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,12 +91,17 @@ def resolve_proxied(uri: str, artifacts_destination: str) -> str:
 def run_deploy(registration: str | Path, name: str, namespace: str, artifacts_destination: str,
                api: Any = None) -> dict[str, Any]:
     """Point InferenceService ``namespace/name`` at the version ``registration`` (registration.json) promoted.
-    ``api``: a kubernetes CustomObjectsApi; by default the in-cluster one (the pod's service account)."""
+    ``api``: a kubernetes CustomObjectsApi; by default the in-cluster one (the pod's service account). The
+    registry's address comes from MLFLOW_TRACKING_URI, never from registration.json (whose copy is redacted)."""
 
     reg = read_json(Path(registration) / "registration.json" if Path(registration).is_dir() else registration)
     uri = None
     if reg.get("promoted"):
-        uri = version_storage_uri(reg["tracking_uri"], reg["model_name"], reg["version"], artifacts_destination)
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not tracking_uri:
+            raise DeployError("MLFLOW_TRACKING_URI is not set: the deploy step reads the registry's address from the "
+                              "environment (the finetune-mlflow secret), not from registration.json (redacted)")
+        uri = version_storage_uri(tracking_uri, reg["model_name"], reg["version"], artifacts_destination)
     if api is None and reg.get("promoted"):
         from kubernetes import client, config
 

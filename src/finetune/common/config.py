@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,6 +229,14 @@ class EvaluateConfig:
 METRICS_FOR_GATE = ("accuracy", "macro_f1")
 
 
+# The registry's names: they appear in models:/<name>@<alias> URIs, registry search filters and (with "-int8")
+# a second model's name, so quotes, '@', '/', ':' and spaces are refused up front instead of failing mid-way.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,249}")
+
+
+MODEL_NAME_RULE = "1-250 letters, digits, '.', '_' or '-', starting with a letter or digit (registered model names)"
+
+
 @dataclass
 class RegisterConfig:
     SECTION: typing.ClassVar[str] = "register"
@@ -244,7 +253,7 @@ class RegisterConfig:
                                                                "model_name to be replaced without comparison"})
 
     def __post_init__(self) -> None:
-        rule(self, "model_name", bool(self.model_name), "a registered model name")
+        rule(self, "model_name", bool(MODEL_NAME.fullmatch(self.model_name or "")), MODEL_NAME_RULE)
         rule(self, "experiment", bool(self.experiment), "an MLflow experiment name")
         rule(self, "metric", self.metric in METRICS_FOR_GATE, f"one of {', '.join(METRICS_FOR_GATE)}")
         rule(self, "min_improvement", 0 <= self.min_improvement <= 1, "in [0, 1]")

@@ -6,35 +6,15 @@ the weights in the store could rewrite a manifest stored next to them too. Pure:
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from pathlib import Path
+
+from finetune.common.digests import folder_digests  # one digest rule for the stages and the registry
 
 TAG_PREFIX = "sha256/"  # one model-version tag per file: sha256/<path inside the model> = hex digest
 
 
 class IntegrityError(RuntimeError):
     """A downloaded model differs from what was registered: missing, extra or changed file."""
-
-
-def folder_digests(folder: str | Path) -> dict[str, str]:
-    """``{relative posix path: sha256}`` of every file under ``folder``."""
-    root = Path(folder)
-    files = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(root.rglob("*")) if f.is_file())
-    return {Path(p).relative_to(root).as_posix(): d for p, d in _hash_files(files)}
-
-
-@functools.lru_cache(maxsize=8)
-def _hash_files(files: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, str], ...]:
-    # Memoised on (path, mtime, size): a registration hashes ~100 MB of weights more than once.
-    out = []
-    for path, _, _ in files:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out.append((path, h.hexdigest()))
-    return tuple(out)
 
 
 def as_tags(digests: dict[str, str]) -> dict[str, str]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
 from finetune.common.config import RegisterConfig
+from finetune.common.outputs import MARKER
 from finetune.registry import integrity
 from finetune.registry.gate import ModelKind, kind_from_config
 
@@ -23,6 +24,11 @@ INT8_SUFFIX = "-int8"  # the int8 variant is a registered model of its own: <reg
 
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+# files of a model folder that record how it was made, not what it computes: the resolved config (register
+# settings included) and the stage's ownership marker
+NOT_THE_MODEL = ("finetune_config.json", MARKER)
 
 
 class RegistryError(RuntimeError):
@@ -58,7 +64,6 @@ class RegistrationRequest:
     test_hash: str | None = None
     test: tuple[list[str], list[str]] | None = None
     max_length: int = 512
-    pipeline_run: str | None = None
     model_card: Callable[[str, str], str] | None = None
 
     @classmethod
@@ -73,10 +78,13 @@ class RegistrationRequest:
         return float(self.metrics[self.cfg.metric])
 
     def run_key(self) -> str:
-        """Hash of the weights, the test data, the metrics, the register settings and the pipeline run."""
-        weights = {k: v for k, v in integrity.folder_digests(self.model_dir).items() if k.endswith(".safetensors")}
+        """Idempotency key: hash of only what defines the model and the data it was measured on: the model's
+        files (weights, config with its labels, tokenizer), the test data, the metrics measured on it and the
+        length the served model truncates at. Not the register settings (retries, gate, experiment) nor the
+        pipeline run: changing those and rerunning must not register the same model again."""
+        files = {k: v for k, v in integrity.folder_digests(self.model_dir).items() if k not in NOT_THE_MODEL}
         values = {k: self.metrics.get(k) for k in ("accuracy", "macro_f1", "loss")}
-        return hashlib.sha256(json.dumps([weights, self.test_hash, values, asdict(self.cfg), self.pipeline_run],
+        return hashlib.sha256(json.dumps([files, self.test_hash, values, self.max_length],
                                          sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -94,6 +102,7 @@ class Registration:
     tracking_uri: str  # redacted
     model_uri: str = ""
     lineage: dict[str, Any] = field(default_factory=dict)
+    int8_aliases: dict[str, Any] = field(default_factory=dict)  # what the leased step did to <name>-int8's aliases
 
 
 def experiment_id(client, name: str, artifact_location: str | None) -> str:

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from finetune.common.redact import redact_uri, redact_values
-from finetune.registry import integrity
+from finetune.registry import aliases, integrity
 from finetune.registry.gate import Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, reap_stale_runs, remove_artifacts
 from finetune.registry.lease import alias_lock
@@ -64,8 +64,8 @@ def register(req: RegistrationRequest) -> Registration:
 def _register_once(req: RegistrationRequest, run_key: str) -> Registration:
 
     cfg, safe_uri = req.cfg, redact_uri(req.tracking_uri)
-    client = MlflowClient(req.tracking_uri)
     try:  # fail early and clearly when the registry is unreachable, before anything is written
+        client = MlflowClient(req.tracking_uri)  # opens (and may find locked) an embedded store
         exp_id = experiment_id(client, cfg.experiment, req.artifact_location)
         reap_stale_runs(client, exp_id, cfg.model_name)
         done = _existing(client, cfg.model_name, run_key)
@@ -76,9 +76,11 @@ def _register_once(req: RegistrationRequest, run_key: str) -> Registration:
     if done is not None and set(done.aliases or []) & {CHAMPION, CHALLENGER}:
         alias = CHAMPION if CHAMPION in done.aliases else CHALLENGER
         log.info("pipeline run %s is already registered as version %s; nothing to do", run_key, done.version)
+        with alias_lock(client, cfg.model_name, done.run_id) as lease:  # repair what a killed run left
+            int8 = aliases.sync_variant_aliases(client, cfg.model_name, lease)
         return Registration(cfg.model_name, str(done.version), alias, alias == CHAMPION,
                             f"already registered: {(done.tags or {}).get('gate', '')}", cfg.metric, req.value, None,
-                            done.run_id, safe_uri, f"models:/{cfg.model_name}/{done.version}", lineage)
+                            done.run_id, safe_uri, f"models:/{cfg.model_name}/{done.version}", lineage, int8)
     if champion is not None:
         _check_lineage(req, champion)  # before anything is logged: a refused model leaves no trace
     if done is not None:
@@ -86,7 +88,7 @@ def _register_once(req: RegistrationRequest, run_key: str) -> Registration:
     else:
         version, run_id = _log_and_register(client, req, exp_id, run_key)
     try:  # the alias moves last, once the version is complete
-        decision, champ_info = _move_alias(client, req, version)
+        decision, champ_info, int8 = _move_alias(client, req, version)
         client.set_model_version_tag(cfg.model_name, version, "gate", decision.reason)
         client.set_tag(run_id, "gate.promoted", str(decision.promote))
         client.set_tag(run_id, "gate.reason", decision.reason)
@@ -101,7 +103,7 @@ def _register_once(req: RegistrationRequest, run_key: str) -> Registration:
         raise RegistryUnavailable(f"moving the alias of {cfg.model_name} v{version} failed: {exc}") from exc
     return Registration(cfg.model_name, version, CHAMPION if decision.promote else CHALLENGER, decision.promote,
                         decision.reason, cfg.metric, req.value, champ_info, run_id, safe_uri,
-                        f"models:/{cfg.model_name}/{version}", lineage)
+                        f"models:/{cfg.model_name}/{version}", lineage, int8)
 
 
 def _existing(client, name: str, run_key: str):
@@ -153,12 +155,12 @@ def _champion_score(client, req: RegistrationRequest, mv) -> tuple[dict[str, Any
     return info, info["value"]
 
 
-def _move_alias(client, req: RegistrationRequest, version: str) -> tuple[Decision, dict[str, Any] | None]:
+def _move_alias(client, req: RegistrationRequest, version: str) -> tuple[Decision, dict[str, Any] | None, dict]:
     """Under the lock: check and gate against the champion as it is *now* (another pipeline may have promoted
-    since this one started), then move the alias."""
+    since this one started), then move the alias and derive the int8 model's aliases from the fp32 ones."""
     cfg = req.cfg
     run_id = client.get_model_version(cfg.model_name, version).run_id
-    with alias_lock(client, cfg.model_name, run_id):
+    with alias_lock(client, cfg.model_name, run_id) as lease:
         champion = current_champion(client, cfg.model_name)
         champ_info, champ_value, note = None, None, ""
         if champion is not None and _check_lineage(req, champion):
@@ -175,13 +177,16 @@ def _move_alias(client, req: RegistrationRequest, version: str) -> tuple[Decisio
             note = (f"register.new_lineage: the previous champion v{champion.version} ({was}) was not compared "
                     f"and {fate}; ")
             decision = Decision(decision.promote, note + decision.reason)
-            if decision.promote:
-                client.set_model_version_tag(cfg.model_name, str(champion.version), "superseded_by", version)
         time.sleep(float(os.environ.get("FINETUNE_ALIAS_DELAY", "0")))  # fault injection: widen the race window
+        lease.check()  # re-scoring may have outlasted the lease: never move an alias on a lease now another's
         client.set_registered_model_alias(cfg.model_name, CHAMPION if decision.promote else CHALLENGER, version)
+        if note and decision.promote:  # only once this version really took @champion from the other lineage
+            client.set_model_version_tag(cfg.model_name, str(champion.version), "superseded_by", version)
+        time.sleep(float(os.environ.get("FINETUNE_VARIANT_ALIAS_DELAY", "0")))  # fault injection: a kill lands here
+        int8 = aliases.sync_variant_aliases(client, cfg.model_name, lease)  # same leased step
     if note:
         log.warning(note.rstrip("; "))
-    return decision, champ_info
+    return decision, champ_info, int8
 
 
 def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: str) -> tuple[str, str]:

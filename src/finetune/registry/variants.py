@@ -14,13 +14,14 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8
-from finetune.common.redact import redact_text, redact_uri
+from finetune.common.redact import redact_uri
 from finetune.common.tokens import load_tokenizer
-from finetune.registry import integrity
+from finetune.registry import aliases, integrity
+from finetune.registry.binding import BindingError, check_compress_files
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, remove_artifacts
+from finetune.registry.lease import alias_lock
 from finetune.registry.request import (
     CHALLENGER,
     CHAMPION,
@@ -31,7 +32,7 @@ from finetune.registry.request import (
     RegistryError,
     RegistryUnavailable,
 )
-from finetune.registry.store import current_champion, delete_version, stored_digests, with_retries
+from finetune.registry.store import delete_version, stored_digests, with_retries
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,8 @@ def register_variant(vreq: VariantRequest) -> dict[str, Any]:
 def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
 
     req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
-    client = MlflowClient(req.tracking_uri)
-    alias = CHAMPION if parent.promoted else CHALLENGER
     try:
+        client = MlflowClient(req.tracking_uri)  # opens (and may find locked) an embedded store
         done = None
         for mv in client.search_model_versions(f"name = '{name}'"):
             tags = mv.tags or {}
@@ -77,32 +77,21 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
     if version is None:
         version, run_id = _log_variant(client, vreq, exp_id)
     try:
-        client.set_registered_model_alias(name, alias, version)
         client.set_model_version_tag(parent.model_name, parent.version, "int8_version", f"{name}/{version}")
+        # the alias is derived from the fp32 aliases as they are now, under the same lease as the fp32 move
+        with alias_lock(client, parent.model_name, parent.run_id) as lease:
+            aliases.sync_variant_aliases(client, parent.model_name, lease)
+        mv = client.get_model_version(name, version)
+    except RegistryError:
+        raise
     except Exception as exc:
         raise RegistryUnavailable(f"moving the alias of {name} v{version} failed: {exc}") from exc
-    run_id = run_id or client.get_model_version(name, version).run_id
-    return {"registered": True, "model_name": name, "version": version, "alias": alias, "run_id": run_id,
-            "model_uri": f"models:/{name}/{version}",
-            "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; alias follows fp32 "
-                      f"v{parent.version} (@{parent.alias})"}
-
-
-def drop_int8_champion(req: RegistrationRequest) -> str | None:
-    """The fp32 version of ``req`` was promoted without an int8 variant: ``<name>-int8@champion`` would still
-    name the variant of the previous champion, so the alias is removed. Returns the version it named."""
-
-    name = req.cfg.model_name + INT8_SUFFIX
-    client = MlflowClient(req.tracking_uri)
-    try:
-        if not client.search_registered_models(f"name = '{name}'"):
-            return None
-        old = current_champion(client, name)
-        if old is not None:
-            client.delete_registered_model_alias(name, CHAMPION)
-        return None if old is None else str(old.version)
-    except MlflowException as exc:
-        raise RegistryError(redact_text(f"removing {name}@{CHAMPION} failed: {exc}")) from None
+    alias = next((a for a in (CHAMPION, CHALLENGER) if a in (mv.aliases or [])), None)
+    follows = (f"alias follows fp32 v{parent.version} (@{alias})" if alias else
+               f"no alias: fp32 v{parent.version} holds neither @{CHAMPION} nor @{CHALLENGER} now")
+    return {"registered": True, "model_name": name, "version": version, "alias": alias,
+            "run_id": run_id or mv.run_id, "model_uri": f"models:/{name}/{version}",
+            "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; {follows}"}
 
 
 def _variant_files(folder: Path, dst: Path) -> Path:
@@ -122,32 +111,37 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
     req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
     version, run_id = None, None
     try:
-        with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp, \
-                mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8", HEARTBEAT_TAG: str(time.time())}
-                                 ) as run, heartbeat(req.tracking_uri, run.info.run_id):
-            run_id = run.info.run_id
+        with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp:
             files = _variant_files(Path(vreq.folder), Path(tmp) / "onnx")
-            variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
-            mlflow.log_metrics({k: float(v) for k, v in variant.items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
-            mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
-            model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
-            model_config["files_sha256"] = integrity.folder_digests(files)  # the pyfunc checks them at load
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
-                model_config=model_config,
-                input_example=(["An example review."], {"probabilities": False}),
-                pip_requirements=pyfunc_requirements())
-            tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
-                    "run_id": run_id, "task": req.kind.task, "labels": json.dumps(list(req.kind.labels)),
-                    "onnx_sha256": model_config["onnx_sha256"], "test_data_hash": req.test_hash or ""}
-            tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta") if k in variant})
-            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-            digests = stored_digests(f"models:/{name}/{version}", req.tracking_uri, files)
-            for key, digest in integrity.as_tags(digests).items():
-                client.set_model_version_tag(name, version, key, digest)
-            client.set_model_version_tag(name, version, "complete", "true")
-            return version, run_id
+            # what is logged is exactly what compress measured (checked on the copy, before any run starts)
+            check_compress_files(files, vreq.metrics, only=tuple(sorted(p.name for p in files.iterdir())))
+            with mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8",
+                                                              HEARTBEAT_TAG: str(time.time())}
+                                  ) as run, heartbeat(req.tracking_uri, run.info.run_id):
+                run_id = run.info.run_id
+                variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
+                mlflow.log_metrics({k: float(v) for k, v in variant.items() if isinstance(v, (int, float))})
+                mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
+                mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
+                model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
+                model_config["files_sha256"] = integrity.folder_digests(files)  # the pyfunc checks them at load
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
+                    model_config=model_config,
+                    input_example=(["An example review."], {"probabilities": False}),
+                    pip_requirements=pyfunc_requirements())
+                tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
+                        "run_id": run_id, "task": req.kind.task, "labels": json.dumps(list(req.kind.labels)),
+                        "onnx_sha256": model_config["onnx_sha256"], "test_data_hash": req.test_hash or ""}
+                tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta") if k in variant})
+                version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+                digests = stored_digests(f"models:/{name}/{version}", req.tracking_uri, files)
+                for key, digest in integrity.as_tags(digests).items():
+                    client.set_model_version_tag(name, version, key, digest)
+                client.set_model_version_tag(name, version, "complete", "true")
+                return version, run_id
+    except BindingError:
+        raise  # a file that is not the one compress measured: nothing was logged, and a retry cannot help
     except Exception as exc:
         if version is not None:
             delete_version(client, name, version)

@@ -26,8 +26,9 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from finetune.common.config import CompressConfig, Config
+from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, folder_digests, model_digest
 from finetune.common.files import write_json
-from finetune.common.outputs import METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
+from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
 from finetune.common.tokens import TokenizedSplit, read_tokens
 from finetune.tasks.single_label import classification_metrics, softmax
 from finetune.training.batches import collate
@@ -206,13 +207,14 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     """
     model_dir = Path(model_dir)
     name = model_name or model_dir.name
+    digest = model_digest(model_dir)  # binds these figures and files to this model: register checks it
     labels = meta["labels"]
     pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
     model = load_classifier(model_dir)
     model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_labels != labels:
         raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
-    common = {"model": name, "n": len(test), "batch_size": cfg.batch_size, "threads": cfg.threads,
+    common = {"model": name, MODEL_DIGEST: digest, "n": len(test), "batch_size": cfg.batch_size, "threads": cfg.threads,
               "max_accuracy_drop": cfg.max_accuracy_drop}
     with atomic_dir(out_dir, "compress", [model_dir]) as tmp:
         try:
@@ -236,7 +238,8 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
                                                 if variant != "pytorch_fp32" else None)
         with_deltas(variants)
         passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
-        metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants}
+        metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants,
+                   FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items() if k not in (METRICS, MARKER)}}
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
     return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},

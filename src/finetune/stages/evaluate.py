@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from finetune.common.config import Config, EvaluateConfig
+from finetune.common.digests import MODEL_DIGEST, model_digest
 from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.progress import Progress
@@ -97,6 +98,7 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
              device: str = "auto") -> EvalResult:
     """Score ``model_dir`` on ``test``. Refuses a model whose labels or tokenizer differ from the data's."""
     model_dir = Path(model_dir)
+    digest = model_digest(model_dir)  # binds these figures to these files: register checks it
     labels = meta["labels"]
     tok = load_tokenizer(model_dir)
     if tokenizer_fingerprint(tok) != meta["tokenizer"]:
@@ -109,6 +111,7 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
     probs = softmax(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
     metrics, calib = classification_metrics(test.labels, probs, labels, cfg.calibration_bins)
+    metrics[MODEL_DIGEST] = digest
     roc = roc_curves(test.labels, probs, labels)
     for lab, curve in roc.items():
         metrics["per_class"][lab]["roc_auc"] = curve["auc"]

@@ -20,10 +20,11 @@ from finetune.common.lineage import split_hash
 from finetune.common.outputs import check_output_place
 from finetune.common.params import config_from_dict
 from finetune.common.redact import redact_values
+from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
 from finetune.registry.transaction import register
-from finetune.registry.variants import VariantRequest, drop_int8_champion, register_variant
+from finetune.registry.variants import VariantRequest, register_variant
 from finetune.reporting import plots
 from finetune.reporting.model_card import model_card
 from finetune.reporting.report import ReportData, render_report
@@ -51,6 +52,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     token_meta = _optional_json(Path(tokens) / "meta.json") if tokens else None
     token_stats = (token_meta or {}).get("stats")
     compressed = _optional_json(Path(compress) / "metrics.json") if compress else None
+    check_inputs(model, evaluation, metrics, compress, compressed)  # before anything is logged
     summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
     int8: dict[str, Any] = {}  # filled once the variant is registered (or refused): the card shows it
 
@@ -62,7 +64,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
         model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
         lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
         test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
-        pipeline_run=lineage.get("kfp_run"), model_card=card)
+        model_card=card)
     reg = register(request)
     int8.update(_register_int8(request, reg, compress, compressed))
     final_card = card(reg.version, reg.run_id)
@@ -119,14 +121,10 @@ def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str
             log.error("the int8 variant was not registered: %s", exc)
             why = f"registering it failed: {exc}"
     out = {"registered": False, "reason": f"no int8 variant: {why}"}
-    if reg.promoted:  # the new champion has no variant: -int8@champion must not name the old champion's
-        try:
-            dropped = drop_int8_champion(request)
-        except RegistryError as exc:
-            dropped = None
-            out["reason"] += f"; {exc}"
-        if dropped:
-            out["reason"] += f"; @champion removed from version {dropped} of the int8 model"
+    # the leased step removed -int8@champion when the new champion has no variant (registry.aliases)
+    dropped = (reg.int8_aliases.get("champion") or {}) if reg.promoted else {}
+    if dropped.get("from") and not dropped.get("to"):
+        out["reason"] += f"; @champion removed from version {dropped['from']} of the int8 model"
     return out
 
 
