@@ -28,7 +28,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from finetune.common.config import CompressConfig, Config
 from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, folder_digests, model_digest
 from finetune.common.files import write_json
-from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8, atomic_dir, check_output_dir
+from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8, TEMP_MARKER, atomic_dir, check_output_dir
 from finetune.common.tokens import TokenizedSplit, read_tokens
 from finetune.tasks.single_label import classification_metrics, softmax
 from finetune.training.batches import collate
@@ -239,7 +239,8 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         with_deltas(variants)
         passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
         metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants,
-                   FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items() if k not in (METRICS, MARKER)}}
+                   FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items()
+                                  if k not in (METRICS, MARKER, TEMP_MARKER)}}  # the markers are no output
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
     return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},
