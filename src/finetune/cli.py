@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="destination (default: data.path from params)")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    _add_serve(sub, common)
+
     s = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile the spec, submit a run")
     psub = s.add_subparsers(dest="action", required=True)
     c = psub.add_parser("compile", parents=[common], help="write pipelines/finetune_pipeline.yaml")
@@ -140,6 +142,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-run pipeline parameter (data_uri, data_md5, checkpoint_dir, git_rev), e.g. "
                         "--arg data_uri=s3://bucket/reviews.csv; a dotted NAME (train.epochs=3) is a --set")
     return p
+
+
+def _add_serve(sub, common) -> None:
+    s = sub.add_parser("serve", parents=[common], help="serve a registered model over HTTP (V1 and v2 protocols)",
+                       description="Serve the model (checked against the registry's digests before it loads) on "
+                                   "HTTP: /v1/models/<name>:predict, /v2/models/<name>/infer, /v2/health/ready, "
+                                   "/metrics. Settings: params.yaml serve:. MLflow: MLFLOW_TRACKING_URI, or the "
+                                   "project's mlflow.db when unset.")
+    s.add_argument("--model", help="models:/<name>@champion, models:/<name>/<version> or a local MLflow model folder "
+                                   "(default: models:/<register.model_name>@champion)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--token-file", help="require 'Authorization: Bearer <token>' on inference routes, the token read "
+                                        "from this file (default: the file $FINETUNE_SERVE_TOKEN_FILE names)")
 
 
 def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
@@ -311,6 +327,10 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> None:
         _predict(args, cfg)
     elif args.command == "compare":
         _compare(args, cfg)
+    elif args.command == "serve":
+        from finetune.stages.serve import run_serve
+
+        run_serve(cfg, args.model, args.host, args.port, args.token_file)
     elif args.command == "materialize":
         from finetune.stages.materialize import materialize, materialize_tracked
 

@@ -38,3 +38,21 @@ def load_verified(model_uri: str, tracking_uri: str):
         raise RegistryError(str(exc)) from None
     except (MlflowException, OSError) as exc:
         raise RegistryError(redact_text(f"cannot load {model_uri} from {redact_uri(tracking_uri)}: {exc}")) from None
+
+
+def pinned_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
+    """(name, version) that ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` points at now: a server
+    loads ``models:/<name>/<version>`` and reports that version, even if the alias moves meanwhile."""
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: not a registered model URI (models:/<name>/<version> or "
+                            f"models:/<name>@<alias>)")
+    name, sep, ref = model_uri[len("models:/"):].partition("@")
+    if not sep:
+        name, _, ref = name.rpartition("/")
+    client = MlflowClient(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+    except MlflowException as exc:
+        raise RegistryError(redact_text(f"cannot resolve {model_uri} in {redact_uri(tracking_uri)}: "
+                                        f"{exc.message}")) from None
+    return name, str(mv.version)
