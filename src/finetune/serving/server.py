@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -221,12 +222,18 @@ def serve(state: ServerState, host: str, port: int) -> None:
     config = uvicorn.Config(create_app(state), host=host, port=port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=state.cfg.graceful_timeout_s, lifespan="on")
     server = uvicorn.Server(config)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop chatter; ours says what matters
 
     def fatal() -> None:
         server.should_exit = True
 
     state.on_fatal = fatal
     log.info("listening on http://%s:%d; loading %s", host, port, state.spec)
+    # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then raises the signal again with the handler it found:
+    # a no-op one here, so a graceful stop exits 0 instead of dying of the signal it already handled
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
     server.run()
     if state.error:
         raise ServeError(state.error)
