@@ -1,15 +1,15 @@
 """Serving under load, loopback only: `finetune serve` (fp32 / int8, batching on / off) and `mlflow models serve` of
 the same registered version, each asked by 1 / 8 / 32 concurrent clients sending one review per request.
 
-    python bench/serve_load.py                          # MiniLM-L6 (the base model, fresh 2-label head) in a temp registry
+    python bench/serve_load.py                          # MiniLM-L6 (base model, fresh 2-label head), temp registry
     python bench/serve_load.py --project P --model NAME # an existing project's models:/NAME/<version> (and NAME-int8)
     python bench/serve_load.py --smoke                  # tiny random model, short runs: checks the harness only
 
 Bounded: every (side, concurrency) run stops after --seconds or --max-requests, whichever comes first; servers
 listen on 127.0.0.1 only. Per run: texts/s, p50/p95/p99 latency, errors (non-200 or a wrong answer), and the
-server's RSS (its whole process tree) before and after the side's runs. The clients share the machine's cores
-with the server. A fresh head does not change the compute per text, so the figures hold for the trained champion
-of the same base. See docs/benchmarks.md.
+server's RSS (its whole process tree) before and after all runs. The clients share the machine's cores with the
+servers (all up at once, the sides taking turns at each concurrency). A fresh head does not change the compute
+per text, so the figures hold for the trained champion of the same base. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def start(side: str, root: Path, name: str, log: Path) -> tuple[subprocess.Popen
     kind, int8, window = SIDES[side]
     model = f"models:/{name}-int8/1" if int8 else f"models:/{name}/1"
     port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     if kind == "finetune":
         cmd = [str(BIN / "finetune"), "serve", "-q", "--params", str(REPO / "params.yaml"), "--model", model,
@@ -157,7 +158,8 @@ def request_for(side: str, name: str):
                 lambda a: len(a["predictions"]) == 1 and "label" in a["predictions"][0])
     model = f"{name}-int8" if SIDES[side][1] else name
     return (f"/v1/models/{model}:predict", lambda t: {"instances": [t]},
-            lambda a: len(a["predictions"]) == 1 and abs(sum(a["predictions"][0]["probabilities"].values()) - 1) < 1e-6)
+            lambda a: len(a["predictions"]) == 1
+            and abs(sum(a["predictions"][0]["probabilities"].values()) - 1) < 1e-6)
 
 
 def load(port: int, request, texts: list[str], concurrency: int, seconds: float, max_requests: int) -> dict:
@@ -175,7 +177,8 @@ def load(port: int, request, texts: list[str], concurrency: int, seconds: float,
                 issued[0] += 1
             t0 = time.perf_counter()
             try:
-                conn.request("POST", path, json.dumps(body(texts[i % len(texts)])), {"Content-Type": "application/json"})
+                conn.request("POST", path, json.dumps(body(texts[i % len(texts)])),
+                             {"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 good = resp.status == 200 and ok(json.loads(resp.read()))
             except (OSError, ValueError, http.client.HTTPException):
@@ -196,29 +199,37 @@ def load(port: int, request, texts: list[str], concurrency: int, seconds: float,
             **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}}
 
 
-def run_side(side: str, root: Path, name: str, texts: list[str], args) -> dict:
-    proc, port = start(side, root, name, root / f"{side}.log")
+def run_all(sides: list[str], root: Path, name: str, texts: list[str], args) -> dict:
+    """Every side's server up at once, then each concurrency level run side after side: other load on the
+    machine drifts over minutes, and interleaving spreads it over the sides instead of skewing one."""
+    procs, results = {}, {}
     try:
-        request = request_for(side, name)
-        load(port, request, texts, 2, args.seconds / 2, 200)  # warm-up: first-call costs are not in the figures
-        out = {"rss_mb_before": round(rss_mb(proc.pid), 1), "load_before": round(os.getloadavg()[0], 1), "runs": {}}
+        for side in sides:
+            procs[side] = start(side, root, name, root / f"{side}.log")
+        for side, (proc, port) in procs.items():
+            load(port, request_for(side, name), texts, 2, args.seconds / 2, 200)  # warm-up: not in the figures
+            results[side] = {"rss_mb_before": round(rss_mb(proc.pid), 1), "runs": {}}
         for c in args.concurrency:
-            out["runs"][c] = load(port, request, texts, c, args.seconds, args.max_requests)
-            print(f"{side} c={c}: {out['runs'][c]}", file=sys.stderr, flush=True)
-        out["rss_mb_after"] = round(rss_mb(proc.pid), 1)
-        out["load_after"] = round(os.getloadavg()[0], 1)  # other work on the machine skews a side's figures
-        return out
+            for side, (proc, port) in procs.items():
+                before = os.getloadavg()[0]
+                run = load(port, request_for(side, name), texts, c, args.seconds, args.max_requests)
+                results[side]["runs"][c] = {**run, "load_avg": round((before + os.getloadavg()[0]) / 2, 1)}
+                print(f"{side} c={c}: {results[side]['runs'][c]}", file=sys.stderr, flush=True)
+        for side, (proc, _) in procs.items():
+            results[side]["rss_mb_after"] = round(rss_mb(proc.pid), 1)
+        return results
     finally:
-        stop(proc)
+        for proc, _ in procs.values():
+            stop(proc)
 
 
 def table(results: dict) -> str:
-    lines = ["| server | concurrency | " + " | ".join(COLUMNS) + " | RSS MB before -> after | load avg |",
+    lines = ["| server | concurrency | " + " | ".join(COLUMNS) + " | RSS MB before -> after | load avg (1 min) |",
              "|---" * (len(COLUMNS) + 4) + "|"]
     for side, r in results.items():
         for c, run in r["runs"].items():
             lines.append(f"| {side} | {c} | " + " | ".join(str(run[k]) for k in COLUMNS)
-                         + f" | {r['rss_mb_before']} -> {r['rss_mb_after']} | {r['load_before']}-{r['load_after']} |")
+                         + f" | {r['rss_mb_before']} -> {r['rss_mb_after']} | {run['load_avg']} |")
     return "\n".join(lines)
 
 
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         root, name = (args.project.resolve(), args.model) if args.project else (Path(tmp), None)
         name = name or build_project(root, args.smoke)
-        results = {side: run_side(side, root, name, texts, args) for side in args.sides}
+        results = run_all(args.sides, root, name, texts, args)
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "settings": {"seconds": args.seconds, "max_requests": args.max_requests, "smoke": args.smoke},
            "results": results}

@@ -70,7 +70,7 @@ class Server:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 240) -> "Server":
+    def wait_ready(self, timeout: float = 240) -> Server:
         deadline = time.time() + timeout
         while not self.ready_answers or self.ready_answers[-1] != 200:
             assert self.proc.poll() is None, self.output()[-3000:]
@@ -176,7 +176,7 @@ def test_fp32_champion_answers_both_protocols_with_the_registered_numbers(projec
     assert get(fp32.base + "/v2/health/live") == (200, {"live": True})
 
 
-def test_int8_variant_answers_both_protocols_without_torch(project):
+def test_int8_variant_answers_both_protocols(project):
     server = Server(project, f"models:/{NAME}-int8@champion").wait_ready()
     try:
         _check_both_protocols(server, f"{NAME}-int8", _direct(project, f"models:/{NAME}-int8/1", TEXTS))

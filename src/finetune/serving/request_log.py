@@ -70,7 +70,6 @@ class RequestLog:
         path = self.folder / name
         tmp = path.with_name("." + name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
         os.replace(tmp, path)
         return path
