@@ -26,7 +26,7 @@ from finetune.registry.request import RegistryError
 from finetune.serving import protocol
 from finetune.serving.batching import Batcher
 from finetune.serving.metrics import ServeMetrics
-from finetune.serving.model import ServedModel, ServeError, load
+from finetune.serving.model import ServedModel, ServeError, init_torch_threads, load
 from finetune.serving.protocol import Limits, Refusal
 from finetune.serving.request_log import RequestLog
 
@@ -228,6 +228,7 @@ def serve(state: ServerState, host: str, port: int) -> None:
         server.should_exit = True
 
     state.on_fatal = fatal
+    init_torch_threads()
     log.info("listening on http://%s:%d; loading %s", host, port, state.spec)
     # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then raises the signal again with the handler it found:
     # a no-op one here, so a graceful stop exits 0 instead of dying of the signal it already handled
