@@ -327,3 +327,28 @@ def test_token_graceful_shutdown_and_request_log(project, tmp_path):
     assert [r["text_sha256"] for r in records] == [hashlib.sha256(t.encode()).hexdigest() for t in TEXTS]
     assert all(r["version"] == "1" and r["label"] in ("fresh", "rotten") for r in records)
     assert token not in server.output() and not any(token in f.read_text() for f in logs.iterdir())
+
+
+def test_unknown_alias_and_a_folder_without_mlmodel_are_refused_in_one_line(project, tmp_path):
+    for model, words in ((f"models:/{NAME}@nonexistent", f"cannot resolve models:/{NAME}@nonexistent"),
+                         (str(tmp_path), f"{tmp_path}: not an MLflow model folder (no MLmodel file)")):
+        server = Server(project, model)
+        rc = server.proc.wait(240)
+        server.log.close()
+        errors = [line for line in server.output().splitlines() if "error:" in line]
+        assert rc == 1 and len(errors) == 1 and words in errors[0], server.output()[-3000:]
+
+
+def test_a_local_model_folder_is_served_and_named_local(project, tmp_path, monkeypatch):
+    import mlflow.artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")  # models:/ resolves here
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/1", dst_path=str(tmp_path / "m")))
+    server = Server(project, str(folder)).wait_ready()
+    try:
+        status, headers, out = post(f"{server.base}/v1/models/{folder.name}:predict", {"instances": TEXTS[:1]})
+        assert status == 200 and headers.get(VERSION) == f"{folder.name}/local", out
+        assert abs(sum(out["predictions"][0]["probabilities"].values()) - 1) < 1e-9
+        assert "not checked against the registry's digests" in server.output()
+    finally:
+        assert server.stop() == 0
