@@ -56,3 +56,12 @@ def pinned_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
         raise RegistryError(redact_text(f"cannot resolve {model_uri} in {redact_uri(tracking_uri)}: "
                                         f"{exc.message}")) from None
     return name, str(mv.version)
+
+
+def load_local(folder: str):
+    """Load an MLflow model folder (its MLmodel file) that no registry vouches for: only the pyfunc's own weight
+    check applies. Raises RegistryError when it cannot be loaded."""
+    try:
+        return mlflow.pyfunc.load_model(folder)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"cannot load the model folder {folder}: {exc}") from None

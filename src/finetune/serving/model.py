@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.registry.loading import load_verified, pinned_version
+from finetune.registry.loading import load_local, load_verified, pinned_version
 
 log = logging.getLogger("finetune")
 
@@ -64,7 +64,7 @@ def init_torch_threads() -> None:
     torch.ones(256, 256) @ torch.ones(256, 256)
 
 
-def load(spec: str, tracking_uri: str | None) -> ServedModel:
+def load_served(spec: str, tracking_uri: str | None) -> ServedModel:
     """``spec``: ``models:/...`` (checked against the registry's digests before loading) or a local MLflow
     model folder. Raises RegistryError (tampered, missing) or ServeError."""
     if spec.startswith("models:/"):
@@ -77,11 +77,9 @@ def load(spec: str, tracking_uri: str | None) -> ServedModel:
         if not (folder / "MLmodel").is_file():
             raise ServeError(f"{folder}: not an MLflow model folder (no MLmodel file); give models:/<name>@champion "
                              f"or a folder downloaded from the registry")
-        import mlflow.pyfunc
-
         log.warning("%s: a local folder is not checked against the registry's digests", folder)
         name, version = folder.resolve().name, "local"
-        pyfunc = mlflow.pyfunc.load_model(str(folder))
+        pyfunc = load_local(str(folder))
     return _wrap(pyfunc, name, version)
 
 

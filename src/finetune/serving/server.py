@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from finetune.common.config import ServeConfig
+from finetune.common.serve_config import ServeConfig
 from finetune.registry.request import RegistryError
 from finetune.serving import protocol
 from finetune.serving.batching import Batcher
 from finetune.serving.metrics import ServeMetrics
-from finetune.serving.model import ServedModel, ServeError, init_torch_threads, load
+from finetune.serving.model import ServedModel, ServeError, init_torch_threads, load_served
 from finetune.serving.protocol import Limits, Refusal
 from finetune.serving.request_log import RequestLog
 
@@ -56,7 +56,7 @@ class ServerState:
 
 def _load_in_background(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
     try:
-        model = load(state.spec, state.tracking_uri)
+        model = load_served(state.spec, state.tracking_uri)
         model.warm_up()
     except (RegistryError, ServeError) as exc:
         state.error = str(exc)
