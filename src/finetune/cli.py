@@ -21,8 +21,8 @@ import yaml
 from finetune.common import lineage, tracking
 from finetune.common.coercion import ConfigError
 from finetune.common.config import Config
+from finetune.common.logs import setup_logging
 from finetune.common.params import apply_overrides, load_config, read_params
-from finetune.common.redact import redact_text
 
 log = logging.getLogger("finetune")
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     common = _common_options()
     for add in (_add_validate, _add_tokenize, _add_train, _add_evaluate, _add_compress, _add_register, _add_tune,
-                _add_predict, _add_compare, _add_materialize, _add_pipeline):
+                _add_predict, _add_compare, _add_materialize, _add_serve, _add_pipeline):
         add(sub, common)
     return p
 
@@ -154,6 +154,20 @@ def _add_materialize(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
 
 
+def _add_serve(sub, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("serve", parents=[common], help="serve a registered model over HTTP (V1 and v2 protocols)",
+                       description="Serve the model (checked against the registry's digests before it loads) on "
+                                   "HTTP: /v1/models/<name>:predict, /v2/models/<name>/infer, /v2/health/ready, "
+                                   "/metrics. Settings: params.yaml serve:. MLflow: MLFLOW_TRACKING_URI, or the "
+                                   "project's mlflow.db when unset.")
+    s.add_argument("--model", help="models:/<name>@champion, models:/<name>/<version> or a local MLflow model folder "
+                                   "(default: models:/<register.model_name>@champion)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--token-file", help="require 'Authorization: Bearer <token>' on inference routes, the token read "
+                                        "from this file (default: the file $FINETUNE_SERVE_TOKEN_FILE names)")
+
+
 def _add_pipeline(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile the spec, submit a run")
     psub = s.add_subparsers(dest="action", required=True)
@@ -235,6 +249,10 @@ def _materialize(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> No
     log.info("%s %s", "wrote" if written else "kept existing", path)
 
 
+def _serve(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_serve(cfg, args.model, args.host, args.port, args.token_file)
+
+
 def _compile(pipeline: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
     cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
     log.info("wrote %s", pipeline.compile_spec(args.out, cfg, cluster))
@@ -263,6 +281,7 @@ COMMANDS: dict[str, tuple[str, Callable[[ModuleType, argparse.Namespace, Config]
     "predict": ("finetune.stages.predict", _predict),
     "compare": ("finetune.stages.compare", _compare),
     "materialize": ("finetune.stages.materialize", _materialize),
+    "serve": ("finetune.stages.serve", _serve),
     "compile": ("pipelines.finetune_pipeline", _compile),  # the project's file: found from the project root
     "submit": ("finetune.cluster.submit", _submit),
 }
@@ -313,57 +332,6 @@ def _enter_project_root(command: str) -> None:
     if not (root / "pipelines" / "finetune_pipeline.py").is_file():
         raise FileNotFoundError(f"run `finetune {command}` from the project root (no pipelines/ in {root})")
     sys.path.insert(0, str(root))
-
-
-NOISY = ("great_expectations", "mlflow", "urllib3", "alembic", "httpx", "matplotlib")
-
-
-class _LibraryFilter(logging.Filter):
-    """Drops library records below ``level``. On the handler, not on the libraries' loggers: Great Expectations
-    sets INFO on its own module loggers when imported, which would undo a level set here beforehand."""
-
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level or record.name.partition(".")[0] not in NOISY
-
-
-class _RedactFilter(logging.Filter):
-    """Credentials in a URI never reach the log, whoever logs it (our code, MLflow, urllib3...)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        safe = redact_text(message)
-        if safe != message:
-            record.msg, record.args = safe, None
-        return True
-
-
-def setup_logging(verbosity: int) -> None:
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
-    # MLflow installs its own INFO handler (propagate=False) when imported unless told not to: its records then
-    # come through ours and obey -q/-v like the rest.
-    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    if "mlflow" in sys.modules:  # imported already (in-process callers): undo what its import configured
-        logging.getLogger("mlflow").handlers, logging.getLogger("mlflow").propagate = [], True
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, logging.StreamHandler) or handler.stream not in (sys.stderr, sys.__stderr__):
-            continue  # e.g. pytest's capture handlers
-        for old in [f for f in handler.filters if isinstance(f, _LibraryFilter)]:
-            handler.removeFilter(old)
-        handler.addFilter(_LibraryFilter(max(level, logging.WARNING)))
-        if not any(isinstance(f, _RedactFilter) for f in handler.filters):
-            handler.addFilter(_RedactFilter())
-    for noisy in NOISY:
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # Library progress bars and load reports are noise in a pipeline log; ours stay.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,7 @@ def test_quiet_silences_great_expectations_and_mlflow_info(project):
     default = subprocess.run(run, cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
     assert "INFO finetune: validation passed" in default.stderr and "great_expectations" not in default.stderr
     # MLflow configures its own INFO handler when imported; register logs "Failed to infer output type hint" there
-    code = ("import logging; from finetune.cli import setup_logging; setup_logging(-1); import mlflow; "
+    code = ("import logging; from finetune.common.logs import setup_logging; setup_logging(-1); import mlflow; "
             "logging.getLogger('mlflow.models.signature').info('Failed to infer output type hint'); "
             "logging.getLogger('mlflow.store').warning('a warning stays'); logging.getLogger('finetune').info('ours')")
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
@@ -290,7 +290,7 @@ def test_evaluate_replaces_only_its_own_folder(tmp_path):
 
 def test_log_lines_never_carry_uri_credentials():
     """A library's log line (here MLflow's logger) with a URI holding a password, through the CLI's logging."""
-    code = ("import logging; from finetune.cli import setup_logging; setup_logging(0); "
+    code = ("import logging; from finetune.common.logs import setup_logging; setup_logging(0); "
             "logging.getLogger('mlflow.tracking').warning('retrying http://alice:s3cret@127.0.0.1:5057/api?token=abc')")
     err = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=ENV, timeout=120).stderr
     assert "retrying http://" in err and "127.0.0.1:5057" in err, err

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.common.coercion import ConfigError, coerce, rule
+from finetune.common.serve_config import ServeConfig  # its own module: config.py stays under 400 lines
 
 
 @dataclass
@@ -386,6 +387,7 @@ class Config:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -44,3 +44,30 @@ def version_download_uri(tracking_uri: str, model_name: str, version: str) -> st
     """Where the artifact store holds a registered version's model files (``mlflow-artifacts:/...`` when the
     server proxies artifacts)."""
     return MlflowClient(tracking_uri).get_model_version_download_uri(model_name, version)
+
+
+def pinned_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
+    """(name, version) that ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` points at now: a server
+    loads ``models:/<name>/<version>`` and reports that version, even if the alias moves meanwhile."""
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: not a registered model URI (models:/<name>/<version> or "
+                            f"models:/<name>@<alias>)")
+    name, sep, ref = model_uri[len("models:/"):].partition("@")
+    if not sep:
+        name, _, ref = name.rpartition("/")
+    client = MlflowClient(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+    except MlflowException as exc:
+        raise RegistryError(redact_text(f"cannot resolve {model_uri} in {redact_uri(tracking_uri)}: "
+                                        f"{exc.message}")) from None
+    return name, str(mv.version)
+
+
+def load_local(folder: str):
+    """Load an MLflow model folder (its MLmodel file) that no registry vouches for: only the pyfunc's own weight
+    check applies. Raises RegistryError when it cannot be loaded."""
+    try:
+        return mlflow.pyfunc.load_model(folder)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"cannot load the model folder {folder}: {exc}") from None

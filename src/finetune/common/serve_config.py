@@ -1,0 +1,40 @@
+"""`finetune serve`'s settings (params.yaml ``serve:``), a section of the one config (config.Config.serve)."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+from finetune.common.coercion import rule
+
+SERVE_LOG_TEXT = ("keep", "sha256", "drop")
+
+
+@dataclass
+class ServeConfig:
+    """`finetune serve`: batching, request bounds and the sampled request log (no dvc stage reads these)."""
+    SECTION: typing.ClassVar[str] = "serve"
+    max_batch_size: int = field(default=64, metadata={"help": "texts per model call when requests are batched"})
+    batch_window_ms: float = field(default=5.0, metadata={"help": "how long the first request of a batch waits "
+                                                                  "for others; 0 = no batching (one call each)"})
+    max_texts_per_request: int = field(default=64, metadata={"help": "more texts in one request: 413"})
+    max_chars_per_text: int = field(default=5000, metadata={"help": "a longer text in a request: 413"})
+    log_sample_rate: float = field(default=0.0, metadata={"help": "share of requests written to the request "
+                                                                  "log (0 = no log)"})
+    log_folder: str = field(default="out/serve/requests", metadata={"help": "folder of the request log's JSONL "
+                                                                            "files"})
+    log_text: str = field(default="sha256", metadata={"help": "the text in the request log: keep, sha256 or drop"})
+    log_flush_records: int = field(default=100, metadata={"help": "records per request-log file write"})
+    graceful_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests "
+                                                                      "may take to finish"})
+
+    def __post_init__(self) -> None:
+        rule(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
+        rule(self, "batch_window_ms", 0 <= self.batch_window_ms <= 1000, "in [0, 1000]")
+        rule(self, "max_texts_per_request", self.max_texts_per_request >= 1, ">= 1")
+        rule(self, "max_chars_per_text", self.max_chars_per_text >= 1, ">= 1")
+        rule(self, "log_sample_rate", 0 <= self.log_sample_rate <= 1, "in [0, 1]")
+        rule(self, "log_folder", bool(self.log_folder) and "://" not in self.log_folder, "a local folder")
+        rule(self, "log_text", self.log_text in SERVE_LOG_TEXT, " or ".join(SERVE_LOG_TEXT))
+        rule(self, "log_flush_records", self.log_flush_records >= 1, ">= 1")
+        rule(self, "graceful_timeout_s", self.graceful_timeout_s > 0, "> 0")
