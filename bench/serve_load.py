@@ -59,10 +59,11 @@ def build_project(root: Path, smoke: bool) -> str:
 
     from finetune.common import tracking
     from finetune.common.base_model import resolve_base
-    from finetune.common.config import CompressConfig, TokenizeConfig
+    from finetune.common.config import CompressConfig, EvaluateConfig, TokenizeConfig
     from finetune.common.files import write_json
     from finetune.common.params import config_from_dict
     from finetune.stages.compress import compress
+    from finetune.stages.evaluate import evaluate, write_evaluation
     from finetune.stages.register import run_register
     from finetune.stages.tokenize import tokenize
 
@@ -86,8 +87,8 @@ def build_project(root: Path, smoke: bool) -> str:
     (root / "splits").mkdir()
     df.to_parquet(root / "splits" / "test.parquet")
     write_json(root / "splits" / "report.json", {"data": "bench", "rows": len(df)})
-    write_json(root / "eval" / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.9, "n": len(df),
-                                                "labels": ["fresh", "rotten"]})
+    # the real evaluate core: its metrics.json carries the model digest that register checks
+    write_evaluation(evaluate(model, toks["test"], meta, EvaluateConfig()), root / "eval")
     cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "bench", "floor": 0.5, "retries": 0}})
     with contextlib.chdir(root):
         uri, art = tracking.configure(".")

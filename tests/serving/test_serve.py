@@ -32,6 +32,7 @@ def project(tiny_classifier_dir, toy_test, tmp_path_factory):
     """A project folder whose mlflow.db holds toy/1 (@champion) and toy-int8/1 (@champion)."""
     from finetune.common import tracking
     from finetune.common.config import CompressConfig
+    from finetune.common.digests import MODEL_DIGEST, model_digest
     from finetune.common.files import write_json
     from finetune.common.params import config_from_dict
     from finetune.stages.compress import compress
@@ -45,7 +46,8 @@ def project(tiny_classifier_dir, toy_test, tmp_path_factory):
     toy_frame(10).to_parquet(root / "splits" / "test.parquet")
     write_json(root / "splits" / "report.json", {"data": "toy.csv", "rows": 20})
     write_json(root / "eval" / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.9, "n": 20,
-                                                "labels": ["fresh", "rotten"]})
+                                                "labels": ["fresh", "rotten"],
+                                                MODEL_DIGEST: model_digest(tiny_classifier_dir)})
     cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.5, "retries": 0}})
     with contextlib.chdir(root):
         uri, art = tracking.configure(".")
