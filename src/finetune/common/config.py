@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,12 @@ class ValidateConfig:
     max_examples: int = field(default=5, metadata={"help": "example rows quoted per failed rule"})
     min_class_fraction: float = field(default=0.1, metadata={"help": "warn when the smallest class holds less "
                                                                        "than this share of the rows"})
+    strip_labels: bool = field(default=False, metadata={"help": "labels that differ only by surrounding whitespace: "
+                                                                 "false = refuse, true = strip them (reported)"})
 
     def __post_init__(self) -> None:
-        self.labels = [str(x) for x in (self.labels or [])]
+        # NFC: the data's labels are normalised the same way (stages/validate.py), so "café" matches either form
+        self.labels = [unicodedata.normalize("NFC", str(x)) for x in (self.labels or [])]
         rule(self, "labels", len(set(self.labels)) == len(self.labels), "a list without duplicates")
         rule(self, "min_chars", self.min_chars >= 1, ">= 1")
         rule(self, "max_chars", self.max_chars >= self.min_chars, f">= validate.min_chars ({self.min_chars})")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
+import numpy as np
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -96,6 +98,67 @@ def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: Valida
     return rules
 
 
+_NOT_SCALAR = (dict, list, tuple, set, np.ndarray)
+
+
+def _labels_are_scalars(labels: pd.Series, column: str, cfg: ValidateConfig) -> dict[str, Any]:
+    """A struct or list label (Parquet, JSONL) would become the class "{'k': 'fresh'}" or "['fresh']"."""
+    bad = [i for i, v in labels.items() if isinstance(v, _NOT_SCALAR)]
+    if not bad:
+        return _rule("label_is_scalar", column, True, "every label is a single value")
+    lists = any(isinstance(labels.at[i], (list, tuple, set, np.ndarray)) for i in bad)
+    hint = ("; several labels per text is the multi-label task (task: multi_label, coming in a later release), "
+            "this pipeline's task is single-label: one class per text") if lists else \
+        "; give each row one label (a string or a number), e.g. the struct's field as a column of its own"
+    return _rule("label_is_scalar", column, False, f"labels must be single values, not "
+                 f"{'lists' if lists else 'structs/objects'}{hint}", bad,
+                 [_as_text(labels.at[i]) for i in bad[: cfg.max_examples]], cfg.max_examples)
+
+
+def _as_text(v: Any) -> str:
+    return str(v.tolist() if isinstance(v, np.ndarray) else v)
+
+
+def _normalise_labels(df: pd.DataFrame, column: str, cfg: ValidateConfig) -> tuple[pd.DataFrame, list[dict]]:
+    """String labels in Unicode NFC (NFC and NFD "café" are the same word, invisibly different bytes), and
+    labels differing only by surrounding whitespace refused, or stripped with validate.strip_labels."""
+    raw = df[column]
+    nfc = raw.map(lambda v: unicodedata.normalize("NFC", v) if isinstance(v, str) else v)
+    rules = []
+    changed = [i for i in raw.index if isinstance(raw.at[i], str) and nfc.at[i] != raw.at[i]]
+    if changed:
+        rules.append(_rule("labels_unicode_nfc", column, True, f"normalised {len(changed)} label(s) to Unicode NFC "
+                           f"(the same characters, composed), e.g. {ascii(raw.at[changed[0]])} -> "
+                           f"{ascii(nfc.at[changed[0]])}", changed, [nfc.at[i] for i in changed[: cfg.max_examples]],
+                           cfg.max_examples))
+    strings = nfc[nfc.map(lambda v: isinstance(v, str))]
+    padded = strings[strings != strings.str.strip()]
+    if padded.empty:
+        return df.assign(**{column: nfc}), rules
+    if cfg.strip_labels:
+        r = _rule("labels_stripped", column, True, f"stripped surrounding whitespace from {len(padded)} label(s) "
+                  f"(validate.strip_labels: true)", list(padded.index), list(padded.head(cfg.max_examples)),
+                  cfg.max_examples)
+        return df.assign(**{column: nfc.map(lambda v: v.strip() if isinstance(v, str) else v)}), rules + [r]
+    counts = strings.value_counts()
+    groups = {}
+    for value, n in counts.items():
+        groups.setdefault(value.strip(), {})[value] = int(n)
+    clashes = {k: v for k, v in groups.items() if len(v) > 1}
+    if not clashes:  # e.g. " fresh" alone: label_in_set (or the inferred class name) shows it
+        return df.assign(**{column: nfc}), rules
+    rows = [i for i in padded.index if padded.at[i].strip() in clashes]
+    variants = "; ".join(", ".join(f"{v!r} x{n}" for v, n in sorted(g.items())) for g in clashes.values())
+    return df, rules + [_rule("labels_whitespace_variants", column, False, f"labels that differ only by "
+                              f"surrounding whitespace would be separate classes: {_cap(variants)}; clean the data "
+                              f"or set validate.strip_labels: true", rows,
+                              [padded.at[i] for i in rows[: cfg.max_examples]], cfg.max_examples)]
+
+
+def _cap(text: str, n: int = 300) -> str:
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} chars)"
+
+
 def _hash_order(text: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
 
@@ -152,7 +215,12 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     rules.append(_rule("label_single_type", label, not mixed,
                        f"labels mix types {types}" if mixed else f"all labels have one type ({', '.join(types)})", odd,
                        [df.at[i, label] for i in odd[: cfg.max_examples]], cfg.max_examples))
-    if not_str or mixed:
+    rules.append(_labels_are_scalars(df[label], label, cfg))
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+    df, label_rules = _normalise_labels(df, label, cfg)
+    rules += label_rules
+    if not all(r["success"] for r in label_rules):
         return fail(rules)
 
     df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
