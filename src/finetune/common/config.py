@@ -16,6 +16,9 @@ from typing import Any
 from finetune.common.coercion import ConfigError, coerce, rule
 
 
+SEED_MAX = 2 ** 32 - 1  # numpy.random.seed refuses more; a larger seed used to pass here and fail in training
+
+
 @dataclass
 class DataConfig:
     SECTION: typing.ClassVar[str] = "data"
@@ -64,7 +67,7 @@ class ValidateConfig:
         rule(self, "test_fraction", 0 < self.test_fraction < 0.5, "in (0, 0.5)")
         rule(self, "test_fraction", self.val_fraction + self.test_fraction < 0.9,
               f"< 0.9 - validate.val_fraction ({self.val_fraction}): training needs the rest")
-        rule(self, "seed", self.seed >= 0, ">= 0")
+        rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "max_examples", self.max_examples >= 0, ">= 0")
         rule(self, "min_class_fraction", 0 <= self.min_class_fraction < 1, "in [0, 1) (0 = no warning)")
 
@@ -170,7 +173,7 @@ class TrainConfig:
         rule(self, "weight_decay", self.weight_decay >= 0, ">= 0")
         rule(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
         rule(self, "max_grad_norm", self.max_grad_norm > 0, "> 0")
-        rule(self, "seed", self.seed >= 0, ">= 0")
+        rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = never)")
         rule(self, "log_every", self.log_every >= 1, ">= 1")
         rule(self, "device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu")
@@ -310,7 +313,7 @@ class TuneConfig:
         rule(self, "sampler", self.sampler in ("tpe", "random"), "tpe or random")
         rule(self, "pruner", self.pruner in ("median", "none"), "median or none")
         rule(self, "startup_trials", self.startup_trials >= 0, ">= 0")
-        rule(self, "seed", self.seed >= 0, ">= 0")
+        rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "storage", bool(self.storage) and "://" not in self.storage, "a file name in the project "
                                                                                  "(SQLite)")
         rule(self, "study", bool(self.study), "a study name")
