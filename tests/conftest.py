@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -265,12 +265,12 @@ VALIDATION = {"data": "data/reviews.csv", "success": True, "rows": 820, "columns
 def stage_inputs(tmp_path, tiny_model_dir, tiny_classifier_dir):
     """The folders the register stage reads, as the earlier stages write them (tiny and synthetic); the
     evaluation is bound to tiny_classifier_dir (the model these tests register)."""
-    from finetune.common.digests import MODEL_DIGEST, model_digest
     from finetune.common.config import TokenizeConfig
-    from finetune.stages.evaluate import EvalResult, roc_curves, write_evaluation
-    from finetune.tasks.single_label import classification_metrics
+    from finetune.common.digests import MODEL_DIGEST, model_digest
     from finetune.common.files import write_json
+    from finetune.stages.evaluate import EvalResult, roc_curves, write_evaluation
     from finetune.stages.tokenize import tokenize, write_tokens
+    from finetune.tasks.single_label import classification_metrics
 
     df = toy_frame(12)
     splits = tmp_path / "validate"

@@ -21,7 +21,6 @@ sys.path.insert(0, str(REPO))
 from components.image import build, netns, sandbox, steps  # noqa: E402
 
 
-
 def integration(test):
     """Needs the built image: runs under `make test-image` (CI runs it after `make test`), not `make test`."""
     return pytest.mark.image(pytest.mark.integration(test))

@@ -423,8 +423,8 @@ def test_training_runtime_schema_rejects_broken_runtimes(rendered, mutate, messa
 def test_trainjob_pods_as_the_trainer_builds_them_validate_and_reach_mlflow_and_their_peers(rendered):
     """The runtime's pod with what the pipeline's TrainJob (built from cluster.yaml) sets on it, merged as the
     Trainer does: strict core schema, GPU pool placement, the labels the network policies admit."""
-    from finetune.common.config import LaunchConfig
     from finetune.cluster.trainjob import TrainJobSettings, build_trainjob
+    from finetune.common.config import LaunchConfig
 
     tj = build_trainjob("finetune-abc", LaunchConfig(launcher="trainjob", nodes=2), TrainJobSettings.from_cluster(
         CLUSTER), (REPO / "components" / "image.txt").read_text().strip())

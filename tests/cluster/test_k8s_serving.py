@@ -11,10 +11,9 @@ import json
 import jsonschema
 import pytest
 
-from conftest import REPO
+from conftest import K8S_VERSION, MARKERS, NAMESPACE, REPO, kubernetes_validate
 from finetune.cluster.deploy import DeployError, deploy_champion, storage_patch
 from stack import render
-from conftest import K8S_VERSION, MARKERS, NAMESPACE, kubernetes_validate
 
 SCHEMA = json.loads((REPO / "k8s" / "schemas" / "inferenceservice-v1beta1.json").read_text())
 MODEL_EXTRA = {"modelFormat", "runtime", "protocolVersion", "storageUri", "storage"}  # ModelSpec beyond Container

@@ -215,9 +215,9 @@ def test_submit_set_and_arg_reach_the_train_components_config(kfp_local, fake_kf
     """What `finetune pipeline submit --set ... --arg ...` sends is what the train component builds its config
     from: the arguments recorded from the CLI run validate -> tokenize -> train on KFP's local runner (tiny
     model, one step), and the config the train step saved beside its model has the submitted values."""
+    from components.finetune_components import tokenize, train, validate
     from kfp import dsl
 
-    from components.finetune_components import tokenize, train, validate
     from conftest import toy_frame
     from finetune.cli import main
 
@@ -251,9 +251,9 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
                                                              monkeypatch):
     import mlflow.pyfunc
     from mlflow import MlflowClient
+    from pipelines.finetune_pipeline import build
 
     from finetune.common.lineage import file_md5
-    from pipelines.finetune_pipeline import build
 
     data = tmp_path / "reviews.csv"
     real_reviews.groupby("label").head(200).to_csv(data, index=False)
@@ -311,7 +311,6 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
 def test_bad_data_stops_at_validate_with_report_and_nothing_registered(kfp_local, mlflow_server, tmp_path,
                                                                       monkeypatch):
     from mlflow import MlflowClient
-
     from pipelines.finetune_pipeline import build
 
     data = tmp_path / "bad.csv"

@@ -19,10 +19,20 @@ import yaml
 from kubernetes.client import ApiException
 
 from conftest import BIN, REPO, free_port, toy_frame
+from finetune.cluster.trainjob import (
+    JOBSET_LABEL,
+    QUEUE_LABEL,
+    TRAINER_VERSION,
+    TrainJobFailed,
+    TrainJobSettings,
+    build_trainjob,
+    job_name,
+    run_trainjob,
+    train_on_cluster,
+)
 from finetune.common.coercion import ConfigError
 from finetune.common.config import LaunchConfig
 from finetune.common.params import config_from_dict, load_config
-from finetune.cluster.trainjob import (JOBSET_LABEL, QUEUE_LABEL, TRAINER_VERSION, TrainJobFailed, TrainJobSettings, build_trainjob, job_name, run_trainjob, train_on_cluster)
 
 CLUSTER = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text())
 IMAGE = (REPO / "components" / "image.txt").read_text().strip()
@@ -270,8 +280,8 @@ def test_a_complete_job_without_a_model_fails_the_step_and_leaves_the_outputs_em
 def test_the_trainjob_command_trains_with_two_processes_and_hands_the_model_on(tiny_model_nodropout, tmp_path):
     """The pipeline step's whole path against a fake API whose 'Trainer' runs the TrainJob's exact command with the
     PET_* variables the Trainer's torch plugin sets (1 node, 2 processes); the shared volume is a local folder."""
-    from finetune.stages.tokenize import tokenize, write_tokens
     from finetune.common.config import TokenizeConfig
+    from finetune.stages.tokenize import tokenize, write_tokens
 
     df = toy_frame(50).sample(frac=1, random_state=0)
     tokens, meta = tokenize({"train": df.iloc[:64], "val": df.iloc[64:80], "test": df.iloc[80:]}, ["fresh", "rotten"],

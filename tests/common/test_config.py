@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.common.config import Config
-from finetune.common.coercion import ConfigError
 from finetune.common.base_model import check_model_limits
+from finetune.common.coercion import ConfigError
+from finetune.common.config import Config
 from finetune.common.params import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,12 @@ def test_max_steps_zero_means_no_cap():
     ("train.lora.r=0", "train.lora.r = 0: must be >= 1"),
     ("train.lora.dropout=1", "train.lora.dropout = 1.0: must be in [0, 1)"),
     ("tokenize.max_length=4", "tokenize.max_length = 4: must be in [8, 8192]"),
-    ("validate.seed=-1", "validate.seed = -1: must be >= 0"),
+    ("validate.seed=-1", "validate.seed = -1: must be in [0, 4294967295]"),
+    # issue 27: a seed or another int given as a huge float passed, then a traceback in training
+    ("train.seed=1.0e+23", "train.seed = 1e+23: must be an integer of magnitude at most 9007199254740992"),
+    ("train.seed=4294967296", "train.seed = 4294967296: must be in [0, 4294967295]"),
+    ("tune.seed=100000000000000000000000", "tune.seed = 100000000000000000000000: must be an integer of magnitude"),
+    ("train.batch_size=1.0e+300", "train.batch_size = 1e+300: must be an integer of magnitude at most"),
     ("evaluate.calibration_bins=1", "evaluate.calibration_bins = 1: must be >= 2"),
     ("register.retries=-1", "register.retries = -1: must be >= 0"),
 ])
@@ -273,3 +278,43 @@ def test_cosmetic_settings_leave_train_up_to_date_and_learning_rate_reruns_it(tm
     set_params(root, train={"learning_rate": 3e-5})
     status = sh(["dvc", "status", "train"], root).stdout
     assert "changed deps" in status and "train.learning_rate" in status and "log_every" not in status, status
+
+
+def _alias_bomb() -> str:
+    """Nine levels of nine aliases: about 400 bytes that stand for 9**9 values (a list where tune.space wants a
+    mapping, so the error message echoes all of it)."""
+    parts = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        parts.append(f"&{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "[" + ", ".join(parts) + ", [" + ",".join(["*i"] * 9) + "]]"
+
+
+@pytest.mark.parametrize("where", ["override", "file"])
+def test_a_yaml_alias_bomb_is_one_short_line_at_once(tmp_path, capsys, where):
+    import time
+
+    from finetune.cli import main
+
+    p = tmp_path / "params.yaml"
+    bomb = _alias_bomb()
+    p.write_text("{}\n" if where == "override" else f"tune:\n  space: {bomb}\n")
+    t0 = time.perf_counter()
+    code = main(["tokenize", "--params", str(p)] + (["--set", f"tune.space={bomb}"] if where == "override" else []))
+    err = capsys.readouterr().err
+    # before: a 358 MB one-line error after 48 s
+    assert code == 2 and time.perf_counter() - t0 < 10, err[:500]
+    assert len(err) < 400 and err.count("\n") == 1 and "expands to more than 100,000 values" in err, err[:500]
+    assert str(p) in err and "Traceback" not in err
+
+
+def test_error_messages_echo_a_value_in_bounded_length(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("{}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, ["train.epochs=" + "x" * 50_000])
+    assert len(str(exc.value)) < 300 and "train.epochs = 'xxx" in str(exc.value) and "must be a number" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # a value built in code (no YAML) is bounded by ConfigError itself
+        load_config(p, [f"train.class_weights=[{', '.join(['0'] * 5000)}]"])
+    assert len(str(exc.value)) < 1000, len(str(exc.value))
+    with pytest.raises(ConfigError, match="refers to the value that contains it"):
+        load_config(p, ["tune.space=&x [*x]"])

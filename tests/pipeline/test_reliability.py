@@ -191,10 +191,10 @@ def test_kill_9_between_the_fp32_and_the_int8_alias_is_repaired_by_the_next_regi
 def test_register_killed_mid_way_is_marked_failed_and_cleaned_by_the_next(tiny_classifier_dir, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
+    from finetune.common.config import RegisterConfig
     from finetune.registry import hygiene
     from finetune.registry.request import RegistrationRequest
     from finetune.registry.transaction import register
-    from finetune.common.config import RegisterConfig
 
     uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art"
     client = MlflowClient(uri)

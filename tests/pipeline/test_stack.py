@@ -68,8 +68,9 @@ def predicts_through_the_server(stack, name: str) -> None:
 # ---- the stack itself ----
 
 def test_stack_runs_what_the_dev_overlay_describes(stack):
-    import botocore.exceptions
     from urllib.request import urlopen
+
+    import botocore.exceptions
 
     cluster = yaml.safe_load((REPO / "pipelines" / "cluster.yaml").read_text())["secrets"]
     assert set(stack.client_env) == {k for s in cluster.values() for k in s["env"]}  # the pipeline's secret keys
@@ -147,9 +148,9 @@ def test_dvc_push_and_pull_round_trip_through_s3(dvc_project, stack):
 def test_kfp_pipeline_reads_s3_data_and_registers_on_the_stack(stack, real_reviews, tmp_path, monkeypatch):
     from kfp import local
     from mlflow import MlflowClient
+    from pipelines.finetune_pipeline import DEFAULT_DATA_URI, build
 
     from finetune.common.params import drop_none
-    from pipelines.finetune_pipeline import DEFAULT_DATA_URI, build
 
     # the pipeline's default data_uri points into the bucket the dev overlay creates: upload there, pass nothing
     data_uri = DEFAULT_DATA_URI

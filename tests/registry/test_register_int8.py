@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import toy_frame
+from conftest import serving, toy_frame
 from finetune.cli import main
-from finetune.common.digests import MODEL_DIGEST, model_digest
-from finetune.common.outputs import ONNX_INT8
-from finetune.stages.compress import compress, onnx_runner
 from finetune.common.config import CompressConfig
-from finetune.common.params import config_from_dict
+from finetune.common.digests import MODEL_DIGEST, model_digest
 from finetune.common.files import write_json
-from finetune.registry.request import RegistryError
+from finetune.common.outputs import ONNX_INT8
+from finetune.common.params import config_from_dict
 from finetune.registry.loading import load_verified
+from finetune.registry.request import RegistryError
+from finetune.stages.compress import compress, onnx_runner
 from finetune.stages.register import run_register
-from conftest import serving
 
 NAME = "toy"
 TEXTS = ["a wonderful film", "a dull mess", "boring and far too long, " * 10, "ok"]
@@ -338,13 +337,13 @@ def _fp32_champion(project: Path) -> str:
 def test_a_paused_registrations_variant_does_not_take_the_int8_champion(tiny_classifier_dir, compressed, project):
     """The race in the issue, in its racy order: A's fp32 version is promoted, A pauses; E registers fully (fp32
     and variant); A resumes and registers its variant. -int8@champion stays E's variant."""
+    import pandas as pd
+
     from finetune.common import tracking
     from finetune.common.lineage import split_hash
     from finetune.registry.request import RegistrationRequest
     from finetune.registry.transaction import register
     from finetune.registry.variants import VariantRequest, register_variant
-
-    import pandas as pd
 
     uri, art = tracking.configure(".")
     cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.5, "retries": 0}})

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import toy_frame
-from finetune.common.outputs import ONNX_FP32, ONNX_INT8
-from finetune.stages.compress import compress, export_onnx, measure, onnx_runner, quantize_int8, torch_runner
 from finetune.common.config import CompressConfig, TokenizeConfig
-from finetune.common.outputs import MARKER
-from finetune.training.model import load_classifier
+from finetune.common.outputs import MARKER, ONNX_FP32, ONNX_INT8
+from finetune.stages.compress import compress, export_onnx, measure, onnx_runner, quantize_int8, torch_runner
 from finetune.stages.tokenize import tokenize
+from finetune.training.model import load_classifier
 
 finetune_src = Path(__file__).resolve().parents[2] / "src" / "finetune"
 

@@ -5,10 +5,10 @@ import pytest
 
 from conftest import toy_frame
 from finetune.common.config import EvaluateConfig, TokenizeConfig
-from finetune.training.model import MismatchError
-from finetune.tasks.single_label import classification_metrics
 from finetune.stages.evaluate import evaluate, write_evaluation
 from finetune.stages.tokenize import tokenize
+from finetune.tasks.single_label import classification_metrics
+from finetune.training.model import MismatchError
 
 
 def test_metrics_by_hand():

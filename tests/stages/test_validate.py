@@ -275,3 +275,77 @@ def test_data_changed_since_submission_is_refused(tmp_path):
     with pytest.raises(StageFailed, match="differs from the expected 0123"):
         run_validate(Config(), tmp_path / "d.csv", tmp_path / "out", expected_md5="0123")
     assert not (tmp_path / "out").exists()
+
+
+def _parquet_labels(path: Path, labels: list) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"review {i}" for i in range(len(labels))], "label": labels}), path)
+
+
+@pytest.mark.parametrize("kind", ["struct", "list"])
+def test_struct_and_list_labels_are_refused_with_rule_and_rows(kind, tmp_path, capsys):
+    plain = ["fresh", "rotten"] * 10
+    labels = [{"k": lab} for lab in plain] if kind == "struct" else [[lab] for lab in plain]
+    _parquet_labels(tmp_path / "d.parquet", labels)
+    params = write_params(tmp_path, labels=())  # inferred labels: before the fix these became 2 "classes"
+    code = main(["validate", "--params", str(params), "--data", str(tmp_path / "d.parquet"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "rule 'label_is_scalar' failed column 'label'" in err, err
+    assert "20 row(s), e.g. row(s) 1, 2, 3, 4, 5" in err and "Traceback" not in err
+    if kind == "list":
+        assert "multi-label task (task: multi_label" in err
+    else:
+        assert "structs" in err and "multi_label" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_differing_by_surrounding_whitespace_are_refused_or_stripped(tmp_path):
+    df = toy_frame(20)
+    df.loc[df.index[::4], "label"] = " fresh "  # rows 1, 5, 9...: all fresh rows
+    df.to_csv(tmp_path / "d.csv", index=False)
+    inferred = ValidateConfig(**{**CFG.__dict__, "labels": []})
+    r = validate(tmp_path / "d.csv", DataConfig(), inferred)
+    rule = next(x for x in r.report["rules"] if x["rule"] == "labels_whitespace_variants")
+    assert not r.ok and not r.splits and not rule["success"]
+    assert "' fresh ' x10, 'fresh' x10" in rule["message"] and "validate.strip_labels: true" in rule["message"]
+    assert [e["row"] for e in rule["examples"]] == [1, 5, 9, 13, 17]
+
+    stripped = validate(tmp_path / "d.csv", DataConfig(), ValidateConfig(**{**inferred.__dict__, "strip_labels": True}))
+    assert stripped.ok and stripped.labels == ["fresh", "rotten"]
+    assert stripped.report["class_counts"] == {"fresh": 20, "rotten": 20}
+    assert "- ok   labels_stripped [label]: stripped surrounding whitespace from 10 label(s)" in stripped.summary()
+
+
+def test_nfc_and_nfd_labels_are_one_class_and_the_report_says_so(tmp_path):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    df = toy_frame(20).replace({"label": {"fresh": nfc}})
+    df.loc[df.index[::4], "label"] = nfd
+    df.to_csv(tmp_path / "d.csv", index=False)
+    r = validate(tmp_path / "d.csv", DataConfig(), ValidateConfig(**{**CFG.__dict__, "labels": []}))
+    assert r.ok and r.labels == [nfc, "rotten"] and r.report["class_counts"] == {nfc: 20, "rotten": 20}
+    assert "labels_unicode_nfc [label]: normalised 10 label(s) to Unicode NFC" in r.summary()
+    assert set(pd.concat(r.splits.values())["label"]) == {nfc, "rotten"}
+    # configured labels written in NFD match the data too
+    configured = validate(tmp_path / "d.csv", DataConfig(), ValidateConfig(**{**CFG.__dict__, "labels": [nfd, "rotten"]}))
+    assert configured.ok and configured.labels == [nfc, "rotten"]
+    toy_frame(20).to_csv(tmp_path / "plain.csv", index=False)
+    assert "labels_unicode_nfc" not in validate(tmp_path / "plain.csv", DataConfig(), CFG).summary()
+
+
+def test_a_fifo_is_refused_in_one_line_without_hanging(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "x.csv")
+    params = write_params(tmp_path)
+    proc = subprocess.run([str(BIN / "finetune"), "validate", "--params", str(params), "--data",
+                           str(tmp_path / "x.csv"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)  # before the fix: blocked forever
+    assert proc.returncode == 1, proc.stderr
+    assert "rule 'regular_file' failed" in proc.stderr and "is not a regular file" in proc.stderr
+    assert str(tmp_path / "x.csv") in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -6,9 +6,9 @@ import torch
 
 from conftest import toy_frame
 from finetune.common.config import TokenizeConfig
+from finetune.stages.tokenize import tokenize
 from finetune.training.batches import collate
 from finetune.training.packing import IGNORE, PackedClassifier, build_pack, epoch_packs, pack_shape, to_tensors
-from finetune.stages.tokenize import tokenize
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,11 @@ def toks(tiny_model_dir):
 def test_packed_training_follows_the_padded_loss_curve(toks, tiny_model_nodropout, tmp_path, monkeypatch):
     """Same rows in each step (the padded side is handed the packs' rows): the same losses and weights, and the
     packed model sees one input shape all run long."""
-    import finetune.training.step_plan
-    from finetune.training.packing import PackedClassifier
-    from finetune.stages.train import train
     from safetensors.torch import load_file
+
+    import finetune.training.step_plan
+    from finetune.stages.train import train
+    from finetune.training.packing import PackedClassifier
 
     tokens, meta = toks
     shapes = set()

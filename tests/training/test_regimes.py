@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_frame
-from finetune.common.config import AdversarialConfig, LoraConfig, TokenizeConfig, TrainConfig
 from finetune.common.coercion import ConfigError
+from finetune.common.config import AdversarialConfig, LoraConfig, TokenizeConfig, TrainConfig
 from finetune.common.params import load_config
 from finetune.stages.tokenize import tokenize
 from finetune.stages.train import train, write_history
@@ -204,9 +204,8 @@ def test_selection_rules():
 def test_class_weighted_loss_equals_the_hand_computed_one(toks, two_layer_model, tmp_path, spec):
     """One step over the whole (imbalanced) train split: the logged loss is the loss of the initial model on it."""
     from finetune.stages.evaluate import subset
-    from finetune.training.model import build_model
     from finetune.training.batches import collate
-    from finetune.training.model import seed_everything
+    from finetune.training.model import build_model, seed_everything
 
     tokens, meta = toks
     labels = tokens["train"].labels
@@ -242,11 +241,10 @@ def test_class_weights_must_match_the_labels(toks, two_layer_model, tmp_path):
 
 def test_fgm_changes_gradients_and_restores_the_embeddings(toks, two_layer_model):
     from finetune.training.distributed import Dist
-    from finetune.training.model import build_model
+    from finetune.training.loop import forward_backward
+    from finetune.training.model import build_model, seed_everything
     from finetune.training.regimes import FGM
     from finetune.training.step_plan import StepPlan
-    from finetune.training.loop import forward_backward
-    from finetune.training.model import seed_everything
 
     tokens, _ = toks
     cfg = _cfg()
@@ -288,9 +286,8 @@ def test_adversarial_training_runs_and_changes_the_model(toks, two_layer_model, 
 
 def test_validation_report_states_class_balance_and_warns(tmp_path, caplog):
     from finetune.common.config import Config, DataConfig, RegisterConfig, ValidateConfig
-    from finetune.stages.validate import run_validate
+    from finetune.stages.validate import run_validate, validate
     from finetune.tasks.single_label import floor_warning
-    from finetune.stages.validate import validate
 
     df = toy_frame(60)
     df = df[(df["label"] == "fresh") | (df.index % 20 == 1)]  # 60 fresh, 6 rotten

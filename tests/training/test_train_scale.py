@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import BIN, toy_frame
 from finetune.common.config import LoraConfig, TokenizeConfig, TrainConfig
-from finetune.training.batches import epoch_batches
 from finetune.stages.tokenize import tokenize, write_tokens
 from finetune.stages.train import train
+from finetune.training.batches import epoch_batches
 
 
 @pytest.fixture(scope="module")

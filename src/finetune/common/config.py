@@ -10,11 +10,15 @@ import dataclasses
 import math
 import re
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.common.coercion import ConfigError, coerce, rule
-from finetune.common.serve_config import ServeConfig  # its own module: config.py stays under 400 lines
+from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
+from finetune.common.serve_config import ServeConfig
+
+SEED_MAX = 2 ** 32 - 1  # numpy.random.seed refuses more; a larger seed used to pass here and fail in training
 
 
 @dataclass
@@ -50,9 +54,12 @@ class ValidateConfig:
     max_examples: int = field(default=5, metadata={"help": "example rows quoted per failed rule"})
     min_class_fraction: float = field(default=0.1, metadata={"help": "warn when the smallest class holds less "
                                                                        "than this share of the rows"})
+    strip_labels: bool = field(default=False, metadata={"help": "labels that differ only by surrounding whitespace: "
+                                                                 "false = refuse, true = strip them (reported)"})
 
     def __post_init__(self) -> None:
-        self.labels = [str(x) for x in (self.labels or [])]
+        # NFC: the data's labels are normalised the same way (stages/validate.py), so "café" matches either form
+        self.labels = [unicodedata.normalize("NFC", str(x)) for x in (self.labels or [])]
         rule(self, "labels", len(set(self.labels)) == len(self.labels), "a list without duplicates")
         rule(self, "min_chars", self.min_chars >= 1, ">= 1")
         rule(self, "max_chars", self.max_chars >= self.min_chars, f">= validate.min_chars ({self.min_chars})")
@@ -62,7 +69,7 @@ class ValidateConfig:
         rule(self, "test_fraction", 0 < self.test_fraction < 0.5, "in (0, 0.5)")
         rule(self, "test_fraction", self.val_fraction + self.test_fraction < 0.9,
               f"< 0.9 - validate.val_fraction ({self.val_fraction}): training needs the rest")
-        rule(self, "seed", self.seed >= 0, ">= 0")
+        rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "max_examples", self.max_examples >= 0, ">= 0")
         rule(self, "min_class_fraction", 0 <= self.min_class_fraction < 1, "in [0, 1) (0 = no warning)")
 
@@ -168,7 +175,7 @@ class TrainConfig:
         rule(self, "weight_decay", self.weight_decay >= 0, ">= 0")
         rule(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
         rule(self, "max_grad_norm", self.max_grad_norm > 0, "> 0")
-        rule(self, "seed", self.seed >= 0, ">= 0")
+        rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = never)")
         rule(self, "log_every", self.log_every >= 1, ">= 1")
         rule(self, "device", self.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu")
@@ -199,21 +206,6 @@ class TrainConfig:
     def frozen_layers(self) -> int | None:
         """train.freeze as a number of bottom layers, or None (none / encoder)."""
         return int(self.freeze) if self.freeze.isdigit() else None
-
-
-@dataclass
-class LaunchConfig:
-    SECTION: typing.ClassVar[str] = "launch"
-    launcher: str = field(default="local", metadata={"help": "local: train in the step's own pod (or process); "
-                                                             "trainjob: a Kubeflow Trainer v2 TrainJob (cluster)"})
-    nodes: int = field(default=1, metadata={"help": "TrainJob nodes (pods); > 1 needs launcher: trainjob"})
-    procs_per_node: int = field(default=0, metadata={"help": "torchrun processes per node; 0 = one per GPU"})
-
-    def __post_init__(self) -> None:
-        rule(self, "launcher", self.launcher in ("local", "trainjob"), "local or trainjob")
-        rule(self, "nodes", self.nodes >= 1, ">= 1")
-        rule(self, "procs_per_node", self.procs_per_node >= 0, ">= 0 (0 = one per GPU)")
-        rule(self, "nodes", self.nodes == 1 or self.launcher == "trainjob", "1 unless launch.launcher is trainjob")
 
 
 @dataclass
@@ -316,7 +308,7 @@ class TuneConfig:
         rule(self, "sampler", self.sampler in ("tpe", "random"), "tpe or random")
         rule(self, "pruner", self.pruner in ("median", "none"), "median or none")
         rule(self, "startup_trials", self.startup_trials >= 0, ">= 0")
-        rule(self, "seed", self.seed >= 0, ">= 0")
+        rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "storage", bool(self.storage) and "://" not in self.storage, "a file name in the project "
                                                                                  "(SQLite)")
         rule(self, "study", bool(self.study), "a study name")

@@ -69,6 +69,8 @@ def read_table(path: str | Path, workspace: str | Path | None = None) -> pd.Data
         raise DataError("file_exists", "file not found", p)
     if p.is_dir():
         raise DataError("file_exists", "is a directory, expected a data file", p)
+    if not p.is_file():  # a FIFO would block the read forever, a device never ends
+        raise DataError("regular_file", "is not a regular file (a FIFO, socket or device); give a data file", p)
     fmt, comp = _format_of(p)
     raw = p.read_bytes()
     if comp:

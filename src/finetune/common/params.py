@@ -8,8 +8,51 @@ from typing import Any
 
 import yaml
 
-from finetune.common.coercion import ConfigError, build, located_error
+from finetune.common.coercion import ConfigError, build, located_error, shown
 from finetune.common.config import Config
+
+MAX_YAML_NODES = 100_000  # values after alias expansion; params.yaml holds ~150, an alias bomb billions
+
+
+MAX_YAML_DEPTH = 50
+
+
+MAX_OVERRIDE_CHARS, MAX_PARAMS_BYTES = 65_536, 1_048_576
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing (ConfigError, one line) what would expand past MAX_YAML_NODES values through
+    aliases, nest past MAX_YAML_DEPTH or refer to itself; YAML syntax errors pass through as yaml.YAMLError."""
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    _expanded_size(value, where, {}, 0)
+    return value
+
+
+def _expanded_size(value: Any, where: str, seen: dict[int, int | None], depth: int) -> int:
+    """How many values ``value`` stands for once every alias is expanded (shared objects counted at each use,
+    computed once each)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{where}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+    key = id(value)
+    if key in seen:
+        if seen[key] is None:
+            raise ConfigError(f"{where}: a YAML alias refers to the value that contains it")
+        return seen[key]
+    seen[key] = None
+    items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _expanded_size(item, where, seen, depth + 1)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES:,} values (aliases repeating "
+                              f"aliases?); write the values out")
+    seen[key] = total
+    return total
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -20,19 +63,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
         key, sep, value = item.partition("=")
         path = key.strip().split(".")
         if not sep or len(path) < 2 or not all(path):
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lora.r=4)")
+            raise ConfigError(f"override {shown(item)} is not of the form section.key=value (e.g. train.lora.r=4)")
         node = out
         for depth, part in enumerate(path[:-1]):
             child = node.get(part)
             if child is None:  # absent, or an empty section in YAML
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth + 1])} is a value, not a section")
+                raise ConfigError(f"override {shown(item)}: {'.'.join(path[:depth + 1])} is a value, not a section")
             node = child
+        if len(value) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(f"override {key.strip()}=...: the value has {len(value):,} characters, more than "
+                              f"{MAX_OVERRIDE_CHARS:,}; put it in params.yaml")
         try:
-            node[path[-1]] = yaml.safe_load(value)
+            node[path[-1]] = safe_yaml(value, f"override {key.strip()}")
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
+            raise ConfigError(f"override {shown(item)}: the value is not valid YAML "
+                              f"({getattr(exc, 'problem', None) or type(exc).__name__})") from None
     return out
 
 
@@ -56,8 +103,12 @@ def read_params(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise located_error(f"{p}: params file not found")
+    if p.stat().st_size > MAX_PARAMS_BYTES:
+        raise located_error(f"{p}: {p.stat().st_size:,} bytes, more than {MAX_PARAMS_BYTES:,} for a params file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = safe_yaml(p.read_text(encoding="utf-8"), str(p))
+    except ConfigError as exc:
+        raise located_error(str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
+import numpy as np
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -24,8 +26,9 @@ from finetune.common.lineage import file_md5
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.sources import fetch
 from finetune.common.tokens import SPLITS
+from finetune.reporting.validation_summary import failure_message, render_summary
 from finetune.stages import StageFailed
-from finetune.tasks.single_label import floor_warning
+from finetune.tasks.single_label import balance_warnings, class_balance, floor_warning
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
 
@@ -96,6 +99,67 @@ def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: Valida
     return rules
 
 
+_NOT_SCALAR = (dict, list, tuple, set, np.ndarray)
+
+
+def _labels_are_scalars(labels: pd.Series, column: str, cfg: ValidateConfig) -> dict[str, Any]:
+    """A struct or list label (Parquet, JSONL) would become the class "{'k': 'fresh'}" or "['fresh']"."""
+    bad = [i for i, v in labels.items() if isinstance(v, _NOT_SCALAR)]
+    if not bad:
+        return _rule("label_is_scalar", column, True, "every label is a single value")
+    lists = any(isinstance(labels.at[i], (list, tuple, set, np.ndarray)) for i in bad)
+    hint = ("; several labels per text is the multi-label task (task: multi_label, coming in a later release), "
+            "this pipeline's task is single-label: one class per text") if lists else \
+        "; give each row one label (a string or a number), e.g. the struct's field as a column of its own"
+    return _rule("label_is_scalar", column, False, f"labels must be single values, not "
+                 f"{'lists' if lists else 'structs/objects'}{hint}", bad,
+                 [_as_text(labels.at[i]) for i in bad[: cfg.max_examples]], cfg.max_examples)
+
+
+def _as_text(v: Any) -> str:
+    return str(v.tolist() if isinstance(v, np.ndarray) else v)
+
+
+def _normalise_labels(df: pd.DataFrame, column: str, cfg: ValidateConfig) -> tuple[pd.DataFrame, list[dict]]:
+    """String labels in Unicode NFC (NFC and NFD "café" are the same word, invisibly different bytes), and
+    labels differing only by surrounding whitespace refused, or stripped with validate.strip_labels."""
+    raw = df[column]
+    nfc = raw.map(lambda v: unicodedata.normalize("NFC", v) if isinstance(v, str) else v)
+    rules = []
+    changed = [i for i in raw.index if isinstance(raw.at[i], str) and nfc.at[i] != raw.at[i]]
+    if changed:
+        rules.append(_rule("labels_unicode_nfc", column, True, f"normalised {len(changed)} label(s) to Unicode NFC "
+                           f"(the same characters, composed), e.g. {ascii(raw.at[changed[0]])} -> "
+                           f"{ascii(nfc.at[changed[0]])}", changed, [nfc.at[i] for i in changed[: cfg.max_examples]],
+                           cfg.max_examples))
+    strings = nfc[nfc.map(lambda v: isinstance(v, str))]
+    padded = strings[strings != strings.str.strip()]
+    if padded.empty:
+        return df.assign(**{column: nfc}), rules
+    if cfg.strip_labels:
+        r = _rule("labels_stripped", column, True, f"stripped surrounding whitespace from {len(padded)} label(s) "
+                  f"(validate.strip_labels: true)", list(padded.index), list(padded.head(cfg.max_examples)),
+                  cfg.max_examples)
+        return df.assign(**{column: nfc.map(lambda v: v.strip() if isinstance(v, str) else v)}), rules + [r]
+    counts = strings.value_counts()
+    groups = {}
+    for value, n in counts.items():
+        groups.setdefault(value.strip(), {})[value] = int(n)
+    clashes = {k: v for k, v in groups.items() if len(v) > 1}
+    if not clashes:  # e.g. " fresh" alone: label_in_set (or the inferred class name) shows it
+        return df.assign(**{column: nfc}), rules
+    rows = [i for i in padded.index if padded.at[i].strip() in clashes]
+    variants = "; ".join(", ".join(f"{v!r} x{n}" for v, n in sorted(g.items())) for g in clashes.values())
+    return df, rules + [_rule("labels_whitespace_variants", column, False, f"labels that differ only by "
+                              f"surrounding whitespace would be separate classes: {_cap(variants)}; clean the data "
+                              f"or set validate.strip_labels: true", rows,
+                              [padded.at[i] for i in rows[: cfg.max_examples]], cfg.max_examples)]
+
+
+def _cap(text: str, n: int = 300) -> str:
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} chars)"
+
+
 def _hash_order(text: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
 
@@ -127,6 +191,7 @@ def _type_rules(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) ->
     rules.append(_rule("label_single_type", label, not mixed,
                        f"labels mix types {types}" if mixed else f"all labels have one type ({', '.join(types)})", odd,
                        [df.at[i, label] for i in odd[: cfg.max_examples]], cfg.max_examples))
+    rules.append(_labels_are_scalars(df[label], label, cfg))
     return rules
 
 
@@ -212,6 +277,10 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     rules = _type_rules(df, text, label, cfg)
     if not all(r["success"] for r in rules):
         return fail(rules)
+    df, label_rules = _normalise_labels(df, label, cfg)
+    rules += label_rules
+    if not all(r["success"] for r in label_rules):
+        return fail(rules)
 
     df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
     rules += _run_great_expectations(df, text, label, cfg)
@@ -255,68 +324,6 @@ def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[st
     report["class_balance"] = class_balance(splits, labels)
     report["warnings"] = balance_warnings(report["class_balance"], cfg.min_class_fraction)
     return ValidationResult(True, report, labels, splits)
-
-
-def class_balance(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, Any]:
-    """Each class's share of all rows, and the majority-class baseline: what a model that always predicts the
-    train split's most frequent class scores on the test split (accuracy, and macro-F1 as evaluate computes it:
-    that class's F1 2p/(1+p), the others 0, averaged)."""
-    counts = {lab: sum(int((f["label"] == lab).sum()) for f in splits.values()) for lab in labels}
-    total = sum(counts.values()) or 1
-    shares = {lab: round(c / total, 6) for lab, c in counts.items()}
-    train = splits["train"]["label"].value_counts()
-    majority = min(labels, key=lambda lab: (-int(train.get(lab, 0)), lab))
-    p = float((splits["test"]["label"] == majority).mean()) if len(splits["test"]) else 0.0
-    return {"shares": shares, "minority": min(labels, key=lambda lab: (shares[lab], lab)), "majority": majority,
-            "baseline": {"accuracy": round(p, 6), "macro_f1": round(2 * p / (1 + p) / len(labels), 6)}}
-
-
-def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
-    minority = balance["minority"]
-    share = balance["shares"][minority]
-    if share >= min_fraction:
-        return []
-    return [f"class '{minority}' holds {share:.1%} of the rows, under validate.min_class_fraction "
-            f"({min_fraction:.1%}): consider train.class_weights: balanced and register.metric: macro_f1"]
-
-
-def render_summary(report: dict[str, Any]) -> str:
-    """Human-readable report (Markdown); the JSON report holds the same facts."""
-    status = "PASSED" if report["success"] else "FAILED"
-    lines = [f"# Validation {status}: {report['data']}", ""]
-    if "rows" in report:
-        lines.append(f"Rows read: {report['rows']}; columns: {', '.join(report.get('columns', []))}")
-    for r in report["rules"]:
-        mark = "ok  " if r["success"] else "FAIL"
-        col = f" [{r['column']}]" if r.get("column") else ""
-        lines.append(f"- {mark} {r['rule']}{col}: {r['message']}"
-                     + (f" ({r['unexpected_count']} row(s))" if r["unexpected_count"] and not r["success"] else ""))
-        if not r["success"]:
-            for ex in r["examples"]:
-                lines.append(f"    row {ex['row']}: {ex['value']!r}" if ex["value"] is not None else f"    row {ex['row']}")
-    for s, info in (report.get("splits") or {}).items():
-        lines.append(f"- split {s}: {info['rows']} rows {info['classes']}")
-    balance = report.get("class_balance")
-    if balance:
-        base = balance["baseline"]
-        lines.append(f"- class balance: {', '.join(f'{k} {v:.1%}' for k, v in balance['shares'].items())}; "
-                     f"majority-class baseline on test: accuracy {base['accuracy']:.4f}, "
-                     f"macro-F1 {base['macro_f1']:.4f}")
-    lines += [f"- WARNING: {w}" for w in report.get("warnings") or []]
-    return "\n".join(lines) + "\n"
-
-
-def failure_message(report: dict[str, Any]) -> str:
-    """One line per broken rule: file, rule, column, example rows."""
-    out = []
-    for r in report["rules"]:
-        if r["success"]:
-            continue
-        rows = ", ".join(str(e["row"]) for e in r["examples"])
-        where = f" column '{r['column']}'" if r.get("column") else ""
-        out.append(f"{report['data']}: rule '{r['rule']}' failed{where}: {r['message']}"
-                   + (f"; {r['unexpected_count']} row(s), e.g. row(s) {rows}" if rows else ""))
-    return "\n".join(out)
 
 
 def write_splits(result: ValidationResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -57,3 +58,26 @@ def floor_warning(balance: dict[str, Any] | None, floor: float, metric: str) -> 
         return None
     return (f"register.floor = {floor} is not above the majority-class baseline: always predicting "
             f"'{balance['majority']}' scores {metric} {base:.4f} on the test split, so it would clear the floor")
+
+
+def class_balance(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, Any]:
+    """Each class's share of all rows, and the majority-class baseline: what a model that always predicts the
+    train split's most frequent class scores on the test split (accuracy, and macro-F1 as evaluate computes it:
+    that class's F1 2p/(1+p), the others 0, averaged)."""
+    counts = {lab: sum(int((f["label"] == lab).sum()) for f in splits.values()) for lab in labels}
+    total = sum(counts.values()) or 1
+    shares = {lab: round(c / total, 6) for lab, c in counts.items()}
+    train = splits["train"]["label"].value_counts()
+    majority = min(labels, key=lambda lab: (-int(train.get(lab, 0)), lab))
+    p = float((splits["test"]["label"] == majority).mean()) if len(splits["test"]) else 0.0
+    return {"shares": shares, "minority": min(labels, key=lambda lab: (shares[lab], lab)), "majority": majority,
+            "baseline": {"accuracy": round(p, 6), "macro_f1": round(2 * p / (1 + p) / len(labels), 6)}}
+
+
+def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
+    minority = balance["minority"]
+    share = balance["shares"][minority]
+    if share >= min_fraction:
+        return []
+    return [f"class '{minority}' holds {share:.1%} of the rows, under validate.min_class_fraction "
+            f"({min_fraction:.1%}): consider train.class_weights: balanced and register.metric: macro_f1"]
