@@ -36,10 +36,20 @@ def predict_logits(model, split: TokenizedSplit, batch_size: int, pad_id: int, d
 
 
 def load_classifier(model_dir: str | Path, device: torch.device | None = None):
-    """Load a saved classifier from safetensors only (never a pickled checkpoint)."""
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
-                                                               use_safetensors=True)
+    """Load a saved classifier from safetensors only (never a pickled checkpoint). A folder without safetensors
+    weights, or one transformers cannot read, is refused in one line (MismatchError), not a traceback."""
+    folder = Path(model_dir)
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"found {', '.join(pickled)} (pickle: never loaded, it can run code)" if pickled else "found none"
+        raise MismatchError(f"model folder {folder}: no safetensors weights ({found}); save the model with "
+                            f"save_pretrained(..., safe_serialization=True)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True,
+                                                                   use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise MismatchError(f"model folder {folder}: cannot be loaded as a classifier: {str(exc).splitlines()[0]}"
+                            ) from None
     return model.to(device or torch.device("cpu"))
 
 
