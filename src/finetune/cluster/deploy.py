@@ -1,13 +1,15 @@
 """deploy: point the KServe InferenceService at the newly promoted champion, and only then.
 
 The register stage decides promotion (registration.json ``promoted``); this module turns that decision into
-one merge patch of ``spec.predictor.model.storageUri`` (the S3 folder MLflow stored the version's model in).
-A registration that did not promote changes nothing. The Kubernetes client is passed in (CustomObjectsApi in
-the cluster, a fake in unit tests), so the logic has no cluster dependency.
+one merge patch of the custom predictor's container: its ``--model`` argument becomes the new champion's pinned
+registry URI (``models:/<name>/<version>``), which ``finetune serve`` verifies against the registry's digests
+before it answers. A registration that did not promote changes nothing. The Kubernetes client is passed in
+(CustomObjectsApi in the cluster, a fake in unit tests), so the logic has no cluster dependency.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -42,71 +44,76 @@ class DeployError(RuntimeError):
 class Deployment:
     changed: bool
     message: str
-    storage_uri: str | None = None
+    model_uri: str | None = None
 
 
-def storage_patch(storage_uri: str, model_name: str, version: str) -> dict[str, Any]:
-    """Merge patch: the new model folder, and which registry version it is (visible with kubectl get -o yaml)."""
+def model_uri(model_name: str, version: str) -> str:
+    """The pinned registry URI: an alias would move under the running pods; a version does not."""
+    return f"models:/{model_name}/{version}"
+
+
+def predictor_container(obj: dict[str, Any]) -> dict[str, Any]:
+    containers = obj.get("spec", {}).get("predictor", {}).get("containers") or []
+    if not containers or "--model" not in containers[0].get("args", []):
+        raise DeployError(f"InferenceService {obj.get('metadata', {}).get('name')}: its predictor has no container "
+                          f"with a --model argument (k8s/components/serving runs `finetune serve --model ...`)")
+    return containers[0]
+
+
+def serving_patch(current: dict[str, Any], uri: str, model_name: str, version: str) -> dict[str, Any]:
+    """Merge patch: the predictor's containers with --model set to ``uri``, and which registry version it is
+    (visible with kubectl get -o yaml). A merge patch replaces lists whole, so every container is sent."""
+    containers = copy.deepcopy(current["spec"]["predictor"]["containers"])
+    args = containers[0]["args"]
+    args[args.index("--model") + 1] = uri
     return {"metadata": {"annotations": {VERSION_ANNOTATION: f"{model_name}/{version}"}},
-            "spec": {"predictor": {"model": {"storageUri": storage_uri}}}}
+            "spec": {"predictor": {"containers": containers}}}
 
 
-def deploy_champion(registration: dict[str, Any], storage_uri: str | None, api: CustomObjects, name: str,
-                    namespace: str) -> Deployment:
-    """Patch InferenceService ``name`` to serve ``storage_uri`` when ``registration`` promoted a champion."""
+def served_uri(obj: dict[str, Any]) -> str | None:
+    args = predictor_container(obj)["args"]
+    i = args.index("--model")
+    return args[i + 1] if i + 1 < len(args) else None
+
+
+def deploy_champion(registration: dict[str, Any], api: CustomObjects, name: str, namespace: str) -> Deployment:
+    """Patch InferenceService ``name`` to serve the version ``registration`` promoted, when it promoted one."""
     model, version = registration.get("model_name"), registration.get("version")
     if not registration.get("promoted"):
         return Deployment(False, f"{model} version {version} was not promoted ({registration.get('alias')}): "
                                  f"InferenceService {namespace}/{name} left as it is")
-    if not storage_uri or not storage_uri.startswith(("s3://", "gs://", "pvc://", "https://")):
-        raise DeployError(f"{model} version {version}: storage URI {storage_uri!r} is not one KServe can fetch "
-                          f"(s3://, gs://, pvc://, https://)")
+    if not model or not str(version or "").isdigit():
+        raise DeployError(f"registration.json: model_name {model!r} / version {version!r} do not name a registry "
+                          f"version (models:/<name>/<number>)")
+    uri = model_uri(str(model), str(version))
     current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    if current.get("spec", {}).get("predictor", {}).get("model", {}).get("storageUri") == storage_uri:
-        return Deployment(False, f"InferenceService {namespace}/{name} already serves {storage_uri}", storage_uri)
+    if served_uri(current) == uri:
+        return Deployment(False, f"InferenceService {namespace}/{name} already serves {uri}", uri)
     api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                       storage_patch(storage_uri, str(model), str(version)))
-    return Deployment(True, f"InferenceService {namespace}/{name} now serves {model} version {version} "
-                            f"from {storage_uri}", storage_uri)
+                                       serving_patch(current, uri, str(model), str(version)))
+    return Deployment(True, f"InferenceService {namespace}/{name} now serves {model} version {version} ({uri})", uri)
 
 
-def version_storage_uri(tracking_uri: str, model_name: str, version: str, artifacts_destination: str) -> str:
-    """Where the artifact store holds the registered version's model files, as a URI KServe can fetch.
-
-    A server that proxies artifacts (``mlflow server --artifacts-destination``) answers ``mlflow-artifacts:/<path>``;
-    the files are then at ``<artifacts_destination>/<path>``."""
-
-    return resolve_proxied(version_download_uri(tracking_uri, model_name, version), artifacts_destination)
-
-
-def resolve_proxied(uri: str, artifacts_destination: str) -> str:
-    if not uri.startswith("mlflow-artifacts:"):
-        return uri
-    path = uri.removeprefix("mlflow-artifacts:").lstrip("/")
-    if "://" in uri:  # mlflow-artifacts://host:port/path: drop the server part
-        path = path.split("/", 1)[1] if "/" in path else ""
-    return f"{artifacts_destination.rstrip('/')}/{path}"
-
-
-def run_deploy(registration: str | Path, name: str, namespace: str, artifacts_destination: str,
+def run_deploy(registration: str | Path, name: str, namespace: str, artifacts_destination: str = "",
                api: Any = None) -> dict[str, Any]:
     """Point InferenceService ``namespace/name`` at the version ``registration`` (registration.json) promoted.
     ``api``: a kubernetes CustomObjectsApi; by default the in-cluster one (the pod's service account). The
-    registry's address comes from MLFLOW_TRACKING_URI, never from registration.json (whose copy is redacted)."""
+    version is looked up first (a typo or a deleted version fails here, not in the serving pods); the registry's
+    address comes from MLFLOW_TRACKING_URI, never from registration.json (whose copy is redacted).
+    ``artifacts_destination`` is unused since the server loads from the registry; kept for the compiled pipeline."""
 
     reg = read_json(Path(registration) / "registration.json" if Path(registration).is_dir() else registration)
-    uri = None
     if reg.get("promoted"):
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not tracking_uri:
             raise DeployError("MLFLOW_TRACKING_URI is not set: the deploy step reads the registry's address from the "
                               "environment (the finetune-mlflow secret), not from registration.json (redacted)")
-        uri = version_storage_uri(tracking_uri, reg["model_name"], reg["version"], artifacts_destination)
-    if api is None and reg.get("promoted"):
-        from kubernetes import client, config
+        version_download_uri(tracking_uri, reg["model_name"], str(reg["version"]))  # raises if it is not there
+        if api is None:
+            from kubernetes import client, config
 
-        config.load_incluster_config()
-        api = client.CustomObjectsApi()
-    result = deploy_champion(reg, uri, api, name, namespace)
+            config.load_incluster_config()
+            api = client.CustomObjectsApi()
+    result = deploy_champion(reg, api, name, namespace)
     log.info("deploy: %s", result.message)
-    return {"changed": result.changed, "message": result.message, "storage_uri": result.storage_uri}
+    return {"changed": result.changed, "message": result.message, "model_uri": result.model_uri}
