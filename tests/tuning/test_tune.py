@@ -247,3 +247,21 @@ def test_katib_schema_rejects_broken_experiments(mutate, message):
     with pytest.raises(jsonschema.ValidationError) as err:
         _validate(exp)
     assert message in str(err.value.message)
+
+
+# ---- only what a trial applies is searched; the study's file; killed runs ----
+
+@pytest.mark.parametrize("key, dist", [("model.base", {"choices": ["a", "b"]}),
+                                       ("register.floor", {"low": 0.5, "high": 0.9}),
+                                       ("tokenize.max_length", {"choices": [8, 16]})])
+def test_a_key_no_trial_applies_is_refused_before_any_trial(tiny_model_dir, key, dist):
+    """A trial trains with its train section only: tuning model.base, register.floor or tokenize.max_length would
+    'find' a best value no trial used (best_params.yaml recommended max_length: 8, floor: 0.73)."""
+    from finetune.tuning.search import check_space
+
+    raw = _raw(tiny_model_dir, space={**SPACE, key: dist})
+    with pytest.raises(ConfigError) as exc:
+        check_space(raw, config_from_dict(raw).tune)
+    msg = str(exc.value)
+    assert msg.startswith(f"tune.space.{key}: a trial does not apply {key}") and "only train.* keys" in msg, msg
+    assert "\n" not in msg

@@ -15,7 +15,7 @@ from finetune.common.redact import redact_uri
 from finetune.common.tokens import read_tokens
 from finetune.common.tracking import project_root
 from finetune.stages.train import train
-from finetune.tuning.search import trial_config, tune, write_outputs
+from finetune.tuning.search import check_space, trial_config, tune, write_outputs
 from finetune.tuning.search_log import SearchLog
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -70,6 +70,7 @@ def run_tune_trial(raw: dict[str, Any], tokens: str | Path, emit=print) -> dict[
 
 
     tune_cfg = config_from_dict(raw).tune
+    check_space(raw, tune_cfg)  # the same keys as the search: a Katib trial applies only train.*
     cfg = trial_config(raw, tune_cfg, {})  # the budget; the trial's values are already in raw (--set)
     base = resolve_base(cfg.model.base)
     check_model_limits(cfg, base)

@@ -81,8 +81,20 @@ def trial_config(raw: dict[str, Any], cfg: TuneConfig, values: dict[str, Any]):
     return config_from_dict(apply_overrides(raw, budget(cfg) + overrides(values)))
 
 
+# A trial trains with its own train section (train() gets trial_cfg.train); the base model, the tokens and the
+# register gate are fixed for the whole search, so a sampled value of any other key would change nothing and
+# best_params.yaml would recommend a value no trial used.
+APPLIED_PREFIX = "train."
+
+
 def check_space(raw: dict[str, Any], cfg: TuneConfig) -> None:
-    """Every end of every range and every choice gives a valid config with these params, before any trial."""
+    """Every key is one a trial applies, and every end of every range and every choice gives a valid config with
+    these params, before any trial."""
+    for key in cfg.space:
+        if not key.startswith(APPLIED_PREFIX):
+            raise ConfigError(f"tune.space.{key}: a trial does not apply {key} (the base model, tokens and register "
+                              f"settings are fixed for the whole search); only {APPLIED_PREFIX}* keys may be "
+                              f"searched, e.g. train.learning_rate")
     for key, dist in cfg.space.items():
         for value in dist.get("choices") or [dist["low"], dist["high"]]:
             try:
