@@ -265,3 +265,37 @@ def test_a_key_no_trial_applies_is_refused_before_any_trial(tiny_model_dir, key,
     msg = str(exc.value)
     assert msg.startswith(f"tune.space.{key}: a trial does not apply {key}") and "only train.* keys" in msg, msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("storage, env, words", [
+    ("../outside.db", None, "is outside the project"),
+    ("/tmp/finetune-elsewhere.db", None, "is outside the project"),
+    ("mlflow.db", None, "is the MLflow tracking store"),
+    ("store/runs.db", "sqlite:///store/runs.db", "is the MLflow tracking store"),
+])
+def test_a_study_file_outside_the_project_or_in_the_mlflow_store_is_refused(
+        train_val_tokens, tiny_model_dir, tmp_path, monkeypatch, storage, env, words):
+    """Optuna created its tables in mlflow.db (then a traceback), or a file anywhere: refused before any table."""
+    import sqlite3
+
+    from finetune.tuning.runner import run_tune
+
+    project = tmp_path / "project"
+    (project / "store").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    if env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    target = (project / storage).resolve()
+    if target.name != "finetune-elsewhere.db":  # an MLflow store that exists: it must keep only its own tables
+        sqlite3.connect(target).close()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError) as exc:
+        run_tune(_raw(tiny_model_dir, storage=storage), train_val_tokens, project / "out",
+                 (f"sqlite:///{project / 'mlflow.db'}", None))
+    msg = str(exc.value)
+    assert msg.startswith(f"tune.storage = {storage!r}: ") and words in msg and "\n" not in msg, msg
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and not Path("/tmp/finetune-elsewhere.db").exists()
+    if target.exists():
+        assert sqlite3.connect(target).execute("select name from sqlite_master").fetchall() == []

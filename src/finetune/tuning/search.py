@@ -31,7 +31,9 @@ from finetune.common.config import TUNE_METRICS, TuneConfig
 from finetune.common.params import apply_overrides, config_from_dict
 from finetune.common.progress import Progress
 from finetune.common.tokens import TokenizedSplit
+from finetune.common.tracking import DEFAULT_DB
 from finetune.reporting import plots
+from finetune.stages.predict import sqlite_paths
 from finetune.stages.train import train
 from finetune.training.recipe import TrainingError
 
@@ -101,6 +103,20 @@ def check_space(raw: dict[str, Any], cfg: TuneConfig) -> None:
                 trial_config(raw, cfg, {key: value})
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{key}: the value {value!r} is not allowed: {exc}") from None
+
+
+def check_storage(root: Path, storage: str, tracking_uris: list[str | None]) -> Path:
+    """The study's SQLite file: inside the project ``root`` and not an MLflow store (Optuna would create its
+    tables in mlflow.db, then MLflow fails on them). Refused in one line before any table is created."""
+    path = (root / storage).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ConfigError(f"tune.storage = {storage!r}: {path} is outside the project {root.resolve()}; give a file "
+                          f"name in the project, e.g. optuna.db")
+    stores = {p.resolve() for p in [root / DEFAULT_DB, *sqlite_paths(*tracking_uris)]}
+    if path in stores:
+        raise ConfigError(f"tune.storage = {storage!r}: {path} is the MLflow tracking store; give the study its own "
+                          f"file, e.g. optuna.db")
+    return path
 
 
 def _suggest(trial, key: str, dist: dict[str, Any]) -> Any:
