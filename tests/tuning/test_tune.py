@@ -300,3 +300,36 @@ def test_a_study_file_outside_the_project_or_in_the_mlflow_store_is_refused(
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no study file, no outputs
     if target.exists():
         assert sqlite3.connect(target).execute("select name from sqlite_master").fetchall() == []
+
+
+def test_the_runs_of_a_killed_tune_are_reaped_by_the_next_tune(train_val_tokens, tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """A killed tune left its parent and trial runs RUNNING forever: the next tune marks those with a stale
+    heartbeat FAILED (a live tune's runs, with a fresh heartbeat, are left alone), and its own runs beat."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import hygiene
+    from finetune.tuning.runner import run_tune
+
+    monkeypatch.chdir(tmp_path)
+    tracking = (f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "mlartifacts").as_uri())
+    raw = _raw(tiny_model_dir, trials=1)
+    client = MlflowClient(tracking[0])
+    exp_id = client.create_experiment(raw["register"]["experiment"], tracking[1])
+    old = str(1_000_000_000.0)
+    dead_parent = client.create_run(exp_id, tags={hygiene.STAGE_TAG: "tune", hygiene.HEARTBEAT_TAG: old})
+    dead_trial = client.create_run(exp_id, tags={hygiene.STAGE_TAG: "tune-trial", hygiene.HEARTBEAT_TAG: old,
+                                                 "mlflow.parentRunId": dead_parent.info.run_id})
+    live = client.create_run(exp_id, tags={hygiene.STAGE_TAG: "tune-trial", hygiene.HEARTBEAT_TAG: str(time.time())})
+
+    result = run_tune(raw, train_val_tokens, tmp_path / "out", tracking)
+    for run in (dead_parent, dead_trial):
+        got = client.get_run(run.info.run_id)
+        assert got.info.status == "FAILED" and "process died" in got.data.tags["finetune.failed"], got.info
+    assert client.get_run(live.info.run_id).info.status == "RUNNING"
+    parent = client.get_run(result["parent_run"])
+    assert parent.info.status == "FINISHED" and float(parent.data.tags[hygiene.HEARTBEAT_TAG]) > time.time() - 600
+    (trial,) = [r for r in client.search_runs([exp_id], "tags.trial_number = '0'")]
+    assert trial.info.status == "FINISHED" and hygiene.HEARTBEAT_TAG in trial.data.tags
