@@ -247,3 +247,89 @@ def test_katib_schema_rejects_broken_experiments(mutate, message):
     with pytest.raises(jsonschema.ValidationError) as err:
         _validate(exp)
     assert message in str(err.value.message)
+
+
+# ---- only what a trial applies is searched; the study's file; killed runs ----
+
+@pytest.mark.parametrize("key, dist", [("model.base", {"choices": ["a", "b"]}),
+                                       ("register.floor", {"low": 0.5, "high": 0.9}),
+                                       ("tokenize.max_length", {"choices": [8, 16]})])
+def test_a_key_no_trial_applies_is_refused_before_any_trial(tiny_model_dir, key, dist):
+    """A trial trains with its train section only: tuning model.base, register.floor or tokenize.max_length would
+    'find' a best value no trial used (best_params.yaml recommended max_length: 8, floor: 0.73)."""
+    from finetune.tuning.search import check_space
+
+    raw = _raw(tiny_model_dir, space={**SPACE, key: dist})
+    with pytest.raises(ConfigError) as exc:
+        check_space(raw, config_from_dict(raw).tune)
+    msg = str(exc.value)
+    assert msg.startswith(f"tune.space.{key}: a trial does not apply {key}") and "only train.* keys" in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("storage, env, words", [
+    ("../outside.db", None, "is outside the project"),
+    ("{tmp}/elsewhere.db", None, "is outside the project"),
+    ("mlflow.db", None, "is the MLflow tracking store"),
+    ("store/runs.db", "sqlite:///store/runs.db", "is the MLflow tracking store"),
+])
+def test_a_study_file_outside_the_project_or_in_the_mlflow_store_is_refused(
+        train_val_tokens, tiny_model_dir, tmp_path, monkeypatch, storage, env, words):
+    """Optuna created its tables in mlflow.db (then a traceback), or a file anywhere: refused before any table."""
+    import sqlite3
+
+    from finetune.tuning.runner import run_tune
+
+    storage = storage.format(tmp=tmp_path)  # an absolute path outside the project
+    project = tmp_path / "project"
+    (project / "store").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    if env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    target = (project / storage).resolve()
+    if target.name != "elsewhere.db":  # an MLflow store that exists: it must keep only its own tables
+        sqlite3.connect(target).close()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError) as exc:
+        run_tune(_raw(tiny_model_dir, storage=storage), train_val_tokens, project / "out",
+                 (f"sqlite:///{project / 'mlflow.db'}", None))
+    msg = str(exc.value)
+    assert msg.startswith(f"tune.storage = {storage!r}: ") and words in msg and "\n" not in msg, msg
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no study file, no outputs
+    if target.exists():
+        assert sqlite3.connect(target).execute("select name from sqlite_master").fetchall() == []
+
+
+def test_the_runs_of_a_killed_tune_are_reaped_by_the_next_tune(train_val_tokens, tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """A killed tune left its parent and trial runs RUNNING forever: the next tune marks those with a stale
+    heartbeat FAILED (a live tune's runs, with a fresh heartbeat, are left alone), and its own runs beat."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from finetune.registry import hygiene
+    from finetune.tuning.runner import run_tune
+
+    monkeypatch.chdir(tmp_path)
+    tracking = (f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "mlartifacts").as_uri())
+    raw = _raw(tiny_model_dir, trials=1)
+    client = MlflowClient(tracking[0])
+    exp_id = client.create_experiment(raw["register"]["experiment"], tracking[1])
+    old = str(1_000_000_000.0)
+    dead_parent = client.create_run(exp_id, tags={hygiene.STAGE_TAG: "tune", hygiene.HEARTBEAT_TAG: old})
+    dead_trial = client.create_run(exp_id, tags={hygiene.STAGE_TAG: "tune-trial", hygiene.HEARTBEAT_TAG: old,
+                                                 "mlflow.parentRunId": dead_parent.info.run_id})
+    live = client.create_run(exp_id, tags={hygiene.STAGE_TAG: "tune-trial", hygiene.HEARTBEAT_TAG: str(time.time())})
+
+    result = run_tune(raw, train_val_tokens, tmp_path / "out", tracking)
+    for run in (dead_parent, dead_trial):
+        got = client.get_run(run.info.run_id)
+        assert got.info.status == "FAILED" and "process died" in got.data.tags["finetune.failed"], got.info
+    assert client.get_run(live.info.run_id).info.status == "RUNNING"
+    parent = client.get_run(result["parent_run"])
+    assert parent.info.status == "FINISHED" and float(parent.data.tags[hygiene.HEARTBEAT_TAG]) > time.time() - 600
+    (trial,) = [r for r in client.search_runs([exp_id], "tags.trial_number = '0'")]
+    assert trial.info.status == "FINISHED" and hygiene.HEARTBEAT_TAG in trial.data.tags

@@ -21,7 +21,7 @@ import yaml
 from finetune.common.config import TUNE_METRICS, Config, key_type
 from finetune.common.params import as_params
 from finetune.common.redact import redact_text, redact_tree
-from finetune.tuning.search import yaml_scalar
+from finetune.tuning.search import check_applied_keys, yaml_scalar
 
 NAME = "finetune-tune"
 
@@ -66,6 +66,7 @@ def _text(value: Any) -> str:
 
 def experiment(cfg: Config, cluster: dict[str, Any], data_uri: str) -> dict[str, Any]:
     """The Experiment object for ``cfg.tune`` with the trial pods' placement and secrets of ``cluster``."""
+    check_applied_keys(cfg.tune)  # a trial would refuse the key: refuse it before the Experiment exists
     t = cfg.tune
     names = parameter_names(list(t.space))
     other = [m for m in TUNE_METRICS if m != t.metric]

@@ -281,7 +281,7 @@ TUNE_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 @dataclass
 class TuneConfig:
-    """`finetune tune`: the search space over any dotted config key, the budget, sampler and pruner."""
+    """`finetune tune`: the search space over train.* keys (what a trial applies), the budget, sampler and pruner."""
     SECTION: typing.ClassVar[str] = "tune"
     trials: int = field(default=8, metadata={"help": "finished (complete or pruned) trials the study ends with"})
     metric: str = field(default="val_accuracy", metadata={"help": "val_accuracy (maximised) or val_loss "
@@ -300,7 +300,7 @@ class TuneConfig:
         "train.batch_size": {"choices": [16, 32]},
         "train.warmup_ratio": {"low": 0.0, "high": 0.2},
         "train.weight_decay": {"choices": [0.0, 0.01, 0.1]},
-    }, metadata={"help": "dotted config key -> {low, high[, log][, step]} or {choices: [...]}"})
+    }, metadata={"help": "train.* key -> {low, high[, log][, step]} or {choices: [...]}"})
 
     def __post_init__(self) -> None:
         rule(self, "trials", self.trials >= 1, ">= 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from finetune.common.redact import redact_uri
 from finetune.common.tokens import read_tokens
 from finetune.common.tracking import project_root
 from finetune.stages.train import train
-from finetune.tuning.search import trial_config, tune, write_outputs
+from finetune.tuning.search import check_space, check_storage, trial_config, tune, write_outputs
 from finetune.tuning.search_log import SearchLog
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -29,11 +30,12 @@ def run_tune(raw: dict[str, Any], tokens: str | Path, out: str | Path,
 
 
     cfg = config_from_dict(raw)
+    storage = check_storage(project_root("."), cfg.tune.storage,
+                            [os.environ.get("MLFLOW_TRACKING_URI"), tracking[0] if tracking else None])
     base = resolve_base(cfg.model.base)
     check_model_limits(cfg, base)
     check_output_dir(out, [tokens, base])
     toks, meta = read_tokens(tokens, names=("train", "val"))
-    storage = project_root(".") / cfg.tune.storage
     logs = []
 
     def open_log(parent: str | None):
@@ -70,6 +72,7 @@ def run_tune_trial(raw: dict[str, Any], tokens: str | Path, emit=print) -> dict[
 
 
     tune_cfg = config_from_dict(raw).tune
+    check_space(raw, tune_cfg)  # the same keys as the search: a Katib trial applies only train.*
     cfg = trial_config(raw, tune_cfg, {})  # the budget; the trial's values are already in raw (--set)
     base = resolve_base(cfg.model.base)
     check_model_limits(cfg, base)

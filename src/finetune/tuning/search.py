@@ -1,5 +1,6 @@
-"""tune: hyperparameter search (Optuna) over any params.yaml key, each trial the real ``train()`` on the train split
-scored on the validation split. The test split is never read here: callers pass only train and val tokens.
+"""tune: hyperparameter search (Optuna) over the train.* keys of params.yaml (what a trial applies), each trial
+the real ``train()`` on the train split scored on the validation split. The test split is never read here:
+callers pass only train and val tokens.
 
 A trial's config is params.yaml + the per-trial budget (``tune.max_steps``, ``tune.evals`` validation points) + the
 sampled values, built through ``config.apply_overrides`` / ``config_from_dict`` like any ``--set``, so a sampled
@@ -31,7 +32,9 @@ from finetune.common.config import TUNE_METRICS, TuneConfig
 from finetune.common.params import apply_overrides, config_from_dict
 from finetune.common.progress import Progress
 from finetune.common.tokens import TokenizedSplit
+from finetune.common.tracking import DEFAULT_DB
 from finetune.reporting import plots
+from finetune.stages.predict import sqlite_paths
 from finetune.stages.train import train
 from finetune.training.recipe import TrainingError
 
@@ -81,14 +84,45 @@ def trial_config(raw: dict[str, Any], cfg: TuneConfig, values: dict[str, Any]):
     return config_from_dict(apply_overrides(raw, budget(cfg) + overrides(values)))
 
 
+# A trial trains with its own train section (train() gets trial_cfg.train); the base model, the tokens and the
+# register gate are fixed for the whole search, so a sampled value of any other key would change nothing and
+# best_params.yaml would recommend a value no trial used.
+APPLIED_PREFIX = "train."
+
+
+def check_applied_keys(cfg: TuneConfig) -> None:
+    """Every key of ``tune.space`` is one a trial applies (local search and the Katib Experiment alike)."""
+    for key in cfg.space:
+        if not key.startswith(APPLIED_PREFIX):
+            raise ConfigError(f"tune.space.{key}: a trial does not apply {key} (the base model, tokens and register "
+                              f"settings are fixed for the whole search); only {APPLIED_PREFIX}* keys may be "
+                              f"searched, e.g. train.learning_rate")
+
+
 def check_space(raw: dict[str, Any], cfg: TuneConfig) -> None:
-    """Every end of every range and every choice gives a valid config with these params, before any trial."""
+    """Every key is one a trial applies, and every end of every range and every choice gives a valid config with
+    these params, before any trial."""
+    check_applied_keys(cfg)
     for key, dist in cfg.space.items():
         for value in dist.get("choices") or [dist["low"], dist["high"]]:
             try:
                 trial_config(raw, cfg, {key: value})
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{key}: the value {value!r} is not allowed: {exc}") from None
+
+
+def check_storage(root: Path, storage: str, tracking_uris: list[str | None]) -> Path:
+    """The study's SQLite file: inside the project ``root`` and not an MLflow store (Optuna would create its
+    tables in mlflow.db, then MLflow fails on them). Refused in one line before any table is created."""
+    path = (root / storage).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ConfigError(f"tune.storage = {storage!r}: {path} is outside the project {root.resolve()}; give a file "
+                          f"name in the project, e.g. optuna.db")
+    stores = {p.resolve() for p in [root / DEFAULT_DB, *sqlite_paths(*tracking_uris)]}
+    if path in stores:
+        raise ConfigError(f"tune.storage = {storage!r}: {path} is the MLflow tracking store; give the study its own "
+                          f"file, e.g. optuna.db")
+    return path
 
 
 def _suggest(trial, key: str, dist: dict[str, Any]) -> Any:
