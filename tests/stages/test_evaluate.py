@@ -137,7 +137,6 @@ def test_many_classes_plot_and_roc_only_the_most_frequent(tiny_model_dir, tmp_pa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
-    from finetune.stages.evaluate import PLOT_CLASSES
 
     labels = [f"c{i:02d}" for i in range(60)]
     model_dir = tmp_path / "model"
@@ -154,7 +153,6 @@ def test_many_classes_plot_and_roc_only_the_most_frequent(tiny_model_dir, tmp_pa
     res = evaluate(model_dir, test, meta, EvaluateConfig(batch_size=64))
     write_evaluation(res, tmp_path / "eval")
 
-    assert PLOT_CLASSES == 20
     roc_classes = {r.split(",")[0] for r in (tmp_path / "eval" / "roc.csv").read_text().splitlines()[1:]}
     assert roc_classes == {f"c{i}" for i in range(40, 60)}
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
