@@ -43,7 +43,7 @@ def random_split(n_texts: int, n_classes: int, vocab: int, seed: int = 0):
     offsets = np.zeros(n_texts + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = rng.integers(1000, vocab, int(offsets[-1])).astype(np.int32)
-    labels = np.sort(rng.integers(0, n_classes, n_texts)).astype(np.int64)  # skewed-free, every class ~12 texts
+    labels = np.sort(rng.integers(0, n_classes, n_texts)).astype(np.int64)  # uniform: about --per-class texts a class
     return TokenizedSplit(ids, offsets, labels)
 
 
