@@ -126,3 +126,40 @@ def test_inference_with_progress_gives_the_same_logits_and_reports(tiny_classifi
     bar = term.getvalue()
     assert "evaluate" in bar and "20/20" in bar and "texts/s" in bar and "<" in bar  # tqdm: rate, elapsed<ETA
     assert not [r for r in caplog.records if r.getMessage().startswith("evaluate:")]
+
+
+def _png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]  # signature, IHDR length and type, then width and height (big-endian)
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_many_classes_plot_and_roc_only_the_most_frequent(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
+
+    labels = [f"c{i:02d}" for i in range(60)]
+    model_dir = tmp_path / "model"
+    AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), num_labels=60, id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)}).save_pretrained(model_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(model_dir)
+    # classes 40..59 hold 5 texts each, the others 2: the 20 most frequent are c40..c59
+    y = np.repeat(np.arange(60), [2] * 40 + [5] * 20)
+    rng = np.random.default_rng(0)
+    offsets = np.arange(len(y) + 1, dtype=np.int64) * 6
+    test = TokenizedSplit(rng.integers(1000, 5000, int(offsets[-1])).astype(np.int32), offsets, y)
+    meta = {"labels": labels, "tokenizer": tokenizer_fingerprint(load_tokenizer(model_dir))}
+    res = evaluate(model_dir, test, meta, EvaluateConfig(batch_size=64))
+    write_evaluation(res, tmp_path / "eval")
+
+    roc_classes = {r.split(",")[0] for r in (tmp_path / "eval" / "roc.csv").read_text().splitlines()[1:]}
+    assert roc_classes == {f"c{i}" for i in range(40, 60)}
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # the full matrix and every class's AUC are still written
+    assert len(metrics["confusion_matrix"]) == 60 and {len(r) for r in metrics["confusion_matrix"]} == {60}
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(y) == 180
+    assert all("roc_auc" in metrics["per_class"][lab] for lab in labels)
+    # the confusion image is drawn for 20 classes: (4 + 0.4 * 20) x (3.5 + 0.4 * 20) inches at 100 dpi,
+    # where all 60 would give 2800 x 2750 pixels
+    assert _png_size(tmp_path / "eval" / "confusion_matrix.png") == (1200, 1150)

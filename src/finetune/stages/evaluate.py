@@ -4,15 +4,20 @@ Metrics: accuracy, macro-F1, per-class precision/recall/F1, cross-entropy loss, 
 error (ECE), confusion matrix, one-vs-rest ROC AUC per class. metrics.json keeps ``accuracy`` and
 ``macro_f1`` at top level for `dvc metrics` and KFP; predictions.csv, calibration.csv and roc.csv feed
 `dvc plots`.
+
+Memory stays bounded with many classes: the confusion-matrix image, roc.csv and roc.png cover at most
+``PLOT_CLASSES`` classes (the most frequent in the test split); every class keeps its ROC AUC in metrics.json,
+and metrics.json keeps the full confusion matrix (the KFP component logs it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -29,6 +34,10 @@ from finetune.training.model import MismatchError, load_classifier, pick_device,
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
 
+# The plots draw one text per confusion cell and one curve per class: unbounded, 500 classes drove evaluate
+# to ~12 GB resident. Beyond this many classes, plots and roc.csv keep the most frequent ones only.
+PLOT_CLASSES = 20
+
 
 @dataclass
 class EvalResult:
@@ -41,14 +50,22 @@ class EvalResult:
     roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> fpr, tpr, threshold, auc
 
 
-def roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000
-               ) -> dict[str, dict[str, Any]]:
+def top_classes(y_true: np.ndarray, n_classes: int, k: int = PLOT_CLASSES) -> np.ndarray:
+    """Indices of the ``k`` most frequent classes in ``y_true`` (ties: lower index first), in index order."""
+    counts = np.bincount(y_true, minlength=n_classes)
+    return np.sort(np.argsort(-counts, kind="stable")[:k])
+
+
+def roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000,
+               curves_for: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
     """One-vs-rest ROC curve and its area per class (a class absent from, or alone in, ``y_true`` has none).
 
     Points are (false positive rate, true positive rate) at each distinct score threshold, from (0, 0); the
-    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``.
+    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``. With
+    ``curves_for``, only those class indices keep their curve (the others their AUC only): bounded memory.
     """
     out = {}
+    keep_curve = set(range(len(labels)) if curves_for is None else (int(i) for i in curves_for))
     for k, lab in enumerate(labels):
         pos = y_true == k
         n_pos, n_neg = int(pos.sum()), int((~pos).sum())
@@ -61,6 +78,9 @@ def roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_poi
         fpr = np.r_[0.0, np.cumsum(~hits)[last] / n_neg]
         thr = np.r_[1.0, scores[last]]
         auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        if k not in keep_curve:
+            out[lab] = {"auc": round(auc, 6)}
+            continue
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
         out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
                     "auc": round(auc, 6)}
@@ -112,9 +132,10 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     probs = softmax(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
     metrics, calib = classification_metrics(test.labels, probs, labels, cfg.calibration_bins)
     metrics[MODEL_DIGEST] = digest
-    roc = roc_curves(test.labels, probs, labels)
+    roc = roc_curves(test.labels, probs, labels, curves_for=top_classes(test.labels, len(labels)))
     for lab, curve in roc.items():
         metrics["per_class"][lab]["roc_auc"] = curve["auc"]
+    roc = {lab: c for lab, c in roc.items() if "fpr" in c}  # curves of the plotted classes only
     return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib, roc)
 
 
@@ -152,16 +173,21 @@ def _plots(result: EvalResult, out: Path) -> None:
 
     matplotlib.use("Agg")
 
-    cm = np.array(result.metrics["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(result.labels), 3.5 + 0.4 * len(result.labels)))
+    top = top_classes(np.asarray(result.y_true), len(result.labels))
+    cm = np.array(result.metrics["confusion_matrix"])[np.ix_(top, top)]
+    names = [result.labels[i] for i in top]
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(names), 3.5 + 0.4 * len(names)))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(result.labels)), result.labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(result.labels)), result.labels)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_title(f"confusion matrix (accuracy {result.metrics['accuracy']:.3f})")
+    title = f"confusion matrix (accuracy {result.metrics['accuracy']:.3f})"
+    if len(names) < len(result.labels):
+        title += f"\n{len(names)} most frequent of {len(result.labels)} classes; full matrix in metrics.json"
+    ax.set_title(title, fontsize="small" if len(names) < len(result.labels) else None)
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
@@ -184,7 +210,9 @@ def _plots(result: EvalResult, out: Path) -> None:
         ax.plot(c["fpr"], c["tpr"], label=f"{lab} (AUC {c['auc']:.3f})")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("ROC, one class vs the rest")
+    shown = f", {len(result.roc)} most frequent of {len(result.labels)} classes" \
+        if len(result.labels) > PLOT_CLASSES else ""
+    ax.set_title(f"ROC, one class vs the rest{shown}", fontsize="small" if shown else None)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=100)
