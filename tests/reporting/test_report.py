@@ -199,3 +199,26 @@ def test_model_card_calibration_sentence_follows_the_ece(ece, words):
     assert words in card
     others = {"well calibrated", "only roughly calibrated", "poorly calibrated"} - {words.split(" (")[0]}
     assert not any(o in card for o in others)
+
+
+def test_confusion_tables_show_the_most_frequent_classes_past_twenty():
+    """With 60 classes the report's and the card's confusion tables hold the 20 classes with the most test texts
+    (c40..c59 here), not a 60 x 60 table: both grow with classes squared."""
+    from finetune.reporting.model_card import model_card
+
+    labels = [f"c{i}" for i in range(60)]
+    support = [2] * 40 + [5] * 20
+    cm = [[support[i] if i == j else 0 for j in range(60)] for i in range(60)]
+    per_class = {lab: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "roc_auc": 1.0, "support": s}
+                 for lab, s in zip(labels, support)}
+    metrics = {**METRICS, "labels": labels, "confusion_matrix": cm, "per_class": per_class, "n": sum(support)}
+    page = render_report(ReportData(_registration(), metrics, VALIDATION))
+    table = page[page.index("<h3>Confusion matrix"):]
+    table = table[:table.index("</table>")]
+    assert "20 most frequent of 60 classes" in table
+    assert table.count("<tr>") == 21 and "<th>c40</th>" in table and "<th>c39</th>" not in table
+    card = model_card("reviews", "3", metrics, VALIDATION, {}, {}, "run9", None)
+    section = card[card.index("Confusion matrix"):]
+    assert "20 most frequent of 60 classes" in section.splitlines()[0]
+    header = section.splitlines()[2]
+    assert header.count("|") == 22 and "c59" in header and "c0 " not in header

@@ -158,6 +158,20 @@ def _data_section(validation: dict[str, Any], lineage: dict[str, Any], labels: l
     return out
 
 
+TABLE_CLASSES = 20  # a confusion table past this many classes shows the most frequent only (it grows with classes^2)
+
+
+def confusion_subset(cm: list[list[int]], labels: list[str], k: int = TABLE_CLASSES
+                     ) -> tuple[list[list[int]], list[str], str]:
+    """The confusion matrix restricted to the ``k`` classes with the most test texts (rows: actual), with a note
+    saying so; the whole matrix when there are at most ``k`` classes."""
+    if len(labels) <= k:
+        return cm, labels, ""
+    keep = sorted(sorted(range(len(labels)), key=lambda i: (-sum(cm[i]), i))[:k])
+    note = f" ({k} most frequent of {len(labels)} classes; the full matrix is in metrics.json)"
+    return [[cm[i][j] for j in keep] for i in keep], [labels[i] for i in keep], note
+
+
 def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]:
     n = int(metrics.get("n", 0))
     acc = float(metrics["accuracy"])
@@ -169,8 +183,9 @@ def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]
            _table(PER_CLASS_HEADER, per_class_rows(metrics))]
     cm = metrics.get("confusion_matrix")
     if cm:
-        out += ["", "Confusion matrix (rows: actual, columns: predicted):", "",
-                _table(["", *labels], [[lab, *row] for lab, row in zip(labels, cm)])]
+        cm, shown, note = confusion_subset(cm, labels)
+        out += ["", f"Confusion matrix (rows: actual, columns: predicted){note}:", "",
+                _table(["", *shown], [[lab, *row] for lab, row in zip(shown, cm)])]
     return out
 
 

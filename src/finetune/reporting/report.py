@@ -19,6 +19,7 @@ from finetune.reporting.model_card import (
     accuracy_interval,
     compress_header,
     compress_rows,
+    confusion_subset,
     int8_status,
     per_class_rows,
     training_settings,
@@ -111,6 +112,7 @@ def _confusion(metrics: dict[str, Any]) -> str:
     cm, labels = metrics.get("confusion_matrix"), metrics.get("labels") or list(metrics.get("per_class") or {})
     if not cm:
         return ""
+    cm, labels, note = confusion_subset(cm, labels)
     top = max(max(row) for row in cm) or 1
     head = "<th>actual \\ predicted</th>" + "".join(f"<th>{_e(lab)}</th>" for lab in labels)
     rows = []
@@ -119,7 +121,7 @@ def _confusion(metrics: dict[str, Any]) -> str:
             f'<td class="num" style="background:rgba(9,105,218,{0.08 + 0.7 * v / top:.2f});'
             f'color:{"#fff" if v / top > 0.6 else "#1f2328"}">{v:,}</td>' for v in row)
         rows.append(f"<tr><th>{_e(lab)}</th>{cells}</tr>")
-    return f"<h3>Confusion matrix</h3><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f"<h3>Confusion matrix{_e(note)}</h3><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _data_section(d: ReportData) -> str:
