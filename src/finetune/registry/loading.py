@@ -15,20 +15,28 @@ from finetune.registry import integrity
 from finetune.registry.request import RegistryError
 
 
+def _name_and_ref(model_uri: str, refusal: str) -> tuple[str, str, bool]:
+    """(name, alias or version, whether it is an alias) of ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>``; any other URI is refused with ``refusal``."""
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"{model_uri}: {refusal} (models:/<name>/<version> or models:/<name>@<alias>)")
+    name, sep, ref = model_uri[len("models:/"):].partition("@")
+    if not sep:
+        name, _, ref = name.rpartition("/")
+    return name, ref, bool(sep)
+
+
+def _model_version(client, name: str, ref: str, is_alias: bool):
+    return client.get_model_version_by_alias(name, ref) if is_alias else client.get_model_version(name, ref)
+
+
 def load_verified(model_uri: str, tracking_uri: str):
     """Load a registered model (``models:/<name>/<version>`` or ``models:/<name>@<alias>``) only after every file
     of a downloaded copy matched the sha256 digests the registry holds for that version; loads that copy."""
 
-    if not model_uri.startswith("models:/"):
-        raise RegistryError(f"{model_uri}: only registered models (models:/<name>/<version> or "
-                            f"models:/<name>@<alias>) can be verified and loaded")
-    name, sep, ref = model_uri[len("models:/"):].partition("@")
-    if not sep:
-        name, _, ref = name.rpartition("/")
-
-    client = MlflowClient(tracking_uri)
+    name, ref, is_alias = _name_and_ref(model_uri, "only registered models can be verified and loaded")
     try:
-        mv = client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+        mv = _model_version(MlflowClient(tracking_uri), name, ref, is_alias)
         # models:/ URIs resolve against the global tracking URI, whatever tracking_uri= says
         with tempfile.TemporaryDirectory(prefix="finetune-verified-") as tmp, _use_tracking_uri(tracking_uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
@@ -49,15 +57,9 @@ def version_download_uri(tracking_uri: str, model_name: str, version: str) -> st
 def pinned_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
     """(name, version) that ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` points at now: a server
     loads ``models:/<name>/<version>`` and reports that version, even if the alias moves meanwhile."""
-    if not model_uri.startswith("models:/"):
-        raise RegistryError(f"{model_uri}: not a registered model URI (models:/<name>/<version> or "
-                            f"models:/<name>@<alias>)")
-    name, sep, ref = model_uri[len("models:/"):].partition("@")
-    if not sep:
-        name, _, ref = name.rpartition("/")
-    client = MlflowClient(tracking_uri)
+    name, ref, is_alias = _name_and_ref(model_uri, "not a registered model URI")
     try:
-        mv = client.get_model_version_by_alias(name, ref) if sep else client.get_model_version(name, ref)
+        mv = _model_version(MlflowClient(tracking_uri), name, ref, is_alias)
     except MlflowException as exc:
         raise RegistryError(redact_text(f"cannot resolve {model_uri} in {redact_uri(tracking_uri)}: "
                                         f"{exc.message}")) from None
