@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +355,46 @@ def test_a_local_model_folder_is_served_and_named_local(project, tmp_path, monke
         assert "not checked against the registry's digests" in server.output()
     finally:
         assert server.stop() == 0
+
+
+def _s3_env(stack, **override) -> dict[str, str]:
+    """The S3 part of the pipeline's secrets (the model itself comes from the project's SQLite registry)."""
+    return {**{k: v for k, v in stack.client_env.items() if k.startswith("AWS_")}, **override}
+
+
+def test_request_log_goes_to_s3_in_batches_in_the_monitor_format(project, stack):
+    """serve.log_folder=s3://bucket/prefix: a file per log_flush_records records (and the rest at shutdown), each
+    record in the fields `finetune monitor` reads; the S3 secret is in no output and no object."""
+    prefix = f"serve-requests/{uuid.uuid4().hex[:8]}"
+    env = _s3_env(stack)
+    server = Server(project, f"models:/{NAME}@champion", "--set", "serve.log_sample_rate=1.0",
+                    "--set", f"serve.log_folder=s3://{stack.bucket}/{prefix}", "--set", "serve.log_text=keep",
+                    "--set", "serve.log_flush_records=2", env=env).wait_ready()
+    try:
+        for text in TEXTS:  # 3 requests of one text: a file of 2 records while serving, the last one at SIGTERM
+            assert post(f"{server.base}/v1/models/{NAME}:predict", {"instances": [text]})[0] == 200
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+    s3 = stack.s3()
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix + "/")["Contents"])
+    assert len(keys) == 2 and all(k.startswith(prefix + "/requests-") and k.endswith(".jsonl") for k in keys), keys
+    bodies = [s3.get_object(Bucket=stack.bucket, Key=k)["Body"].read().decode() for k in keys]
+    records = [json.loads(line) for body in bodies for line in body.splitlines()]
+    assert [len(b.splitlines()) for b in bodies] == [2, 1] and [r["text"] for r in records] == TEXTS
+    assert all(set(r) == {"ts", "model", "version", "text", "label", "probabilities"} for r in records), records
+    assert all(r["model"] == NAME and r["version"] == "1" and r["label"] in ("fresh", "rotten") for r in records)
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in server.output() and not any(secret in b for b in bodies)
+
+
+def test_an_unreachable_s3_request_log_stops_the_server_at_start_in_one_line(project, stack):
+    wrong = "wrong-secret-" + uuid.uuid4().hex[:8]
+    server = Server(project, f"models:/{NAME}@champion", "--set", "serve.log_sample_rate=0.5",
+                    "--set", f"serve.log_folder=s3://{stack.bucket}/serve-requests/denied",
+                    env=_s3_env(stack, AWS_SECRET_ACCESS_KEY=wrong))
+    rc = server.proc.wait(120)
+    server.stop()
+    errors = [line for line in server.output().splitlines() if "error:" in line]
+    assert rc == 1 and len(errors) == 1, server.output()[-3000:]
+    assert f"serve.log_folder s3://{stack.bucket}/serve-requests/denied: cannot reach the bucket" in errors[0]
+    assert wrong not in server.output() and "Traceback" not in server.output()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_request_log_keeps_hashes_or_nothing_of_the_text(tmp_path):
         rlog = RequestLog(tmp_path / mode, 1.0, mode, flush_records=2)
         assert rlog.sampled() and rlog.add("toy", "1", [text], preds) is False  # not due: 1 record of 2
         assert rlog.add("toy", "1", [text], preds) is True
-        path = rlog.flush()
+        path = Path(rlog.flush())  # where it was written (a local path here)
         records = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(records) == 2 and records[0]["label"] == "fresh" and records[0]["version"] == "1"
         raw = path.read_text()
@@ -156,3 +157,41 @@ def test_token_file_is_read_and_bad_files_are_one_line_without_the_content(tmp_p
     assert "two words" not in str(exc.value)
     with pytest.raises(StageFailed, match="cannot read the bearer token file"):
         read_token(str(tmp_path / "missing"))
+
+
+def test_two_workers_answer_two_batches_at_once_each_caller_its_rows():
+    """serve.model_workers=2: while one batch runs, the next is collected and run beside it (both calls are in
+    the model at the same time), and every caller still gets its own rows."""
+    import threading
+
+    both_in = threading.Barrier(2, timeout=10)  # passes only if two model calls overlap
+    calls = []
+
+    def model(texts):
+        calls.append(list(texts))
+        both_in.wait()
+        return np.array([[len(t), 1.0] for t in texts])
+
+    requests = [["a"], ["bb"], ["ccc"], ["dddd"]]
+    out = asyncio.run(_submit_all(Batcher(model, 2, 50, workers=2), requests))
+    assert [[int(r[0]) for r in rows] for rows in out] == [[1], [2], [3], [4]]
+    assert sorted(map(len, calls)) == [2, 2]
+
+
+def test_served_model_calls_length_sorted_chunks_and_answers_in_request_order():
+    from finetune.serving import model as served
+
+    class Impl:
+        def __init__(self):
+            self.calls = []
+
+        def predict_proba(self, texts):
+            self.calls.append(list(texts))
+            return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+    impl = Impl()
+    texts = ["x" * n for n in (9, 1, 12, 3, 7, 2, 11, 5, 8, 4, 10, 6)]
+    probs = served.ServedModel("m", "1", "fp32", ["a", "b"], impl).predict_proba(texts)
+    assert np.allclose(probs[:, 0] * (np.array([len(t) for t in texts]) + 1), [len(t) for t in texts])
+    assert [len(c) for c in impl.calls] == [served.SORTED_CHUNK, len(texts) - served.SORTED_CHUNK]
+    assert [len(t) for c in impl.calls for t in c] == sorted(len(t) for t in texts)

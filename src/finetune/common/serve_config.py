@@ -21,12 +21,15 @@ class ServeConfig:
     max_chars_per_text: int = field(default=5000, metadata={"help": "a longer text in a request: 413"})
     log_sample_rate: float = field(default=0.0, metadata={"help": "share of requests written to the request "
                                                                   "log (0 = no log)"})
-    log_folder: str = field(default="out/serve/requests", metadata={"help": "folder of the request log's JSONL "
-                                                                            "files"})
+    log_folder: str = field(default="out/serve/requests", metadata={"help": "folder (or s3://bucket/prefix) of the "
+                                                                            "request log's JSONL files"})
     log_text: str = field(default="sha256", metadata={"help": "the text in the request log: keep, sha256 or drop"})
     log_flush_records: int = field(default=100, metadata={"help": "records per request-log file write"})
     graceful_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests "
                                                                       "may take to finish"})
+    model_workers: int = field(default=2, metadata={"help": "model calls at once (threads), each on a batch of "
+                                                            "its own; one per core"})
+    torch_threads: int = field(default=1, metadata={"help": "PyTorch intra-op threads per model call"})
 
     def __post_init__(self) -> None:
         rule(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
@@ -34,7 +37,10 @@ class ServeConfig:
         rule(self, "max_texts_per_request", self.max_texts_per_request >= 1, ">= 1")
         rule(self, "max_chars_per_text", self.max_chars_per_text >= 1, ">= 1")
         rule(self, "log_sample_rate", 0 <= self.log_sample_rate <= 1, "in [0, 1]")
-        rule(self, "log_folder", bool(self.log_folder) and "://" not in self.log_folder, "a local folder")
+        rule(self, "log_folder", bool(self.log_folder) and ("://" not in self.log_folder or (
+            self.log_folder.startswith("s3://") and len(self.log_folder) > 5)), "a local folder or s3://bucket/prefix")
         rule(self, "log_text", self.log_text in SERVE_LOG_TEXT, " or ".join(SERVE_LOG_TEXT))
         rule(self, "log_flush_records", self.log_flush_records >= 1, ">= 1")
         rule(self, "graceful_timeout_s", self.graceful_timeout_s > 0, "> 0")
+        rule(self, "model_workers", self.model_workers >= 1, ">= 1")
+        rule(self, "torch_threads", self.torch_threads >= 1, ">= 1")

@@ -1,8 +1,10 @@
 """Requests that arrive within a small window share one model call, up to a number of texts.
 
-One worker thread runs the model, so calls never overlap (PyTorch and ONNX Runtime already use every core
-inside one call). While it runs, new requests queue; the next batch takes them at once. With a window of 0
-every request is a model call of its own (batching off: the baseline the benchmark compares against).
+``workers`` threads run the model, each on a batch of its own (serve.model_workers). A batch is collected only
+once a worker is free: while all of them run, new requests queue, and the next batch takes them at once. One
+worker per core, each model call single-threaded (serve.torch_threads: 1), measured faster on 2 busy cores than
+one call spread over both (docs/benchmarks.md, serving under load). With a window of 0 every request is a model
+call of its own (batching off: the baseline the benchmark compares against).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ class Batcher:
     size (the batch-size metric)."""
 
     def __init__(self, predict: Predict, max_batch_size: int, window_ms: float,
-                 on_batch: Callable[[int], None] = lambda n: None):
+                 on_batch: Callable[[int], None] = lambda n: None, workers: int = 1):
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.window = window_ms / 1000.0
         self.on_batch = on_batch
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-model")
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="finetune-model")
+        self.free_workers = asyncio.Semaphore(workers)
+        self.running: set[asyncio.Task] = set()  # batches being answered
         self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
 
@@ -54,6 +58,8 @@ class Batcher:
             await self.queue.put(None)
             await self.worker
             self.worker = None
+        if self.running:
+            await asyncio.gather(*self.running, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     async def _call(self, texts: list[str]) -> np.ndarray:
@@ -67,10 +73,17 @@ class Batcher:
             carry = None
             if first is None:
                 return
+            await self.free_workers.acquire()  # collect only when a worker can take the batch at once
             batch, stop, carry = await self._collect(first)
-            await self._answer(batch)
+            task = asyncio.create_task(self._answer(batch))
+            self.running.add(task)
+            task.add_done_callback(self._done)
             if stop:
                 return
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        self.free_workers.release()
 
     async def _collect(self, first: _Pending) -> tuple[list[_Pending], bool, _Pending | None]:
         """``first`` and whatever arrives within the window, up to max_batch_size texts. Returns the batch,

@@ -28,7 +28,7 @@ from finetune.serving.batching import Batcher
 from finetune.serving.metrics import ServeMetrics
 from finetune.serving.model import ServedModel, ServeError, init_torch_threads, load_served
 from finetune.serving.protocol import Limits, Refusal
-from finetune.serving.request_log import RequestLog
+from finetune.serving.request_log import RequestLog, RequestLogError
 
 log = logging.getLogger("finetune")
 
@@ -52,6 +52,13 @@ class ServerState:
     @property
     def limits(self) -> Limits:
         return Limits(self.cfg.max_texts_per_request, self.cfg.max_chars_per_text)
+
+
+def open_request_log(cfg: ServeConfig) -> RequestLog:
+    try:
+        return RequestLog(cfg.log_folder, cfg.log_sample_rate, cfg.log_text, cfg.log_flush_records)
+    except RequestLogError as exc:
+        raise ServeError(str(exc)) from None
 
 
 def _load_in_background(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
@@ -78,9 +85,10 @@ def _ready(state: ServerState, model: ServedModel) -> None:
 async def _lifespan(app: FastAPI):
     state: ServerState = app.state.serve
     cfg = state.cfg
-    state.request_log = RequestLog(cfg.log_folder, cfg.log_sample_rate, cfg.log_text, cfg.log_flush_records)
+    if state.request_log is None:  # serve() made it (and checked its location) before the server started
+        state.request_log = open_request_log(cfg)
     state.batcher = Batcher(lambda texts: state.model.predict_proba(texts), cfg.max_batch_size,
-                            cfg.batch_window_ms, state.metrics.batch_size.observe)
+                            cfg.batch_window_ms, state.metrics.batch_size.observe, cfg.model_workers)
     await state.batcher.start()
     threading.Thread(target=_load_in_background, args=(state, asyncio.get_running_loop()), daemon=True,
                      name="finetune-load").start()
@@ -228,7 +236,8 @@ def serve(state: ServerState, host: str, port: int) -> None:
         server.should_exit = True
 
     state.on_fatal = fatal
-    init_torch_threads()
+    state.request_log = open_request_log(state.cfg)  # an unreachable S3 log location: one line, before loading
+    init_torch_threads(state.cfg.torch_threads)
     log.info("listening on http://%s:%d; loading %s", host, port, state.spec)
     # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then raises the signal again with the handler it found:
     # a no-op one here, so a graceful stop exits 0 instead of dying of the signal it already handled
