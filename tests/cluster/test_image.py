@@ -151,6 +151,68 @@ def test_pipeline_steps_run_inside_the_image(image, mlflow_server, real_reviews,
     assert compressed["exported"] is True  # the ONNX export and int8 quantization ran inside the image too
 
 
+# `finetune serve` in the image as the InferenceService runs it (k8s/overlays/prod-serving), asked over HTTP from a
+# second process in the same sandbox (its network namespace reaches only the MLflow server on the host)
+SERVE_AND_ASK = r"""
+finetune serve --params /opt/finetune/params.yaml --model "$MODEL" --host 127.0.0.1 --port 8080 &
+server=$!
+python3 - <<'PY'
+import json, time, urllib.request
+for _ in range(600):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8080/v2/health/ready", timeout=2) as r:
+            if r.status == 200:
+                break
+    except OSError:
+        time.sleep(0.5)
+req = urllib.request.Request("http://127.0.0.1:8080/v1/models/image-serve:predict", method="POST",
+                             data=json.dumps({"instances": ["a wonderful film"]}).encode(),
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=60) as r:
+    print(json.dumps({"status": r.status, "version": r.headers.get("X-Model-Version"), "body": json.load(r)}))
+PY
+kill -TERM $server
+wait $server
+echo "server exit $?"
+"""
+
+
+@integration
+def test_finetune_serve_answers_inside_the_image(image, mlflow_server, tiny_classifier_dir, tmp_path):
+    """The registered champion served by `finetune serve` inside the image (files verified against the registry
+    before loading), one V1 prediction over HTTP, then a graceful stop."""
+    from finetune.common.digests import MODEL_DIGEST, model_digest
+    from finetune.common.files import write_json
+    from finetune.common.params import config_from_dict
+    from finetune.stages.register import run_register
+
+    from conftest import toy_frame
+
+    url = mlflow_server.url
+    (tmp_path / "splits").mkdir()
+    toy_frame(10).to_parquet(tmp_path / "splits" / "test.parquet")
+    write_json(tmp_path / "splits" / "report.json", {"data": "toy.csv", "rows": 20})
+    write_json(tmp_path / "eval" / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.9, "n": 20,
+                                                    "labels": ["fresh", "rotten"],
+                                                    MODEL_DIGEST: model_digest(tiny_classifier_dir)})
+    cfg = config_from_dict({"register": {"model_name": "image-serve", "experiment": "image", "floor": 0.5,
+                                         "retries": 0}})
+    reg = run_register(cfg, tiny_classifier_dir, tmp_path / "eval", tmp_path / "splits", None, tmp_path / "reg",
+                       {"git_commit": "image"}, url)
+    port = int(url.rsplit(":", 1)[1])
+    with netns.loopback_only(port) as ns:
+        proc = sandbox.run(Path(image["rootfs"]), image["config"], ["sh", "-c", SERVE_AND_ASK],
+                           {"MLFLOW_TRACKING_URI": url, "MODEL": "models:/image-serve@champion"}, netns=ns,
+                           timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "server exit 0" in proc.stdout, out[-3000:]
+    answer = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert answer["status"] == 200 and answer["version"] == f"image-serve/{reg['version']}", answer
+    (prediction,) = answer["body"]["predictions"]
+    assert prediction["label"] in ("fresh", "rotten")
+    assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-6
+
+
 # ---- unit: the builder's reading of the Dockerfile (no root, no image) ----
 
 def test_dockerfile_gives_the_image_config():

@@ -27,9 +27,10 @@ class ServeConfig:
     log_flush_records: int = field(default=100, metadata={"help": "records per request-log file write"})
     graceful_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests "
                                                                       "may take to finish"})
-    model_workers: int = field(default=2, metadata={"help": "model calls at once (threads), each on a batch of "
-                                                            "its own; one per core"})
-    torch_threads: int = field(default=1, metadata={"help": "PyTorch intra-op threads per model call"})
+    model_workers: int = field(default=1, metadata={"help": "model calls at once (threads), each on a batch of "
+                                                            "its own"})
+    torch_threads: int = field(default=0, metadata={"help": "PyTorch intra-op threads per model call; 0 = "
+                                                            "PyTorch's default (one per core)"})
 
     def __post_init__(self) -> None:
         rule(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
@@ -43,4 +44,4 @@ class ServeConfig:
         rule(self, "log_flush_records", self.log_flush_records >= 1, ">= 1")
         rule(self, "graceful_timeout_s", self.graceful_timeout_s > 0, "> 0")
         rule(self, "model_workers", self.model_workers >= 1, ">= 1")
-        rule(self, "torch_threads", self.torch_threads >= 1, ">= 1")
+        rule(self, "torch_threads", self.torch_threads >= 0, ">= 0")

@@ -1,10 +1,11 @@
 """Requests that arrive within a small window share one model call, up to a number of texts.
 
-``workers`` threads run the model, each on a batch of its own (serve.model_workers). A batch is collected only
-once a worker is free: while all of them run, new requests queue, and the next batch takes them at once. One
-worker per core, each model call single-threaded (serve.torch_threads: 1), measured faster on 2 busy cores than
-one call spread over both (docs/benchmarks.md, serving under load). With a window of 0 every request is a model
-call of its own (batching off: the baseline the benchmark compares against).
+``workers`` threads run the model, each on a batch of its own (serve.model_workers, 1 by default: PyTorch and
+ONNX Runtime already use every core inside one call, and on 2 cores two single-threaded workers measured slower,
+their Python parts contending for the GIL with the event loop; docs/benchmarks.md). A batch is collected only
+once a worker is free: while all of them run, new requests queue, and the next batch takes them at once. With a
+window of 0 every request is a model call of its own (batching off: the baseline the benchmark compares
+against).
 """
 
 from __future__ import annotations

@@ -61,17 +61,17 @@ class ServedModel:
 
 
 def init_torch_threads(threads: int) -> None:
-    """Set PyTorch's intra-op threads per model call (serve.torch_threads) and start its pool from the main thread,
-    if PyTorch is installed. Measured on 2 busy cores (MiniLM-L6): with 2 intra-op threads one text took 10-20x
-    longer than with 1, as each call's threads wait at every op for the other one to be scheduled; the server
-    gets its parallelism from serve.model_workers calls at once instead. And when torch is first run in a
-    background thread (the server loads the model in one), later inferences took 5-8x longer: one small op here
-    keeps them at the main-thread speed."""
+    """Set PyTorch's intra-op threads per model call (serve.torch_threads; 0 keeps PyTorch's default, one per
+    core) and start its pool from the main thread, if PyTorch is installed. Measured: when torch is first run in
+    a background thread (the server loads the model in one, so that it can answer readiness meanwhile), later
+    inferences in the model thread took 5-8x longer on 2 busy cores (MiniLM-L6, one text: ~150 ms instead of
+    ~20 ms). One small op here keeps them at the main-thread speed."""
     if importlib.util.find_spec("torch") is None:  # an int8-only image: ONNX Runtime needs none of this
         return
     import torch
 
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     torch.ones(256, 256) @ torch.ones(256, 256)
 
 
