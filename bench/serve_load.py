@@ -6,9 +6,9 @@ the same registered version, each asked by 1 / 8 / 32 concurrent clients sending
     python bench/serve_load.py --smoke                  # tiny random model, short runs: checks the harness only
 
 Bounded: every (side, concurrency) run stops after --seconds or --max-requests, whichever comes first; servers
-listen on 127.0.0.1 only. Per run: texts/s, p50/p95/p99 latency, errors (non-200 or a wrong answer), and the
-server's RSS (its whole process tree) before and after all runs. The clients share the machine's cores with the
-servers (all up at once, the sides taking turns at each concurrency). A fresh head does not change the compute
+listen on 127.0.0.1 only. Per run: texts/s, p50/p95/p99 latency, errors (non-200 or a wrong answer), the
+server's CPU time per text (what a text costs it, whatever share of the cores it got), and the server's RSS (its
+whole process tree) before and after all runs. The clients share the machine's cores with the servers (all up at once, the sides taking turns at each concurrency). A fresh head does not change the compute
 per text, so the figures hold for the trained champion of the same base. See docs/benchmarks.md.
 """
 
@@ -41,7 +41,7 @@ NAME = "bench-serve"
 SIDES = {"finetune-fp32-batch": ("finetune", False, 5.0), "finetune-fp32-nobatch": ("finetune", False, 0.0),
          "finetune-int8-batch": ("finetune", True, 5.0), "finetune-int8-nobatch": ("finetune", True, 0.0),
          "mlflow-fp32": ("mlflow", False, None)}
-COLUMNS = ("requests", "errors", "texts_per_s", "p50_ms", "p95_ms", "p99_ms")
+COLUMNS = ("requests", "errors", "texts_per_s", "p50_ms", "p95_ms", "p99_ms", "cpu_ms_per_text")
 
 
 def free_port() -> int:
@@ -147,6 +147,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the server's process tree has used so far."""
+    p = psutil.Process(pid)
+    return sum(sum(q.cpu_times()[:2]) for q in [p, *p.children(recursive=True)])
+
+
 def rss_mb(pid: int) -> float:
     p = psutil.Process(pid)
     return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
@@ -212,9 +218,12 @@ def run_all(sides: list[str], root: Path, name: str, texts: list[str], args) -> 
             results[side] = {"rss_mb_before": round(rss_mb(proc.pid), 1), "runs": {}}
         for c in args.concurrency:
             for side, (proc, port) in procs.items():
-                before = os.getloadavg()[0]
+                before, cpu_before = os.getloadavg()[0], cpu_s(proc.pid)
                 run = load(port, request_for(side, name), texts, c, args.seconds, args.max_requests)
-                results[side]["runs"][c] = {**run, "load_avg": round((before + os.getloadavg()[0]) / 2, 1)}
+                # the server's CPU time per answered text: its cost, whatever share of the cores it was given
+                cpu = 1000 * (cpu_s(proc.pid) - cpu_before) / max(run["requests"] - run["errors"], 1)
+                results[side]["runs"][c] = {**run, "cpu_ms_per_text": round(cpu, 1),
+                                            "load_avg": round((before + os.getloadavg()[0]) / 2, 1)}
                 print(f"{side} c={c}: {results[side]['runs'][c]}", file=sys.stderr, flush=True)
         for side, (proc, _) in procs.items():
             results[side]["rss_mb_after"] = round(rss_mb(proc.pid), 1)
