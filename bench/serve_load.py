@@ -8,8 +8,9 @@ the same registered version, each asked by 1 / 8 / 32 concurrent clients sending
 Bounded: every (side, concurrency) run stops after --seconds or --max-requests, whichever comes first; servers
 listen on 127.0.0.1 only. Per run: texts/s, p50/p95/p99 latency, errors (non-200 or a wrong answer), the
 server's CPU time per text (what a text costs it, whatever share of the cores it got), and the server's RSS (its
-whole process tree) before and after all runs. The clients share the machine's cores with the servers (all up at once, the sides taking turns at each concurrency). A fresh head does not change the compute
-per text, so the figures hold for the trained champion of the same base. See docs/benchmarks.md.
+whole process tree) before and after all runs. The clients share the machine's cores with the servers (all up
+at once, the sides taking turns at each concurrency). A fresh head does not change the compute per text, so the
+figures hold for the trained champion of the same base. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
