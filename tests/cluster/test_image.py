@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, toy_frame
 
 sys.path.insert(0, str(REPO))
 from components.image import build, netns, sandbox, steps  # noqa: E402
@@ -185,8 +185,6 @@ def test_finetune_serve_answers_inside_the_image(image, mlflow_server, tiny_clas
     from finetune.common.files import write_json
     from finetune.common.params import config_from_dict
     from finetune.stages.register import run_register
-
-    from conftest import toy_frame
 
     url = mlflow_server.url
     (tmp_path / "splits").mkdir()
