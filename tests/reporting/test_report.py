@@ -186,7 +186,20 @@ def test_model_card_content():
     assert "cut to their first 64 tokens. (3 of 160 test texts were.)" in card
     assert "Weakest class: `rotten`" in card and "| fresh | 72 | 18 |" in card
     assert "| train.epochs | 2.0 |" in card and "train.threads" not in card and "max_steps" not in card
-    assert 'mlflow.pyfunc.load_model("models:/reviews/3")' in card and "run9" in card and "ff.dir" in card
+    assert 'load_verified("models:/reviews/3", tracking_uri)' in card and "run9" in card and "ff.dir" in card
+
+
+def test_model_card_recommends_only_registry_verified_loading():
+    """Issue 27, second pass: the card every registration writes told users to run `mlflow models serve` /
+    `mlflow.pyfunc.load_model` on the version, which ran a tampered code file of the store. Its commands now all
+    check the registry's digests first; the MLflow paths are named only as unverified."""
+    from finetune.reporting.model_card import model_card
+
+    card = model_card("reviews", "3", METRICS, VALIDATION, {"tokenize.max_length": 64})
+    blocks = "\n".join(re.findall(r"^```\w*\n(.*?)^```", card, flags=re.M | re.S))
+    assert "finetune serve --model models:/reviews/3" in blocks and "finetune predict --model models:/reviews/3" in blocks
+    assert "mlflow models serve" not in blocks and "mlflow.pyfunc" not in blocks and "load_verified(" in blocks
+    assert "`mlflow models serve` and `mlflow.pyfunc.load_model` load the artifact store's copy unverified" in card
 
 
 @pytest.mark.parametrize("ece, words", [(0.02, "well calibrated (ECE 0.020 < 0.05)"),

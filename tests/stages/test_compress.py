@@ -148,6 +148,34 @@ def test_failed_compress_leaves_previous_output(tiny_classifier_dir, toy_test, t
     assert json.loads((out / "metrics.json").read_text()) == {"old": True}
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[Errno 28] No space left on device")])  # as the exporter wraps it
+def test_a_full_disk_during_the_export_is_a_disk_error_not_an_unexportable_model(tiny_classifier_dir, toy_test,
+                                                                                   tmp_path, monkeypatch, error):
+    """Issue 27, second pass: on a full disk compress said "operator unknown ([Errno 28] No space left on device) is
+    not supported", wrote a variant-less output and exited 0, so the int8 champion was dropped for a disk fault.
+    Fault injected (the exporter raises ENOSPC): one DiskFull line naming the folder, the previous output kept."""
+    import torch
+
+    from finetune.common.outputs import DiskFull
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}')
+    (out / MARKER).write_text("compress\n")
+
+    def full(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    test, meta = toy_test
+    with pytest.raises(DiskFull, match=f"output folder {out}: no space left on the device") as caught:
+        compress(tiny_classifier_dir, test, meta, CompressConfig(threads=1), out)
+    assert "cannot be exported" not in str(caught.value) and "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left
+    assert json.loads((out / "metrics.json").read_text()) == {"old": True}
+
+
 def test_per_tensor_quantization_also_runs(compressed, tmp_path):
     out, _ = compressed
     quantize_int8(out / ONNX_FP32, tmp_path / "pt.onnx", per_channel=False)

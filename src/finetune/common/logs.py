@@ -21,7 +21,14 @@ class _LibraryFilter(logging.Filter):
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "mlflow.store.db.utils" and _store_locked(record):
+            return False  # MLflow's ERROR + tracebacks for a locked SQLite store: registry/store.py waits, says it once
         return record.levelno >= self.level or record.name.partition(".")[0] not in NOISY
+
+
+def _store_locked(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return "database is locked" in f"{record.getMessage()} {error}"
 
 
 class _RedactFilter(logging.Filter):

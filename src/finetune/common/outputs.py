@@ -90,7 +90,7 @@ def atomic_dir(final: str | Path, stage: str, inputs: Iterable[str | Path] = ())
         (tmp / MARKER).write_text(f"{stage}\n", encoding="utf-8")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(exc):
+        if no_space_left(exc):
             free = shutil.disk_usage(final.parent).free
             kept = f"the previous {final.name} is unchanged" if final.exists() else "nothing of it was kept"
             raise DiskFull(f"output folder {final}: no space left on the device while writing it ({free / 2**20:.0f} "
@@ -103,7 +103,7 @@ def atomic_dir(final: str | Path, stage: str, inputs: Iterable[str | Path] = ())
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _no_space(exc: BaseException) -> bool:
+def no_space_left(exc: BaseException) -> bool:
     """ENOSPC, also as safetensors reports it (SafetensorError with the OS error's text)."""
     return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
         "No space left on device" in str(exc) or "StorageFull" in str(exc)

@@ -215,18 +215,20 @@ def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length
 
 
 def _how_to_load(name: str, uri: str) -> list[str]:
+    # only registry-verified paths: plain MLflow loading runs the artifact store's code file before any check
     return ["", "## How to load it", "",
-            "`finetune predict` and `finetune.registry.loading.load_verified(uri, tracking_uri)` first check every file "
-            "against the sha256 digests recorded in the registry and refuse a modified one. Plain MLflow loading "
-            "needs only mlflow, torch and transformers (not the `finetune` package; set `MLFLOW_TRACKING_URI` to "
-            "the registry) but checks only the weights.", "",
+            "`finetune predict`, `finetune serve` and `finetune.registry.loading.load_verified(uri, tracking_uri)` "
+            "first check every file against the sha256 digests recorded in the registry and refuse a modified one "
+            "before any of its code runs (set `MLFLOW_TRACKING_URI` to the registry).", "",
+            "```sh",
+            f"finetune predict --model {uri} \"some text\"",
+            f"finetune serve --model {uri} --host 127.0.0.1 --port 8080   # or models:/{name}@champion",
+            "```", "",
             "```python",
-            "import mlflow.pyfunc",
-            f"model = mlflow.pyfunc.load_model(\"{uri}\")   # or models:/{name}@champion",
+            "from finetune.registry.loading import load_verified",
+            f"model = load_verified(\"{uri}\", tracking_uri)",
             "model.predict([\"some text\"])                                    # -> [label]",
             "model.predict([\"some text\"], params={\"probabilities\": True})  # -> [{label, probabilities}]",
             "```", "",
-            "```sh",
-            f"finetune predict --model {uri} \"some text\"",
-            f"mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001",
-            "```", ""]
+            "`mlflow models serve` and `mlflow.pyfunc.load_model` load the artifact store's copy unverified (its "
+            "code file runs before any check): not recommended, see docs/serving.md.", ""]

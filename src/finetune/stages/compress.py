@@ -28,7 +28,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from finetune.common.config import CompressConfig, Config
 from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, folder_digests, model_digest
 from finetune.common.files import write_json
-from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8, TEMP_MARKER, atomic_dir, check_output_dir
+from finetune.common.outputs import (MARKER, METRICS, ONNX_FP32, ONNX_INT8, TEMP_MARKER, atomic_dir, check_output_dir,
+                                     no_space_left)
 from finetune.common.tokens import TokenizedSplit, read_tokens
 from finetune.tasks.single_label import classification_metrics, softmax
 from finetune.training.batches import collate
@@ -86,6 +87,8 @@ def export_onnx(model, path: str | Path, opset: int, model_name: str) -> None:
                               output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False)
     except Exception as exc:  # the exporter raises several unrelated types for the same problem
         Path(path).unlink(missing_ok=True)
+        if no_space_left(exc):  # a full disk says nothing of the model: the stage fails (DiskFull), not "no variant"
+            raise
         raise ExportUnsupported(unsupported_message(model_name, opset, exc)) from exc
 
 
