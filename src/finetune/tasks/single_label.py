@@ -3,14 +3,16 @@ accuracy / macro-F1 / per-class scores / calibration measure it. Exports the con
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import hashlib
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from finetune.common.coercion import ConfigError
-from finetune.common.config import TrainConfig
+from finetune.common.config import TrainConfig, ValidateConfig
 
 NAME = "single_label"
 PROBLEM_TYPE = "single_label_classification"
@@ -22,6 +24,37 @@ SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
 
 def read_labels(values: pd.Series, separator: str) -> pd.Series:
     return values
+
+
+def prepare_labels(df: pd.DataFrame, column: str, separator: str, cfg: ValidateConfig
+                   ) -> tuple[pd.DataFrame, list[dict], list[str]]:
+    """One value per row, checked by validate's own rules (label_is_scalar, label_in_set against
+    ``validate.labels``, which is returned for that rule)."""
+    return df, [], list(cfg.labels)
+
+
+def label_counts(values: pd.Series) -> pd.Series:
+    """Rows per class, by class name."""
+    return values.value_counts().sort_index()
+
+
+def hash_order(text: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def split_rows(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
+    """Stratified split, stable under row reordering: inside each class rows are ordered by a seeded
+    hash of their text, then cut by the configured fractions."""
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in ("train", "val", "test")}
+    for _, grp in df.groupby("label", sort=True):
+        grp = grp.assign(_k=grp["text"].map(lambda t: hash_order(t, cfg.seed))).sort_values("_k")
+        n = len(grp)
+        n_test = max(1, round(n * cfg.test_fraction))
+        n_val = max(1, round(n * cfg.val_fraction))
+        parts["test"].append(grp.iloc[:n_test])
+        parts["val"].append(grp.iloc[n_test:n_test + n_val])
+        parts["train"].append(grp.iloc[n_test + n_val:])
+    return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
 
 
 def encode_labels(values: Sequence, label_names: list[str]) -> np.ndarray:
