@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,8 +143,27 @@ def scores(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], bins: 
                "subset_accuracy": round(float((pred == y).all(1).mean()), 6) if n else 0.0,
                "hamming_loss": round(float((pred != y).mean()), 6) if n else 0.0,
                "loss": round(float(bce), 6), "n": int(n), "per_class": per_class, "labels": list(label_names),
-               "label_cardinality": round(float(y.sum(1).mean()), 6) if n else 0.0}
-    return metrics, []
+               "label_cardinality": round(float(y.sum(1).mean()), 6) if n else 0.0,
+               "label_confusion": {lab: {"tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i]),
+                                         "tn": int(n - tp[i] - fp[i] - fn[i])} for i, lab in enumerate(label_names)}}
+    calib, metrics["ece"] = _reliability(y.ravel(), probs.ravel(), bins)
+    return metrics, calib
+
+
+def _reliability(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[list[dict], float]:
+    """Every (row, label) probability as one binary forecast: per bin the mean probability ("confidence") and
+    the share of positives ("accuracy"); ECE the count-weighted gap."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        k = int(m.sum())
+        hit, conf = (float(y[m].mean()), float(p[m].mean())) if k else (0.0, 0.0)
+        ece += k / max(1, len(p)) * abs(hit - conf)
+        rows.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]), "count": k,
+                     "accuracy": round(hit, 6), "confidence": round(conf, 6)})
+    return rows, round(float(ece), 6)
 
 
 def decide(probs: np.ndarray, label_names: list[str], thresholds: np.ndarray | None = None) -> list[list[str]]:
@@ -282,3 +302,58 @@ def floor_warning(balance: dict[str, Any] | None, floor: float, metric: str) -> 
         return None
     return (f"register.floor = {floor} is not above the baseline of always predicting the most frequent label set "
             f"('{balance['majority']}'): it scores {metric} {base:.4f} on the test split")
+
+
+# ---- decision thresholds, stored with the model; curves for evaluate ----
+
+CURVE_AXES = ("recall", "precision", "ap", "average_precision")  # evaluate's curves: x, y, area, per-label key
+
+
+def decision_files(val_logits: Callable[[], np.ndarray], val_labels: np.ndarray | None,
+                   label_names: list[str]) -> dict[str, Any]:
+    """thresholds.json for the model folder: per label, the threshold maximising its F1 on the validation split
+    (0.5 where the split has no positive or there is no split)."""
+    if val_labels is None or not len(val_labels):
+        th, tuned_on = np.full(len(label_names), DEFAULT_THRESHOLD), "none (no validation split): 0.5"
+    else:
+        th, tuned_on = tune_thresholds(val_labels, probabilities(val_logits())), f"val ({len(val_labels)} rows)"
+    return {THRESHOLDS_FILE: {"labels": list(label_names), "thresholds": [round(float(t), 6) for t in th],
+                              "tuned_on": tuned_on, "rule": "a label is predicted when its probability >= its "
+                                                            "threshold"}}
+
+
+def read_thresholds(model_dir: str | Path, label_names: list[str]) -> np.ndarray:
+    """The model folder's per-label thresholds; a folder without thresholds.json decides at 0.5."""
+    path = Path(model_dir) / THRESHOLDS_FILE
+    if not path.is_file():
+        return np.full(len(label_names), DEFAULT_THRESHOLD)
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if stored.get("labels") != list(label_names) or len(stored.get("thresholds", [])) != len(label_names):
+        raise ValueError(f"{path}: thresholds for labels {stored.get('labels')}, the model predicts {label_names}")
+    return np.asarray(stored["thresholds"], dtype=np.float64)
+
+
+def curves(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], max_points: int = 1000,
+           curves_for: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Per label, the precision-recall curve (one point per distinct probability, descending) and its average
+    precision (sklearn's step-wise definition); a label without positives has none."""
+    y = np.asarray(y_true, dtype=bool)
+    keep_curve = set(range(len(label_names)) if curves_for is None else (int(i) for i in curves_for))
+    out = {}
+    for k, lab in enumerate(label_names):
+        n_pos = int(y[:, k].sum())
+        if not n_pos:
+            continue
+        order = np.argsort(-probs[:, k], kind="stable")
+        scores_k, hits = probs[order, k], y[order, k]
+        last = np.r_[np.flatnonzero(np.diff(scores_k)), len(scores_k) - 1]
+        tp = np.cumsum(hits)[last]
+        precision, recall = tp / (last + 1), tp / n_pos
+        ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+        if k not in keep_curve:
+            out[lab] = {"ap": round(ap, 6)}
+            continue
+        keep = np.unique(np.linspace(0, len(recall) - 1, min(len(recall), max_points)).round().astype(int))
+        out[lab] = {"recall": recall[keep].tolist(), "precision": precision[keep].tolist(),
+                    "threshold": scores_k[last][keep].tolist(), "ap": round(ap, 6)}
+    return out

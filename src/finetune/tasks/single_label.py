@@ -4,7 +4,8 @@ accuracy / macro-F1 / per-class scores / calibration measure it. Exports the con
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,9 @@ def encode_labels(values: Sequence, label_names: list[str]) -> np.ndarray:
 
 
 def refused_regime(cfg: TrainConfig) -> str | None:
+    if cfg.select_metric not in SELECT_METRICS:
+        return (f"train.select_metric = {cfg.select_metric!r}: task single_label selects by one of "
+                f"{', '.join(SELECT_METRICS)}")
     return None  # every regime of the loop applies
 
 
@@ -187,3 +191,48 @@ def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
         return []
     return [f"class '{minority}' holds {share:.1%} of the rows, under validate.min_class_fraction "
             f"({min_fraction:.1%}): consider train.class_weights: balanced and register.metric: macro_f1"]
+
+
+# ---- decisions and curves: argmax needs no stored thresholds; one-vs-rest ROC per class ----
+
+CURVE_AXES = ("fpr", "tpr", "auc", "roc_auc")  # evaluate's per-class curves: x, y, area, per-class key (ROC)
+
+
+def decision_files(val_logits: Callable[[], np.ndarray], val_labels: np.ndarray | None,
+                   label_names: list[str]) -> dict[str, Any]:
+    return {}  # argmax: nothing to store with the model
+
+
+def read_thresholds(model_dir: str | Path, label_names: list[str]) -> None:
+    return None
+
+
+def curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000,
+               curves_for: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
+    """One-vs-rest ROC curve and its area per class (a class absent from, or alone in, ``y_true`` has none).
+
+    Points are (false positive rate, true positive rate) at each distinct score threshold, from (0, 0); the
+    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``. With
+    ``curves_for``, only those class indices keep their curve (the others their AUC only): bounded memory.
+    """
+    out = {}
+    keep_curve = set(range(len(labels)) if curves_for is None else (int(i) for i in curves_for))
+    for k, lab in enumerate(labels):
+        pos = y_true == k
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if not n_pos or not n_neg:
+            continue
+        order = np.argsort(-probs[:, k], kind="stable")
+        scores, hits = probs[order, k], pos[order]
+        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
+        tpr = np.r_[0.0, np.cumsum(hits)[last] / n_pos]
+        fpr = np.r_[0.0, np.cumsum(~hits)[last] / n_neg]
+        thr = np.r_[1.0, scores[last]]
+        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        if k not in keep_curve:
+            out[lab] = {"auc": round(auc, 6)}
+            continue
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
+        out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
+                    "auc": round(auc, 6)}
+    return out
