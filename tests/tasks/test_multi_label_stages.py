@@ -5,6 +5,7 @@ figures, PR curves) -> compress (ONNX parity, int8 gate on micro-F1); refusals o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from finetune.tasks import multi_label as ml
 from finetune.training.model import load_classifier
 from finetune.training.recipe import TrainingError
 from test_multi_label import CFG, LABELS, ml_frame
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "finetune"
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,48 @@ def test_packing_is_refused_for_multi_label(ml_tokens, tiny_model_dir, tmp_path)
     toks, meta = ml_tokens
     with pytest.raises(TrainingError, match="train.pack_tokens > 0: packing is for single-label"):
         train(toks, meta, tiny_model_dir, TrainConfig(max_steps=1, pack_tokens=256, device="cpu"), tmp_path / "m")
+
+
+def _pyfunc(module_file: str, folder, **conf):
+    """The self-contained pyfunc class of ``module_file``, loaded on ``folder`` as MLflow would."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location(f"pyfunc_{module_file}", SRC / "registry" / module_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    impl = (mod.TextClassifier if module_file == "pyfunc_model.py" else mod.OnnxTextClassifier)()
+    impl.load_context(types.SimpleNamespace(artifacts={"model": str(folder)}, model_config=conf))
+    return impl
+
+
+def test_stored_thresholds_decide_in_the_fp32_and_int8_pyfuncs_and_the_server(ml_model, ml_tokens, tmp_path):
+    import hashlib
+    import shutil
+
+    from finetune.serving.model import ServedModel
+
+    out, _ = ml_model
+    folder = tmp_path / "model"
+    shutil.copytree(out, folder)
+    texts = ["text 1 about a and b", "text 2 about c", "text 3 about rare"]
+    fp32 = _pyfunc("pyfunc_model.py", folder)
+    records = fp32.predict(None, texts, params={"probabilities": True})
+    probs = np.array([[r["probabilities"][lab] for lab in LABELS] for r in records])
+    stored = np.array(json.loads((folder / ml.THRESHOLDS_FILE).read_text())["thresholds"])
+    assert [r["labels"] for r in records] == ml.decide(probs, LABELS, stored)
+    # thresholds just under / over each text's probability of 'c': the decision follows the stored file
+    for cut, expect in ((probs[:, 2].min() - 1e-6, True), (probs[:, 2].max() + 1e-6, False)):
+        th = stored.copy()
+        th[2] = cut
+        (folder / ml.THRESHOLDS_FILE).write_text(json.dumps({"labels": LABELS, "thresholds": th.tolist()}))
+        got = _pyfunc("pyfunc_model.py", folder).predict(None, texts)
+        assert all(("c" in labels) == expect for labels in got)
+    compress(folder, ml_tokens[0]["test"], ml_tokens[1], CompressConfig(threads=1, latency_requests=2),
+             tmp_path / "c")
+    sha = hashlib.sha256((tmp_path / "c" / "model.int8.onnx").read_bytes()).hexdigest()
+    int8 = _pyfunc("onnx_pyfunc_model.py", tmp_path / "c", onnx_sha256=sha, max_length=16)
+    assert all("c" not in labels for labels in int8.predict(None, texts))  # the copied thresholds.json decides
+    served = ServedModel("m", "local", "int8", LABELS, int8)
+    answer = served.records(served.predict_proba(texts))
+    assert set(answer[0]) == {"labels", "probabilities"} and list(answer[0]["probabilities"]) == LABELS
