@@ -141,6 +141,7 @@ def scores(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], bins: 
                "macro_f1": round(float(per_label_f1.mean()), 6) if len(label_names) else 0.0,
                "samples_f1": round(float(row_f1.mean()), 6) if n else 0.0,
                "subset_accuracy": round(float((pred == y).all(1).mean()), 6) if n else 0.0,
+               "accuracy": round(float((pred == y).all(1).mean()), 6) if n else 0.0,  # = subset (exact match)
                "hamming_loss": round(float((pred != y).mean()), 6) if n else 0.0,
                "loss": round(float(bce), 6), "n": int(n), "per_class": per_class, "labels": list(label_names),
                "label_cardinality": round(float(y.sum(1).mean()), 6) if n else 0.0,
