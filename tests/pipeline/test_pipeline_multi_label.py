@@ -58,3 +58,32 @@ def test_dvc_repro_trains_gates_on_micro_f1_and_predicts_label_sets(ml_project):
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert [sorted(r["probabilities"]) for r in records] == [sorted(LABELS)] * 2
     assert all(isinstance(r["labels"], list) and set(r["labels"]) <= set(LABELS) for r in records)
+
+
+def test_kfp_local_runner_registers_a_multi_label_champion(tmp_path_factory, tiny_model_dir, mlflow_server,
+                                                           monkeypatch):
+    """The same task through the whole KFP DAG on KFP's local runner, registering into a real MLflow server."""
+    from kfp import local
+    from mlflow import MlflowClient
+    from pipelines.finetune_pipeline import build
+
+    from finetune.common.params import as_params, load_config
+    from finetune.registry.loading import load_verified
+
+    root = tmp_path_factory.mktemp("kfp-ml")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp-root"))
+    data = root / "tags.jsonl"
+    ml_frame(200, seed=6).to_json(data, orient="records", lines=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    params = as_params(load_config(Path(__file__).resolve().parents[2] / "params.yaml", [
+        "task=multi_label", "validate.labels=[]", "validate.min_rows_per_class=5", "validate.val_fraction=0.2",
+        "validate.test_fraction=0.2", f"model.base={tiny_model_dir}", "tokenize.max_length=16", "train.epochs=8",
+        "train.batch_size=16", "train.learning_rate=3e-3", "train.threads=1", "train.checkpoint_every=0",
+        "register.model_name=kfp-ml", "register.metric=micro_f1", "register.floor=0.3", "register.min_macro_f1=0",
+        "compress.latency_requests=2", "compress.max_accuracy_drop=1.0"]))
+    build()(data_uri=str(data), params=params)
+    mv = MlflowClient(mlflow_server.url).get_model_version_by_alias("kfp-ml", "champion")
+    assert mv.tags["task"] == "text-classification/multi-label"
+    for name in ("kfp-ml", "kfp-ml-int8"):
+        preds = load_verified(f"models:/{name}@champion", mlflow_server.url).predict(["text 1 about a and c"])
+        assert isinstance(preds[0], list) and set(preds[0]) <= set(LABELS), (name, preds)
