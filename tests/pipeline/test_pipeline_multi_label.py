@@ -13,7 +13,7 @@ import yaml
 from conftest import ENV, copy_repo, sh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from test_multi_label import LABELS, ml_frame  # noqa: E402
+from test_multi_label import LABELS, ml_frame
 
 pytestmark = pytest.mark.integration
 MODEL = "ml-it"
