@@ -17,6 +17,7 @@ from typing import Any
 from finetune.common.coercion import ConfigError, coerce, rule
 from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
 from finetune.common.serve_config import ServeConfig
+from finetune.common.task_config import TASK_HELP, check_task, dotted_items
 
 SEED_MAX = 2 ** 32 - 1  # numpy.random.seed refuses more; a larger seed used to pass here and fail in training
 
@@ -31,12 +32,14 @@ class DataConfig:
         default="split",
         metadata={"help": "optional column with user-given splits (train/val/test); used only if present"},
     )
+    label_separator: str = field(default="|", metadata={"help": "task multi_label, CSV: splits a row's labels"})
 
     def __post_init__(self) -> None:
         rule(self, "path", bool(self.path), "a file path or URI")
         rule(self, "text_column", bool(self.text_column), "a column name")
         rule(self, "label_column", bool(self.label_column), "a column name")
         rule(self, "label_column", self.text_column != self.label_column, "different from data.text_column")
+        rule(self, "label_separator", bool(self.label_separator and self.label_separator.strip()), "a visible string")
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ValidateConfig:
                                                                        "than this share of the rows"})
     strip_labels: bool = field(default=False, metadata={"help": "labels that differ only by surrounding whitespace: "
                                                                  "false = refuse, true = strip them (reported)"})
+    empty_labels: str = field(default="refuse", metadata={"help": "multi_label rows with no label: refuse | allow"})
 
     def __post_init__(self) -> None:
         # NFC: the data's labels are normalised the same way (stages/validate.py), so "café" matches either form
@@ -72,6 +76,7 @@ class ValidateConfig:
         rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "max_examples", self.max_examples >= 0, ">= 0")
         rule(self, "min_class_fraction", 0 <= self.min_class_fraction < 1, "in [0, 1) (0 = no warning)")
+        rule(self, "empty_labels", self.empty_labels in ("refuse", "allow"), "refuse or allow")
 
 
 @dataclass
@@ -125,7 +130,7 @@ class AdversarialConfig:
         rule(self, "epsilon", math.isfinite(self.epsilon) and self.epsilon > 0, "a finite number > 0")
 
 
-SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
+SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "val_micro_f1")  # each task allows its own
 
 
 @dataclass
@@ -219,7 +224,7 @@ class EvaluateConfig:
         rule(self, "calibration_bins", self.calibration_bins >= 2, ">= 2")
 
 
-METRICS_FOR_GATE = ("accuracy", "macro_f1")
+METRICS_FOR_GATE = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "subset_accuracy")  # per task: GATE_METRICS
 
 
 # The registry's names: they appear in models:/<name>@<alias> URIs, registry search filters and (with "-int8")
@@ -380,10 +385,14 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    task: str = field(default="single_label", metadata={"help": TASK_HELP})
+
+    def __post_init__(self) -> None:
+        check_task(self.task)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        return {k: v for s, sec in self.to_dict().items() for k, v in dotted_items(s, sec)}

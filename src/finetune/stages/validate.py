@@ -6,7 +6,6 @@ Core: ``validate(data_path, data_cfg, cfg) -> ValidationResult``; nothing is wri
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import unicodedata
@@ -28,7 +27,7 @@ from finetune.common.sources import fetch
 from finetune.common.tokens import SPLITS
 from finetune.reporting.validation_summary import failure_message, render_summary
 from finetune.stages import StageFailed
-from finetune.tasks.single_label import balance_warnings, class_balance, floor_warning
+from finetune.tasks import task_for
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
 
@@ -59,7 +58,7 @@ def _short(v: Any, n: int = 80) -> Any:
 
 
 # Great Expectations rule names in our report -> expectation classes and kwargs.
-def _expectations(text: str, label: str, cfg: ValidateConfig) -> list[tuple[str, Any]]:
+def _expectations(text: str, label: str, cfg: ValidateConfig, label_set: list[str]) -> list[tuple[str, Any]]:
 
     exps = [
         ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column=text)),
@@ -68,17 +67,18 @@ def _expectations(text: str, label: str, cfg: ValidateConfig) -> list[tuple[str,
         ("text_length", gxe.ExpectColumnValueLengthsToBeBetween(column=text, min_value=cfg.min_chars,
                                                                   max_value=cfg.max_chars)),
     ]
-    if cfg.labels:
-        exps.append(("label_in_set", gxe.ExpectColumnValuesToBeInSet(column=label, value_set=cfg.labels)))
+    if label_set:
+        exps.append(("label_in_set", gxe.ExpectColumnValuesToBeInSet(column=label, value_set=label_set)))
     return exps
 
 
-def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
+def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig,
+                            label_set: list[str]) -> list[dict[str, Any]]:
 
     ctx = gx.get_context(mode="ephemeral")  # in memory: writes no files
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
-    named = _expectations(text, label, cfg)
+    named = _expectations(text, label, cfg, label_set)
     suite = ctx.suites.add(gx.ExpectationSuite(name="raw_text_classification"))
     for _, exp in named:
         suite.add_expectation(exp)
@@ -108,8 +108,8 @@ def _labels_are_scalars(labels: pd.Series, column: str, cfg: ValidateConfig) -> 
     if not bad:
         return _rule("label_is_scalar", column, True, "every label is a single value")
     lists = any(isinstance(labels.at[i], (list, tuple, set, np.ndarray)) for i in bad)
-    hint = ("; several labels per text is the multi-label task (task: multi_label, coming in a later release), "
-            "this pipeline's task is single-label: one class per text") if lists else \
+    hint = ("; several labels per text is the multi-label task (task: multi_label in params.yaml, docs/tasks.md); "
+            "this run's task is single-label: one class per text") if lists else \
         "; give each row one label (a string or a number), e.g. the struct's field as a column of its own"
     return _rule("label_is_scalar", column, False, f"labels must be single values, not "
                  f"{'lists' if lists else 'structs/objects'}{hint}", bad,
@@ -160,23 +160,10 @@ def _cap(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[:n] + f"... ({len(text)} chars)"
 
 
-def _hash_order(text: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
-
-
-def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
-    """Stratified split, stable under row reordering: inside each class rows are ordered by a seeded
-    hash of their text, then cut by the configured fractions."""
-    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
-    for _, grp in df.groupby("label", sort=True):
-        grp = grp.assign(_k=grp["text"].map(lambda t: _hash_order(t, cfg.seed))).sort_values("_k")
-        n = len(grp)
-        n_test = max(1, round(n * cfg.test_fraction))
-        n_val = max(1, round(n * cfg.val_fraction))
-        parts["test"].append(grp.iloc[:n_test])
-        parts["val"].append(grp.iloc[n_test:n_test + n_val])
-        parts["train"].append(grp.iloc[n_test + n_val:])
-    return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
+def split_frame(df: pd.DataFrame, cfg: ValidateConfig, task: str = "single_label") -> dict[str, pd.DataFrame]:
+    """The task's seeded, stratified split (per class for single-label, iterative stratification for
+    multi-label), stable under row reordering."""
+    return task_for(task).split_rows(df, cfg)
 
 
 def _type_rules(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
@@ -249,9 +236,11 @@ def _class_rules(counts: pd.Series, labels: list[str], label: str, cfg: Validate
 
 
 def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
-             workspace: str | Path | None = None) -> ValidationResult:
+             workspace: str | Path | None = None, task_name: str = "single_label") -> ValidationResult:
     """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
-    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink)."""
+    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink). The task reads and checks
+    its labels first (multi-label: a list per row, joined into one string), then the common rules run."""
+    task = task_for(task_name)
     path = str(data_path)
     text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
     report: dict[str, Any] = {"data": path, "rules": [], "success": False}
@@ -274,7 +263,10 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
                            f"missing column(s) {missing}; found {report['columns']} "
                            f"(set data.text_column / data.label_column)")])
 
-    rules = _type_rules(df, text, label, cfg)
+    df, rules, label_set = task.prepare_labels(df, label, data_cfg.label_separator, cfg)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+    rules += _type_rules(df, text, label, cfg)
     if not all(r["success"] for r in rules):
         return fail(rules)
     df, label_rules = _normalise_labels(df, label, cfg)
@@ -283,7 +275,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
         return fail(rules)
 
     df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
-    rules += _run_great_expectations(df, text, label, cfg)
+    rules += _run_great_expectations(df, text, label, cfg, label_set)
     if not all(r["success"] for r in rules):
         return fail(rules)
 
@@ -292,7 +284,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     if not all(r["success"] for r in rules):
         return fail(rules)
 
-    counts = frame["label"].value_counts().sort_index()
+    counts = task.label_counts(frame["label"])
     labels = list(cfg.labels) if cfg.labels else sorted(counts.index)
     report["labels"] = labels
     report["labels_inferred"] = not cfg.labels
@@ -304,25 +296,25 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     if "_split" in frame.columns:
         splits = {s: frame[frame["_split"] == s].drop(columns="_split") for s in SPLITS}
     else:
-        splits = split_frame(frame, cfg)
+        splits = task.split_rows(frame, cfg)
     empty = [s for s, f in splits.items() if len(f) == 0]
     rules.append(_rule("splits_not_empty", None, not empty,
                        f"empty split(s): {empty}" if empty else "train, val and test all have rows"))
     if empty:
         return fail(rules)
-    return _passed(report, rules, labels, splits, cfg)
+    return _passed(report, rules, labels, splits, cfg, task)
 
 
 def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[str],
-            splits: dict[str, pd.DataFrame], cfg: ValidateConfig) -> ValidationResult:
+            splits: dict[str, pd.DataFrame], cfg: ValidateConfig, task) -> ValidationResult:
     """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
     report["rules"] = rules
     report["success"] = True
     report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
-                                                             f["label"].value_counts().sort_index().items()}}
+                                                             task.label_counts(f["label"]).items()}}
                         for s, f in splits.items()}
-    report["class_balance"] = class_balance(splits, labels)
-    report["warnings"] = balance_warnings(report["class_balance"], cfg.min_class_fraction)
+    report["class_balance"] = task.class_balance(splits, labels)
+    report["warnings"] = task.balance_warnings(report["class_balance"], cfg.min_class_fraction)
     return ValidationResult(True, report, labels, splits)
 
 
@@ -353,7 +345,7 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
         if expected_md5 and md5 != expected_md5:
             raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
                               f"the data changed since the run was submitted")
-        result = validate(local, cfg.data, cfg.validate, workspace=Path.cwd())
+        result = validate(local, cfg.data, cfg.validate, workspace=Path.cwd(), task_name=cfg.task)
     result.report.update(data=str(data), data_md5=md5)
     if report is not None:  # the report is wanted even (especially) when validation fails
         write_json(report, result.report)
@@ -362,7 +354,7 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
     write_splits(result, out, inputs)
     log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
     # the floor check is logged, not written: register.floor must not make the splits (and training) stale
-    floor = floor_warning(result.report["class_balance"], cfg.register.floor, cfg.register.metric)
+    floor = task_for(cfg.task).floor_warning(result.report["class_balance"], cfg.register.floor, cfg.register.metric)
     for warning in result.report["warnings"] + ([floor] if floor else []):
         log.warning(warning)
     return result.report
