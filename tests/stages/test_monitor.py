@@ -1,0 +1,112 @@
+"""`finetune monitor` end to end on a tiny model: register stores the reference profile inside the version (its
+sha256 tags cover it), the monitor loads it verified, decides drift on constructed batches, exits 0/3/1/2 and
+logs an MLflow run tagged with the version."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import NEGATIVE, POSITIVE, VALIDATION
+from finetune.common.files import write_json
+from finetune.cli import main
+from finetune.common.params import config_from_dict
+
+NAME = "monitored"
+OTHER_DOMAIN = ["The quarterly earnings report shows revenue growth in the semiconductor segment, driven by "
+                "datacenter demand, while operating margins narrowed because of higher logistics costs.",
+                "Preheat the oven to 200 degrees, whisk the eggs with sugar and flour, then bake the batter for "
+                "forty minutes until the crust is golden brown and a skewer comes out clean.",
+                "The committee postponed the vote on the infrastructure bill after lengthy negotiations over "
+                "funding formulas for rural broadband and the maintenance of regional railway lines."]
+
+
+def reviews(n: int, offset: int = 0) -> pd.DataFrame:
+    rng = random.Random(offset)
+    rows = []
+    for i in range(offset, offset + n):
+        pos = i % 2 == 0
+        pool = POSITIVE if pos else NEGATIVE
+        rows.append((f"{rng.choice(pool)}, {rng.choice(pool)}", "fresh" if pos else "rotten"))
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def write_register_inputs(project: Path, model: Path, test: pd.DataFrame) -> tuple[Path, Path]:
+    """evaluate's and validate's outputs as register reads them, for ``test`` and bound to ``model``."""
+    import numpy as np
+
+    from finetune.common.digests import MODEL_DIGEST, model_digest
+    from finetune.stages.evaluate import EvalResult, write_evaluation
+    from finetune.tasks.single_label import classification_metrics
+
+    splits = project / "validate"
+    splits.mkdir()
+    test.to_parquet(splits / "test.parquet")
+    write_json(splits / "report.json", VALIDATION)
+    y = (test["label"] == "rotten").to_numpy().astype(int)
+    probs = np.c_[1 - 0.8 * y - 0.1, 0.8 * y + 0.1]
+    metrics, calib = classification_metrics(y, probs, ["fresh", "rotten"], 5)
+    metrics[MODEL_DIGEST] = model_digest(model)
+    write_evaluation(EvalResult(metrics, ["fresh", "rotten"], y, probs.argmax(1), probs.max(1), calib),
+                     project / "evaluate")
+    return project / "evaluate", splits
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, tiny_classifier_dir):
+    """The tiny classifier registered with a 300-review test split; the project folder to run the CLI in."""
+    import os
+
+    from finetune.common import tracking
+    from finetune.stages.register import run_register
+
+    project = tmp_path_factory.mktemp("monitor-project")
+    old = os.getcwd()
+    os.chdir(project)
+    try:
+        (project / "params.yaml").write_text(Path(__file__).resolve().parents[2].joinpath("params.yaml").read_text())
+        evaluation, splits = write_register_inputs(project, tiny_classifier_dir, reviews(300))
+        cfg = config_from_dict({"register": {"model_name": NAME, "experiment": "t", "floor": 0.0,
+                                             "min_macro_f1": 0.0, "retries": 0}})
+        uri, art = tracking.configure(".")
+        reg = run_register(cfg, tiny_classifier_dir, evaluation, splits, None, project / "out" / "register",
+                           {"git_commit": "abc"}, uri, art)
+    finally:
+        os.chdir(old)
+    return project, reg, uri
+
+
+def monitor(project: Path, uri: str, batch: pd.DataFrame | Path, capsys, *extra: str) -> tuple[int, str, dict]:
+    import os
+
+    path = batch
+    if isinstance(batch, pd.DataFrame):
+        path = project / f"batch-{len(list(project.glob('batch-*')))}.jsonl"
+        batch.to_json(path, orient="records", lines=True)
+    old = os.getcwd()
+    os.chdir(project)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # what the CLI reads
+    try:
+        code = main(["monitor", "--model", f"models:/{NAME}@champion", "--input", str(path), *extra])
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.chdir(old)
+    metrics = project / "out" / "monitor" / "metrics.json"
+    return code, capsys.readouterr().err, json.loads(metrics.read_text()) if metrics.is_file() else {}
+
+
+def test_held_out_reviews_are_no_drift_and_another_domain_is(registered, capsys):
+    project, reg, uri = registered
+    code, err, result = monitor(project, uri, reviews(200, offset=1000)[["text"]], capsys)
+    assert code == 0, (err, result.get("fired"))
+    assert result["version"] == reg["version"] and not result["drift"] and result["rows"] == 200
+    code, err, result = monitor(project, uri, pd.DataFrame({"text": OTHER_DOMAIN * 40}), capsys)
+    assert code == 3, err
+    assert {"psi:char_length", "psi:token_count", "mmd:embeddings"} <= set(result["fired"])
+    assert "DRIFT" in (project / "out" / "monitor" / "report.html").read_text()
