@@ -37,5 +37,7 @@ class MonitorConfig:
         rule(self, "alpha", 0 < self.alpha < 0.5, "in (0, 0.5)")
         for name in ("min_label_shift", "confidence_drop", "metric_drop"):
             rule(self, name, 0 <= getattr(self, name) <= 1, "in [0, 1]")
+        # the smallest p-value a permutation test can give is 1 / (permutations + 1): it must be able to go below alpha
+        rule(self, "permutations", self.permutations + 1 > 1 / self.alpha, f"> 1/alpha - 1 = {1 / self.alpha - 1:.0f}")
         rule(self, "seed", self.seed >= 0, ">= 0")
         rule(self, "experiment", bool(self.experiment.strip()), "a non-empty name")

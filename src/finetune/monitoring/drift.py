@@ -20,10 +20,11 @@ from finetune.monitoring.tasks import task_of
 
 
 def psi(reference: np.ndarray, batch: np.ndarray, bins: int = 10) -> float:
-    """Population stability index over the reference's quantile bins (ties merged, so a 0/1 feature has two)."""
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1) / len(reference)
-    cur = np.bincount(np.searchsorted(edges, batch, side="right"), minlength=len(edges) + 1) / len(batch)
+    """Population stability index over the reference's quantile bins (x <= edge; ties merged) plus one bin above
+    the reference's maximum: a rate that is 0 throughout the reference still gets a bin for "more than 0"."""
+    edges = np.unique(np.r_[np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]), reference.max()])
+    ref = np.bincount(np.searchsorted(edges, reference, side="left"), minlength=len(edges) + 1) / len(reference)
+    cur = np.bincount(np.searchsorted(edges, batch, side="left"), minlength=len(edges) + 1) / len(batch)
     ref, cur = np.clip(ref, 1e-4, None), np.clip(cur, 1e-4, None)
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
