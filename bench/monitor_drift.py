@@ -24,8 +24,8 @@ import pandas as pd
 
 from finetune.common import tracking
 from finetune.common.params import load_config
-from finetune.monitoring.drift import compare
-from finetune.monitoring.profile import PROFILE_FOLDER, encoder_from_pyfunc, load_reference, profile_texts
+from finetune.monitoring.drift import compare_profiles
+from finetune.monitoring.profiling import PROFILE_FOLDER, encoder_from_pyfunc, load_reference, profile_texts
 from finetune.monitoring.tasks import task_of
 from finetune.registry.loading import load_verified_version
 from finetune.stages.register import run_register
@@ -70,7 +70,7 @@ def main() -> None:
 
     def check(texts, labels=None):
         ids = task.label_ids(labels, encoder.labels, "batch", list(range(len(labels)))) if labels else None
-        return compare(ref, emb, profile_texts(encoder, texts, ids), cfg.monitor)
+        return compare_profiles(ref, emb, profile_texts(encoder, texts, ids), cfg.monitor)
 
     report = {"model": f"{name} v{version}", "reference_rows": ref["n"], "held_out": []}
     for seed in range(args.seeds):

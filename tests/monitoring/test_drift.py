@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from finetune.common.monitor_config import MonitorConfig
-from finetune.monitoring.drift import compare, metric_tests, mmd_permutation, prediction_tests, psi
-from finetune.monitoring.profile import Profile
+from finetune.monitoring.drift import compare_profiles, metric_tests, mmd_permutation, prediction_tests, psi
+from finetune.monitoring.profiling import Profile
 
 LABELS = ["fresh", "rotten"]
 
@@ -40,12 +40,12 @@ CFG = MonitorConfig(permutations=199, bootstrap=500)
 def test_same_distribution_is_quiet_and_each_shift_fires_its_own_test():
     rng = np.random.default_rng(1)
     doc, emb = reference(rng)
-    assert not compare(doc, emb, profile(rng, 300), CFG)["drift"]
+    assert not compare_profiles(doc, emb, profile(rng, 300), CFG)["drift"]
     longer = profile(rng, 300)
     longer.features["char_length"] = longer.features["char_length"] * 2
-    assert compare(doc, emb, longer, CFG)["fired"] == ["psi:char_length"]
-    assert compare(doc, emb, profile(rng, 300, shift=0.5), CFG)["fired"] == ["mmd:embeddings"]
-    one_class = compare(doc, emb, profile(rng, 300, p_fresh=0.0), CFG)["fired"]
+    assert compare_profiles(doc, emb, longer, CFG)["fired"] == ["psi:char_length"]
+    assert compare_profiles(doc, emb, profile(rng, 300, shift=0.5), CFG)["fired"] == ["mmd:embeddings"]
+    one_class = compare_profiles(doc, emb, profile(rng, 300, p_fresh=0.0), CFG)["fired"]
     assert one_class == ["chi2:predicted_labels"]
 
 

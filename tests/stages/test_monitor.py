@@ -12,17 +12,19 @@ import pandas as pd
 import pytest
 
 from conftest import NEGATIVE, POSITIVE, VALIDATION
-from finetune.common.files import write_json
 from finetune.cli import main
+from finetune.common.files import write_json
 from finetune.common.params import config_from_dict
 
 NAME = "monitored"
-OTHER_DOMAIN = ["The quarterly earnings report shows revenue growth in the semiconductor segment, driven by "
-                "datacenter demand, while operating margins narrowed because of higher logistics costs.",
-                "Preheat the oven to 200 degrees, whisk the eggs with sugar and flour, then bake the batter for "
-                "forty minutes until the crust is golden brown and a skewer comes out clean.",
-                "The committee postponed the vote on the infrastructure bill after lengthy negotiations over "
-                "funding formulas for rural broadband and the maintenance of regional railway lines."]
+OTHER_DOMAIN = [
+    ("The quarterly earnings report shows revenue growth in the semiconductor segment, driven by datacenter "
+     "demand, while operating margins narrowed because of higher logistics costs."),
+    ("Preheat the oven to 200 degrees, whisk the eggs with sugar and flour, then bake the batter for forty "
+     "minutes until the crust is golden brown and a skewer comes out clean."),
+    ("The committee postponed the vote on the infrastructure bill after lengthy negotiations over funding "
+     "formulas for rural broadband and the maintenance of regional railway lines."),
+]
 
 
 def reviews(n: int, offset: int = 0) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 
 from finetune.common.monitor_config import MonitorConfig
-from finetune.monitoring.profile import TEXT_FEATURES, Profile
+from finetune.monitoring.profiling import TEXT_FEATURES, Profile
 from finetune.monitoring.tasks import task_of
 
 
@@ -111,7 +111,7 @@ def metric_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: M
     return out
 
 
-def compare(ref_doc: dict[str, Any], ref_embeddings: np.ndarray, batch: Profile, cfg: MonitorConfig
+def compare_profiles(ref_doc: dict[str, Any], ref_embeddings: np.ndarray, batch: Profile, cfg: MonitorConfig
             ) -> dict[str, Any]:
     """Every test's outcome, and whether any fired."""
     task = ref_doc["task"]

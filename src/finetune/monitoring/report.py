@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.monitoring.profile import Profile
+from finetune.monitoring.profiling import Profile
 
 
 def _histogram(name: str, reference: np.ndarray, batch: np.ndarray) -> str:
@@ -41,7 +41,7 @@ def _row(test: dict[str, Any]) -> str:
             f"<td><code>{html.escape(str(detail))}</code></td></tr>")
 
 
-def render(result: dict[str, Any], reference: dict[str, Any], batch: Profile) -> str:
+def render_monitor_report(result: dict[str, Any], reference: dict[str, Any], batch: Profile) -> str:
     verdict = (f"DRIFT: {', '.join(result['fired'])}" if result["drift"] else "no drift")
     plots = "".join(_histogram(name, np.asarray(reference["features"][name]), values)
                     for name, values in batch.features.items() if name in reference["features"])

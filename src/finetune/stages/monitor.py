@@ -14,9 +14,9 @@ from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.redact import redact_text
 from finetune.monitoring.batch import read_batch
-from finetune.monitoring.drift import compare
-from finetune.monitoring.profile import PROFILE_FOLDER, encoder_from_pyfunc, load_reference, profile_texts
-from finetune.monitoring.report import render
+from finetune.monitoring.drift import compare_profiles
+from finetune.monitoring.profiling import PROFILE_FOLDER, encoder_from_pyfunc, load_reference, profile_texts
+from finetune.monitoring.report import render_monitor_report
 from finetune.monitoring.tasks import task_of
 from finetune.registry.loading import load_verified_version
 from finetune.registry.monitor_runs import log_monitor_run
@@ -36,7 +36,7 @@ def monitor_batch(cfg: Config, model_uri: str, tracking_uri: str, batch: str | P
     encoder = encoder_from_pyfunc(model, ref_doc["task"])
     ids = task_of(ref_doc["task"]).label_ids(labels, encoder.labels, str(batch), rows) if labels is not None else None
     profile = profile_texts(encoder, texts, ids)
-    result = compare(ref_doc, ref_emb, profile, cfg.monitor)
+    result = compare_profiles(ref_doc, ref_emb, profile, cfg.monitor)
     result = {"model": name, "version": version, "input": str(batch), "rows_read": read, **result}
     return result, ref_doc, profile
 
@@ -50,7 +50,7 @@ def run_monitor(cfg: Config, model_uri: str | None, batch: str | Path, out: str 
     result, ref_doc, profile = monitor_batch(cfg, model_uri, tracking_uri, batch)
     with atomic_dir(out, "monitor", [batch]) as tmp:
         write_json(tmp / "metrics.json", result)
-        (tmp / "report.html").write_text(render(result, ref_doc, profile), encoding="utf-8")
+        (tmp / "report.html").write_text(render_monitor_report(result, ref_doc, profile), encoding="utf-8")
     run_id = log_monitor_run(tracking_uri, cfg.monitor.experiment, result["model"], result["version"], result,
                              Path(out))
     result["run_id"] = run_id

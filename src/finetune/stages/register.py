@@ -20,7 +20,7 @@ from finetune.common.lineage import split_hash
 from finetune.common.outputs import check_output_place
 from finetune.common.params import config_from_dict
 from finetune.common.redact import redact_values
-from finetune.monitoring.profile import PROFILE_FOLDER, reference_profile
+from finetune.monitoring.profiling import PROFILE_FOLDER, reference_profile
 from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
