@@ -11,9 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import NEGATIVE, POSITIVE, VALIDATION
+from conftest import NEGATIVE, POSITIVE, write_register_inputs
 from finetune.cli import main
-from finetune.common.files import write_json
 from finetune.common.params import config_from_dict
 
 NAME = "monitored"
@@ -35,27 +34,6 @@ def reviews(n: int, offset: int = 0) -> pd.DataFrame:
         pool = POSITIVE if pos else NEGATIVE
         rows.append((f"{rng.choice(pool)}, {rng.choice(pool)}", "fresh" if pos else "rotten"))
     return pd.DataFrame(rows, columns=["text", "label"])
-
-
-def write_register_inputs(project: Path, model: Path, test: pd.DataFrame) -> tuple[Path, Path]:
-    """evaluate's and validate's outputs as register reads them, for ``test`` and bound to ``model``."""
-    import numpy as np
-
-    from finetune.common.digests import MODEL_DIGEST, model_digest
-    from finetune.stages.evaluate import EvalResult, write_evaluation
-    from finetune.tasks.single_label import classification_metrics
-
-    splits = project / "validate"
-    splits.mkdir()
-    test.to_parquet(splits / "test.parquet")
-    write_json(splits / "report.json", VALIDATION)
-    y = (test["label"] == "rotten").to_numpy().astype(int)
-    probs = np.c_[1 - 0.8 * y - 0.1, 0.8 * y + 0.1]
-    metrics, calib = classification_metrics(y, probs, ["fresh", "rotten"], 5)
-    metrics[MODEL_DIGEST] = model_digest(model)
-    write_evaluation(EvalResult(metrics, ["fresh", "rotten"], y, probs.argmax(1), probs.max(1), calib),
-                     project / "evaluate")
-    return project / "evaluate", splits
 
 
 @pytest.fixture(scope="module")
