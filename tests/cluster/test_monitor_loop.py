@@ -64,7 +64,7 @@ def test_drifted_labelled_batch_is_monitored_retrained_and_registered(mlflow_ser
     client = MlflowClient(mlflow_server.url)
     v1 = client.get_model_version("loop-it", "1")
     check = client.get_run(v1.tags["monitor.last_run_id"])
-    assert check.data.tags["drift"] == "true" and check.data.tags["model_version"] == "1"
+    assert check.data.tags["drift"] == "true" and check.data.tags["model_version"] == "1", check.data.tags
     retrained = client.get_model_version("loop-it", "2")  # registered by the retrain branch's register step
     assert client.get_run(retrained.run_id).data.tags["lineage.data_uri"] == str(data)
     report = json.loads(next((tmp_path / "kfp").rglob("metrics.json")).read_text())
