@@ -27,3 +27,10 @@ def monitor(data_uri: str, model_uri: str, params: dict, force_retrain: bool, re
         result = run_monitor(config_from_dict(params), model_uri or None, local, report.path,
                              tracking.configure(require_env=True)[0])
     return (result["drift"], result["labelled"], bool(force_retrain or (result["drift"] and result["labelled"])))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def no_retrain(drift: bool, labelled: bool):
+    """The loop's other branch: says why nothing is retrained (the monitor's report artifact has the details)."""
+    print("no drift: nothing to retrain" if not drift else "drift, but the batch has no labels to train on: "
+          "label it, or run again with force_retrain=true")

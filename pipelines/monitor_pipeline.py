@@ -12,7 +12,7 @@ from finetune.common.config import Config
 from finetune.common.params import as_params, load_config
 from finetune.common.redact import redact_tree
 
-from components.monitor_component import monitor
+from components.monitor_component import monitor, no_retrain
 from pipelines import finetune_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,6 @@ def build_monitor(cfg: Config | None = None, cluster: dict[str, Any] | None = No
     cfg = cfg or load_config(ROOT / "params.yaml")
     defaults = redact_tree(as_params(cfg))
     c = cluster or finetune_pipeline._load(ROOT / "pipelines" / "cluster.yaml")
-    train = finetune_pipeline.build(cfg, c)
 
     @dsl.pipeline(name="finetune-monitor", description="Monitor a data version against the champion; retrain on "
                                                        "it when it drifted and is labelled.")
@@ -35,9 +34,39 @@ def build_monitor(cfg: Config | None = None, cluster: dict[str, Any] | None = No
         finetune_pipeline._resources(m, c["resources"]["cpu"], c["resources"]["memory"])
         kubernetes.add_pod_label(m, c["pod_label"]["key"], c["pod_label"]["value"])
         with dsl.If(m.outputs["retrain"] == True, name="retrain"):  # noqa: E712 (KFP condition syntax)
-            train(data_uri=data_uri, git_rev=git_rev, params=params)
+            _retrain(cfg, c, data_uri, git_rev, params)
+        # an If with its Else: KFP's local runner resolves a task output in an If/Else's condition, not in a bare If's
+        with dsl.Else(name="no-retrain"):
+            no_retrain(drift=m.outputs["drift"], labelled=m.outputs["labelled"]).set_caching_options(False)
 
     return monitor_pipeline
+
+
+def _retrain(cfg: Config, c: dict[str, Any], data_uri, git_rev, params) -> None:
+    """The training pipeline's steps on ``data_uri`` (validate -> tokenize -> train -> evaluate, compress ->
+    register), wired as pipelines/finetune_pipeline.py wires them. Inline, not the pipeline nested as a task: KFP's
+    local runner skips a nested pipeline (checked with kfp 2.17), and the loop must run there in the tests."""
+    from components.finetune_components import compress, evaluate, register, tokenize, validate, validation_failed
+
+    v = validate(data_uri=data_uri, data_md5="", params=params)
+    finetune_pipeline._secrets(v, c, "s3")
+    with dsl.If(v.outputs["passed"] == True, name="new-data-valid"):  # noqa: E712
+        t = tokenize(splits=v.outputs["splits"], params=params)
+        m = finetune_pipeline._train_step(cfg, c, t.outputs["tokens"], params, "")
+        e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+        z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+        r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
+                     train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"],
+                     compressed=z.outputs["compressed"], params=params, data_uri=data_uri, data_md5="",
+                     git_rev=git_rev, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
+        finetune_pipeline._secrets(r, c, "s3", "mlflow")
+        for task in (v, t, e, r, z):
+            finetune_pipeline._resources(task, c["resources"]["cpu"], c["resources"]["memory"])
+        for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3
+            kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
+    with dsl.Else(name="new-data-invalid"):
+        validation_failed(summary=v.outputs["summary"]).set_caching_options(False)
 
 
 def compile_monitor_spec(out: str | Path = SPEC, cfg: Config | None = None,

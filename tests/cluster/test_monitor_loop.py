@@ -20,13 +20,24 @@ def test_checked_in_monitor_spec_is_up_to_date_and_retrains_only_in_its_branch(t
     fresh = compile_monitor_spec(tmp_path / "spec.yaml")
     assert fresh.read_bytes() == SPEC.read_bytes(), \
         "stale spec: run `python -m pipelines.monitor_pipeline` and commit pipelines/monitor_pipeline.yaml"
-    spec = yaml.safe_load_all(SPEC.read_text()).__next__()
-    root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"monitor", "condition-1"}
-    cond = root["condition-1"]
-    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--monitor-retrain'] == true"
-    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(inner) == ["finetune"]  # the training pipeline, nested whole
+    spec = next(yaml.safe_load_all(SPEC.read_text()))
+    dags = {name: comp["dag"]["tasks"] for name, comp in spec["components"].items() if "dag" in comp}
+
+    def steps(tasks: dict) -> set[str]:
+        """The step tasks under ``tasks``, through every nested condition."""
+        out = set()
+        for name, task in tasks.items():
+            ref = task["componentRef"]["name"]
+            out |= steps(dags[ref]) if ref in dags else {name}
+        return out
+
+    assert set(spec["root"]["dag"]["tasks"]) == {"monitor", "condition-branches-1"}
+    branches = dags["comp-condition-branches-1"]
+    conditions = {steps(dags[t["componentRef"]["name"]]).__contains__("register"): t["triggerPolicy"]["condition"]
+                  for t in branches.values()}
+    assert conditions[True] == "inputs.parameter_values['pipelinechannel--monitor-retrain'] == true"
+    assert steps(branches) == {"validate", "tokenize", "train", "evaluate", "compress", "register",
+                               "validation-failed", "no-retrain"}
 
 
 @pytest.mark.integration
@@ -67,5 +78,5 @@ def test_drifted_labelled_batch_is_monitored_retrained_and_registered(mlflow_ser
     assert check.data.tags["drift"] == "true" and check.data.tags["model_version"] == "1", check.data.tags
     retrained = client.get_model_version("loop-it", "2")  # registered by the retrain branch's register step
     assert client.get_run(retrained.run_id).data.tags["lineage.data_uri"] == str(data)
-    report = json.loads(next((tmp_path / "kfp").rglob("metrics.json")).read_text())
+    report = json.loads(next((tmp_path / "kfp").rglob("monitor/report/metrics.json")).read_text())
     assert report["drift"] and report["labelled"] and "mmd:embeddings" in report["fired"]
