@@ -61,8 +61,8 @@ def test_drifted_labelled_batch_is_monitored_retrained_and_registered(mlflow_ser
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # MLflow's tracking-URI context unset it on exit
     # the new data version: another domain's texts, labelled
     words = ["ledger", "turbine", "molecule", "tariff", "orbit", "voltage", "harvest", "statute", "glacier", "sonar"]
-    rows = [(f"the {words[i % 10]} report {i} lists {words[(i * 3) % 10]} figures for the {words[(i * 7) % 10]} "
-             f"committee in quarter {i % 4}", "fresh" if i % 2 else "rotten") for i in range(120)]
+    rows = [((f"the {words[i % 10]} report {i} lists {words[(i * 3) % 10]} figures for the {words[(i * 7) % 10]} "
+              f"committee in quarter {i % 4}"), "fresh" if i % 2 else "rotten") for i in range(120)]
     data = tmp_path / "new-version.csv"
     pd.DataFrame(rows, columns=["text", "label"]).to_csv(data, index=False)
     params = as_params(load_config(REPO / "params.yaml", [
