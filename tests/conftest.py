@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stack import Stack, free_port
+from stack import Stack, free_port  # noqa: F401 (free_port: tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
