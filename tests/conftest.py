@@ -319,3 +319,25 @@ MARKERS = {"AWS_SECRET_ACCESS_KEY": "s3secretmarker0123", "POSTGRES_PASSWORD": "
 def kubernetes_validate(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "kubernetes-validate"), "-k", K8S_VERSION, "--strict", str(path)],
                           capture_output=True, text=True, timeout=120)
+
+
+# ---- the monitor's tests (tests/stages/test_monitor.py, tests/cluster/test_monitor_loop.py) ----
+
+def write_register_inputs(project: Path, model: Path, test: pd.DataFrame) -> tuple[Path, Path]:
+    """evaluate's and validate's outputs as register reads them, for ``test`` and bound to ``model``."""
+    from finetune.common.digests import MODEL_DIGEST, model_digest
+    from finetune.common.files import write_json
+    from finetune.stages.evaluate import EvalResult, write_evaluation
+    from finetune.tasks.single_label import classification_metrics
+
+    splits = project / "validate"
+    splits.mkdir()
+    test.to_parquet(splits / "test.parquet")
+    write_json(splits / "report.json", VALIDATION)
+    y = (test["label"] == "rotten").to_numpy().astype(int)
+    probs = np.c_[1 - 0.8 * y - 0.1, 0.8 * y + 0.1]
+    metrics, calib = classification_metrics(y, probs, ["fresh", "rotten"], 5)
+    metrics[MODEL_DIGEST] = model_digest(model)
+    write_evaluation(EvalResult(metrics, ["fresh", "rotten"], y, probs.argmax(1), probs.max(1), calib),
+                     project / "evaluate")
+    return project / "evaluate", splits

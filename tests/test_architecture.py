@@ -23,7 +23,8 @@ MAX_FUNCTION_LINES = 80
 # The layers, top to bottom: a module imports only from its own folder or from a lower layer. registry and
 # reporting share a layer and must not import each other (the card and the report are rendered without MLflow; the
 # registry uploads what reporting rendered, handed over by the register stage).
-LAYERS = [("cli",), ("cluster",), ("tuning",), ("stages",), ("serving",), ("registry", "reporting"), ("training",),
+LAYERS = [("cli",), ("cluster",), ("tuning",), ("stages",), ("monitoring",), ("serving",), ("registry", "reporting"),
+          ("training",),
           ("tasks",),
           ("common",)]
 RANK = {folder: len(LAYERS) - i for i, names in enumerate(LAYERS) for folder in names}

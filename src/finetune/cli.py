@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     common = _common_options()
     for add in (_add_validate, _add_tokenize, _add_train, _add_evaluate, _add_compress, _add_register, _add_tune,
-                _add_predict, _add_compare, _add_materialize, _add_serve, _add_pipeline):
+                _add_predict, _add_compare, _add_materialize, _add_serve, _add_pipeline, _add_monitor):
         add(sub, common)
     return p
 
@@ -136,6 +136,16 @@ def _add_predict(sub, common: argparse.ArgumentParser) -> None:
                                     "temporary file renamed to OUTPUT at the end")
     s.add_argument("--force", action="store_true", help="replace an existing --output file")
     s.add_argument("--batch-size", type=int, default=256, help="texts per model call (at most 1000)")
+
+
+def _add_monitor(sub, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("monitor", parents=[common], help="drift of a batch of texts against a registered version",
+                       description="Compare a batch (CSV/JSONL/Parquet with a text column, labels optional, or a "
+                                   "request-log folder) with the version's reference profile. Exit 0: no drift, "
+                                   "3: drift, 1: error, 2: bad config. MLflow: MLFLOW_TRACKING_URI, or mlflow.db.")
+    s.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    s.add_argument("--input", required=True, help="the batch: a .csv/.jsonl/.parquet file or a request-log folder")
+    s.add_argument("--out", default="out/monitor", help="output folder: metrics.json, report.html")
 
 
 def _add_compare(sub, common: argparse.ArgumentParser) -> None:
@@ -253,6 +263,12 @@ def _serve(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
     stage.run_serve(cfg, args.model, args.host, args.port, args.token_file)
 
 
+def _monitor(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    uri, _ = tracking.configure(".")
+    if stage.run_monitor(cfg, args.model, args.input, args.out, uri)["drift"]:
+        raise SystemExit(stage.DRIFT_EXIT)  # outputs and the MLflow run are written: only the status differs
+
+
 def _compile(pipeline: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
     cluster = yaml.safe_load(Path(args.cluster_config).read_text(encoding="utf-8"))
     log.info("wrote %s", pipeline.compile_spec(args.out, cfg, cluster))
@@ -282,6 +298,7 @@ COMMANDS: dict[str, tuple[str, Callable[[ModuleType, argparse.Namespace, Config]
     "compare": ("finetune.stages.compare", _compare),
     "materialize": ("finetune.stages.materialize", _materialize),
     "serve": ("finetune.stages.serve", _serve),
+    "monitor": ("finetune.stages.monitor", _monitor),
     "compile": ("pipelines.finetune_pipeline", _compile),  # the project's file: found from the project root
     "submit": ("finetune.cluster.submit", _submit),
 }
@@ -298,6 +315,7 @@ EXPECTED = (
     "finetune.registry.comparison:CompareError", "finetune.stages.predict:PredictInputError",
     "finetune.common.outputs:UnsafeOutput", "finetune.common.tracking:TrackingUnreachable",
     "finetune.tasks:TaskError",
+    "finetune.monitoring.tasks:MonitorInputError",
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune.common.coercion import ConfigError, coerce, rule
 from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
+from finetune.common.monitor_config import MonitorConfig
 from finetune.common.serve_config import ServeConfig
 from finetune.common.task_config import TASK_HELP, check_task, dotted_items
 
@@ -385,6 +386,7 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     task: str = field(default="single_label", metadata={"help": TASK_HELP})
 
     def __post_init__(self) -> None:

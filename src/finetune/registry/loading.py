@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.pyfunc
@@ -34,6 +36,12 @@ def load_verified(model_uri: str, tracking_uri: str):
     """Load a registered model (``models:/<name>/<version>`` or ``models:/<name>@<alias>``) only after every file
     of a downloaded copy matched the sha256 digests the registry holds for that version; loads that copy."""
 
+    return load_verified_version(model_uri, tracking_uri)[0]
+
+
+def load_verified_version(model_uri: str, tracking_uri: str, keep: str | None = None, copy_to: str | None = None):
+    """(model, name, version) as load_verified loads it; with ``keep`` (a folder inside the logged model, e.g.
+    ``artifacts/reference_profile``), that verified folder is also copied to ``copy_to``."""
     name, ref, is_alias = _name_and_ref(model_uri, "only registered models can be verified and loaded")
     try:
         mv = _model_version(MlflowClient(tracking_uri), name, ref, is_alias)
@@ -41,7 +49,12 @@ def load_verified(model_uri: str, tracking_uri: str):
         with tempfile.TemporaryDirectory(prefix="finetune-verified-") as tmp, _use_tracking_uri(tracking_uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
             integrity.verify(local, integrity.from_tags(mv.tags or {}), f"{name} version {mv.version}")
-            return mlflow.pyfunc.load_model(local)
+            if keep is not None:
+                if not (Path(local) / keep).is_dir():
+                    raise RegistryError(f"{name} version {mv.version} has no {keep} (registered before it was "
+                                        f"stored with each version); register the model again")
+                shutil.copytree(Path(local) / keep, copy_to, dirs_exist_ok=True)
+            return mlflow.pyfunc.load_model(local), name, str(mv.version)
     except integrity.IntegrityError as exc:
         raise RegistryError(str(exc)) from None
     except (MlflowException, OSError) as exc:

@@ -65,6 +65,7 @@ class RegistrationRequest:
     test: tuple[list[str], list[str]] | None = None
     max_length: int = 512
     model_card: Callable[[str, str], str] | None = None
+    reference_profile: Path | None = None  # monitoring's profile of the test split: logged inside the model
 
     @classmethod
     def for_model(cls, model_dir: str | Path, metrics: dict[str, Any], cfg: RegisterConfig, tracking_uri: str,

@@ -218,7 +218,7 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
                 p = Path(path)
                 (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), sub)
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE), artifacts={"model": str(req.model_dir)},
+                name="model", python_model=str(PYFUNC_CODE), artifacts=_model_artifacts(req),
                 model_config={"max_length": req.max_length, "weights_sha256": weights,
                               "files_sha256": integrity.folder_digests(req.model_dir)},  # checked at load
                 # (texts, params): MLflow infers the params schema from it, so predict(..., params=
@@ -246,6 +246,15 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
         if run_id is not None:  # start_run marked it FAILED; its uploads are of no use now
             remove_artifacts(client, run_id, exp_id)
         raise RegistryUnavailable(f"registering {cfg.model_name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _model_artifacts(req: RegistrationRequest) -> dict[str, str]:
+    """The model folder, and the reference profile beside it: inside the logged model, so the version's sha256
+    tags cover it and load_verified checks it."""
+    out = {"model": str(req.model_dir)}
+    if req.reference_profile is not None:
+        out["reference_profile"] = str(req.reference_profile)
+    return out
 
 
 def _logged_digests(model_uri: str, req: RegistrationRequest) -> dict[str, str]:

@@ -20,6 +20,7 @@ from finetune.common.lineage import split_hash
 from finetune.common.outputs import check_output_place
 from finetune.common.params import config_from_dict
 from finetune.common.redact import redact_values
+from finetune.monitoring.profiling import PROFILE_FOLDER, reference_profile
 from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
@@ -66,12 +67,15 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
         return model_card(cfg.register.model_name, version, metrics, validation, params, lineage, run_id,
                           token_stats, compressed, int8)
 
-    request = RegistrationRequest.for_model(
-        model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
-        lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
-        test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
-        model_card=card)
-    reg = register(request)
+    with tempfile.TemporaryDirectory(prefix="finetune-profile-") as tmp:  # the monitor's reference, logged in the model
+        profile = reference_profile(model, test["text"].tolist(), test["label"].tolist(), cfg.tokenize.max_length,
+                                    cfg.monitor.reference_rows, Path(tmp) / PROFILE_FOLDER, cfg.monitor.seed)
+        request = RegistrationRequest.for_model(
+            model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
+            lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
+            test=(test["text"].tolist(), test["label"].tolist()), max_length=cfg.tokenize.max_length,
+            model_card=card, reference_profile=profile)
+        reg = register(request)
     int8.update(_register_int8(request, reg, compress, compressed))
     final_card = card(reg.version, reg.run_id)
     if compressed is not None:  # the card registered with the version did not know the int8 outcome yet

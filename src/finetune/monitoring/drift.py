@@ -1,0 +1,124 @@
+"""The drift tests: each compares the reference profile with a batch's and says whether it fired.
+
+- text features: PSI on the reference's deciles (reported with the KS p-value);
+- embeddings: MMD (RBF kernel, median bandwidth) with a permutation test: false-alarm rate ``alpha`` by design;
+- predictions: chi-square of the predicted-label counts (with an effect-size floor) and the drop of the mean
+  confidence;
+- labels (when the batch has them): the task's metrics with a bootstrap interval against the version's test metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from finetune.common.monitor_config import MonitorConfig
+from finetune.monitoring.profiling import TEXT_FEATURES, Profile
+from finetune.monitoring.tasks import task_of
+
+
+def psi(reference: np.ndarray, batch: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's quantile bins (x <= edge; ties merged) plus one bin above
+    the reference's maximum: a rate that is 0 throughout the reference still gets a bin for "more than 0"."""
+    edges = np.unique(np.r_[np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]), reference.max()])
+    ref = np.bincount(np.searchsorted(edges, reference, side="left"), minlength=len(edges) + 1) / len(reference)
+    cur = np.bincount(np.searchsorted(edges, batch, side="left"), minlength=len(edges) + 1) / len(batch)
+    ref, cur = np.clip(ref, 1e-4, None), np.clip(cur, 1e-4, None)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def feature_tests(reference: dict[str, np.ndarray], batch: dict[str, np.ndarray], cfg: MonitorConfig
+                  ) -> list[dict[str, Any]]:
+    out = []
+    for name in TEXT_FEATURES:
+        value = psi(reference[name], batch[name])
+        ks = stats.ks_2samp(reference[name], batch[name])
+        out.append({"test": f"psi:{name}", "kind": "text", "statistic": round(value, 6), "threshold":
+                    cfg.psi_threshold, "ks_p_value": float(ks.pvalue), "reference_mean": float(reference[name].mean()),
+                    "batch_mean": float(batch[name].mean()), "drifted": value > cfg.psi_threshold})
+    return out
+
+
+def mmd_permutation(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.random.Generator
+                    ) -> tuple[float, float]:
+    """(MMD², permutation p-value) of two samples of embeddings, RBF kernel with the median-distance bandwidth."""
+    z = np.vstack([x, y]).astype(np.float64)
+    sq = (z * z).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
+    bandwidth = np.median(d2[np.triu_indices(len(z), 1)]) or 1.0
+    kernel = np.exp(-d2 / bandwidth).astype(np.float32)
+    n = len(x)
+    groups = np.zeros((len(z), permutations + 1), dtype=np.float32)
+    groups[:n, 0] = 1
+    for p in range(1, permutations + 1):
+        groups[rng.permutation(len(z))[:n], p] = 1
+    kg = kernel @ groups  # one matrix product for the observed split and every permutation
+    total = kernel.sum(dtype=np.float64)
+    xx = (groups * kg).sum(0, dtype=np.float64)
+    xy = kg.sum(0, dtype=np.float64) - xx
+    yy = total - xx - 2 * xy
+    m = len(z) - n
+    mmd2 = xx / n ** 2 + yy / m ** 2 - 2 * xy / (n * m)
+    return float(mmd2[0]), float((1 + np.sum(mmd2[1:] >= mmd2[0])) / (permutations + 1))
+
+
+def embedding_test(reference: np.ndarray, batch: np.ndarray, cfg: MonitorConfig) -> dict[str, Any]:
+    rng = np.random.default_rng(cfg.seed)
+    sample = batch[rng.permutation(len(batch))[:cfg.embedding_rows]]
+    mmd2, p = mmd_permutation(reference.astype(np.float32), sample.astype(np.float32), cfg.permutations, rng)
+    return {"test": "mmd:embeddings", "kind": "embedding", "statistic": round(mmd2, 8), "p_value": p,
+            "threshold": cfg.alpha, "rows": [len(reference), len(sample)], "drifted": p < cfg.alpha}
+
+
+def prediction_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: MonitorConfig
+                     ) -> list[dict[str, Any]]:
+    task = task_of(task_name)
+    k = len(ref_doc["labels"])
+    ref_counts = np.asarray(ref_doc["predicted_counts"], dtype=np.float64)
+    cur_counts = np.bincount(task.predicted(batch.probs), minlength=k).astype(np.float64)
+    seen = (ref_counts + cur_counts) > 0
+    p = float(stats.chi2_contingency(np.vstack([ref_counts[seen], cur_counts[seen]]))[1]) if seen.sum() > 1 else 1.0
+    tvd = float(0.5 * np.abs(ref_counts / ref_counts.sum() - cur_counts / cur_counts.sum()).sum())
+    ref_conf = float(ref_doc["features"]["confidence"].mean())
+    drop = ref_conf - float(batch.features["confidence"].mean())
+    shares = {lab: round(float(c / cur_counts.sum()), 6) for lab, c in zip(ref_doc["labels"], cur_counts)}
+    return [{"test": "chi2:predicted_labels", "kind": "prediction", "p_value": p, "statistic": round(tvd, 6),
+             "threshold": cfg.alpha, "min_effect": cfg.min_label_shift, "batch_shares": shares,
+             "drifted": p < cfg.alpha and tvd >= cfg.min_label_shift},
+            {"test": "drop:confidence", "kind": "prediction", "statistic": round(drop, 6),
+             "threshold": cfg.confidence_drop, "reference_mean": ref_conf, "drifted": drop > cfg.confidence_drop}]
+
+
+def metric_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: MonitorConfig
+                 ) -> list[dict[str, Any]]:
+    """The task's metrics on the labelled batch, a 95% percentile bootstrap interval, against the test metrics."""
+    task = task_of(task_name)
+    labels = ref_doc["labels"]
+    y_pred = task.predicted(batch.probs)
+    rng = np.random.default_rng(cfg.seed)
+    idx = rng.integers(0, len(batch), size=(cfg.bootstrap, len(batch)))
+    resampled = task.resampled_scores(batch.labels, y_pred, len(labels), idx)
+    observed = task.score(batch.labels, batch.probs, labels)
+    out = []
+    for name in task.metrics:
+        low, high = np.quantile(resampled[name], [0.025, 0.975])
+        ref = float(ref_doc["metrics"][name])
+        out.append({"test": f"bootstrap:{name}", "kind": "metric", "statistic": round(observed[name], 6),
+                    "interval": [round(float(low), 6), round(float(high), 6)], "reference": ref,
+                    "threshold": cfg.metric_drop, "drifted": float(high) < ref - cfg.metric_drop})
+    return out
+
+
+def compare_profiles(ref_doc: dict[str, Any], ref_embeddings: np.ndarray, batch: Profile, cfg: MonitorConfig
+            ) -> dict[str, Any]:
+    """Every test's outcome, and whether any fired."""
+    task = ref_doc["task"]
+    tests = [*feature_tests(ref_doc["features"], batch.features, cfg),
+             embedding_test(ref_embeddings, batch.embeddings, cfg), *prediction_tests(ref_doc, batch, task, cfg)]
+    if batch.labels is not None:
+        tests += metric_tests(ref_doc, batch, task, cfg)
+    fired = [t["test"] for t in tests if t["drifted"]]
+    return {"drift": bool(fired), "fired": fired, "rows": len(batch), "reference_rows": int(ref_doc["n"]),
+            "labelled": batch.labels is not None, "tests": tests}
