@@ -367,6 +367,9 @@ def key_type(dotted: str) -> Any:
     return None if dataclasses.is_dataclass(cls) else cls
 
 
+TASK_NAMES = ("single_label", "multi_label", "token")  # the modules of finetune.tasks (tasks/__init__.py)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -380,10 +383,17 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    task: str = field(default="single_label", metadata={"help": "single_label (one class per text), multi_label "
+                                                                "(any number of labels per text) or token (NER)"})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"task = {self.task!r}: must be one of {', '.join(TASK_NAMES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, as MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        """Dotted keys -> values, as MLflow params (top-level values such as ``task`` under their own name)."""
+        return {(f"{s}.{k}" if isinstance(sec, dict) else s): v
+                for s, sec in self.to_dict().items() for k, v in (sec.items() if isinstance(sec, dict) else [(s, sec)])}

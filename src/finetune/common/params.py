@@ -62,8 +62,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     for item in overrides or []:
         key, sep, value = item.partition("=")
         path = key.strip().split(".")
-        if not sep or len(path) < 2 or not all(path):
-            raise ConfigError(f"override {shown(item)} is not of the form section.key=value (e.g. train.lora.r=4)")
+        top_values = {k for k, v in Config().to_dict().items() if not isinstance(v, dict)}  # task=...
+        if not sep or not all(path) or (len(path) < 2 and path[0] not in top_values):
+            raise ConfigError(f"override {shown(item)} is not of the form section.key=value (e.g. train.lora.r=4) "
+                              f"or task=value")
         node = out
         for depth, part in enumerate(path[:-1]):
             child = node.get(part)

@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
@@ -30,7 +31,7 @@ from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, folder_digests, 
 from finetune.common.files import write_json
 from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8, TEMP_MARKER, atomic_dir, check_output_dir
 from finetune.common.tokens import TokenizedSplit, read_tokens
-from finetune.tasks.single_label import classification_metrics, softmax
+from finetune.tasks import task_for
 from finetune.training.batches import collate
 from finetune.training.model import MismatchError, load_classifier
 
@@ -138,9 +139,9 @@ def _batch(split: TokenizedSplit, idx: np.ndarray, pad_id: int) -> tuple[np.ndar
     return b["input_ids"].numpy(), b["attention_mask"].numpy()
 
 
-def measure(run: Runner, split: TokenizedSplit, pad_id: int, batch_size: int, latency_requests: int
-            ) -> tuple[np.ndarray, dict[str, float]]:
-    """Class probabilities for every text of ``split`` and timings of ``run``.
+def measure(run: Runner, split: TokenizedSplit, pad_id: int, batch_size: int, latency_requests: int,
+            task: ModuleType | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """The task's probabilities for every text of ``split`` and timings of ``run``.
 
     Throughput: the whole split in its own order (requests arrive unsorted), ``batch_size`` texts per call.
     Latency: the first ``latency_requests`` texts, one per call. One untimed call of each shape warms up.
@@ -165,35 +166,39 @@ def measure(run: Runner, split: TokenizedSplit, pad_id: int, batch_size: int, la
     timing = {"texts_per_s": round(n / seconds, 1) if seconds > 0 else 0.0,
               "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
               "latency_ms_p95": round(float(np.percentile(ms, 95)), 3)}
-    return softmax(np.concatenate(logits).astype(np.float64)), timing
+    return (task or task_for("single_label")).probabilities(np.concatenate(logits).astype(np.float64)), timing
 
 
-def variant_gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float) -> tuple[bool, str]:
-    drop = baseline["accuracy"] - candidate["accuracy"]
+def variant_gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float,
+                 metric: str = "accuracy") -> tuple[bool, str]:
+    """int8 passes when the task's primary ``metric`` drops at most ``max_drop`` below fp32 PyTorch."""
+    drop = baseline[metric] - candidate[metric]
     if drop <= max_drop + 1e-12:
-        return True, (f"int8 variant passed: accuracy {candidate['accuracy']:.4f} vs fp32 {baseline['accuracy']:.4f} "
+        return True, (f"int8 variant passed: {metric} {candidate[metric]:.4f} vs fp32 {baseline[metric]:.4f} "
                       f"(drop {drop:.4f} <= compress.max_accuracy_drop {max_drop})")
-    return False, (f"int8 variant refused: accuracy {candidate['accuracy']:.4f} vs fp32 {baseline['accuracy']:.4f}, "
+    return False, (f"int8 variant refused: {metric} {candidate[metric]:.4f} vs fp32 {baseline[metric]:.4f}, "
                    f"drop {drop:.4f} > compress.max_accuracy_drop {max_drop}; the pipeline goes on with the fp32 model")
 
 
 def variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str], timing: dict[str, float],
-                     size: int, reference: np.ndarray | None) -> dict[str, Any]:
-    scores, _ = classification_metrics(split.labels, probs, labels, bins=10)
-    out = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "size_mb": round(size / 2 ** 20, 2),
-           **timing}
-    if reference is not None:  # agreement with the baseline's labels and the largest probability difference
-        out["label_agreement"] = round(float((probs.argmax(1) == reference.argmax(1)).mean()), 6)
+                     size: int, reference: np.ndarray | None, task: ModuleType | None = None) -> dict[str, Any]:
+    """The task's gate metrics of one variant, its size and timings (and its agreement with the reference)."""
+    task = task or task_for("single_label")
+    scores, _ = task.scores(split.labels, probs, labels, bins=10)
+    out = {**{m: scores[m] for m in task.GATE_METRICS}, "size_mb": round(size / 2 ** 20, 2), **timing}
+    if reference is not None:  # agreement with the baseline's decisions and the largest probability difference
+        agree = [a == b for a, b in zip(task.decide(probs, labels), task.decide(reference, labels))]
+        out["label_agreement"] = round(float(np.mean(agree)), 6) if agree else 1.0
         out["max_probability_diff"] = round(float(np.abs(probs - reference).max()), 6) if len(probs) else 0.0
     return out
 
 
-def with_deltas(variants: dict[str, dict[str, Any]]) -> None:
+def with_deltas(variants: dict[str, dict[str, Any]], metrics: tuple[str, ...] = ("accuracy", "macro_f1")) -> None:
     base = variants["pytorch_fp32"]
     for name, v in variants.items():
         if name != "pytorch_fp32":
-            v["accuracy_delta"] = round(v["accuracy"] - base["accuracy"], 6)
-            v["macro_f1_delta"] = round(v["macro_f1"] - base["macro_f1"], 6)
+            for m in metrics:  # the task's gate metrics
+                v[f"{m}_delta"] = round(v[m] - base[m], 6)
             v["size_ratio"] = round(base["size_mb"] / v["size_mb"], 2) if v["size_mb"] else None
             v["speedup"] = round(v["texts_per_s"] / base["texts_per_s"], 2) if base["texts_per_s"] else None
 
@@ -209,6 +214,7 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     name = model_name or model_dir.name
     digest = model_digest(model_dir)  # binds these figures and files to this model: register checks it
     labels = meta["labels"]
+    task = task_for(meta.get("task", "single_label"))
     pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
     model = load_classifier(model_dir)
     model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -233,11 +239,12 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
                 "onnx_int8": (onnx_runner(tmp / ONNX_INT8, cfg.threads), (tmp / ONNX_INT8).stat().st_size)}
         variants, probs = {}, {}
         for variant, (run, size) in runs.items():
-            probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+            probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests, task)
             variants[variant] = variant_metrics(probs[variant], test, labels, timing, size, probs.get("pytorch_fp32")
-                                                if variant != "pytorch_fp32" else None)
-        with_deltas(variants)
-        passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop)
+                                                if variant != "pytorch_fp32" else None, task)
+        with_deltas(variants, task.GATE_METRICS)
+        passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop,
+                                       task.GATE_METRICS[0])
         metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants,
                    FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items()
                                   if k not in (METRICS, MARKER, TEMP_MARKER)}}  # the markers are no output

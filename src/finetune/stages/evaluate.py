@@ -29,7 +29,7 @@ from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.progress import Progress
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_tokens, tokenizer_fingerprint
-from finetune.tasks.single_label import classification_metrics, softmax
+from finetune.tasks import task_for
 from finetune.training.model import MismatchError, load_classifier, pick_device, predict_logits
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -129,8 +129,9 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_labels != labels:
         raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
-    probs = softmax(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
-    metrics, calib = classification_metrics(test.labels, probs, labels, cfg.calibration_bins)
+    task = task_for(meta.get("task", "single_label"))
+    probs = task.probabilities(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
+    metrics, calib = task.scores(test.labels, probs, labels, cfg.calibration_bins)
     metrics[MODEL_DIGEST] = digest
     roc = roc_curves(test.labels, probs, labels, curves_for=top_classes(test.labels, len(labels)))
     for lab, curve in roc.items():

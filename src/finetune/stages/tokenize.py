@@ -19,12 +19,14 @@ from finetune.common.config import Config, TokenizeConfig
 from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_splits, tokenizer_fingerprint
+from finetune.tasks import task_for
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
 
 
-def encode(texts: list[str], labels: list[str], label_names: list[str], tok, cfg: TokenizeConfig) -> TokenizedSplit:
-    index = {lab: i for i, lab in enumerate(label_names)}
+def encode(texts: list[str], labels: list, label_names: list[str], tok, cfg: TokenizeConfig,
+           task: str = "single_label") -> TokenizedSplit:
+    """Token ids of ``texts`` and the task's label array (class ids, multi-hot rows, ...)."""
     chunks: list[list[int]] = []
     for start in range(0, len(texts), cfg.batch_size):
         enc = tok(texts[start:start + cfg.batch_size], truncation=True, max_length=cfg.max_length,
@@ -34,21 +36,21 @@ def encode(texts: list[str], labels: list[str], label_names: list[str], tok, cfg
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=int(offsets[-1]))
-    return TokenizedSplit(ids, offsets, np.array([index[lab] for lab in labels], dtype=np.int64))
+    return TokenizedSplit(ids, offsets, task_for(task).encode_labels(labels, label_names))
 
 
 def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], model_dir: str | Path,
-             cfg: TokenizeConfig) -> tuple[dict[str, TokenizedSplit], dict[str, Any]]:
-    """Tokenize each split; returns the arrays and a stats/meta dict."""
+             cfg: TokenizeConfig, task: str = "single_label") -> tuple[dict[str, TokenizedSplit], dict[str, Any]]:
+    """Tokenize each split; returns the arrays and a stats/meta dict (which records the task)."""
     tok = load_tokenizer(model_dir)
     out, stats = {}, {}
     for name, frame in splits.items():
-        ts = encode(frame["text"].tolist(), frame["label"].tolist(), label_names, tok, cfg)
+        ts = encode(frame["text"].tolist(), frame["label"].tolist(), label_names, tok, cfg, task)
         lens = ts.lengths
         out[name] = ts
         stats[name] = {"rows": len(ts), "tokens": int(lens.sum()), "mean_length": round(float(lens.mean()), 2),
                        "max_length": int(lens.max()), "truncated": int((lens >= cfg.max_length).sum())}
-    meta = {"labels": label_names, "max_length": cfg.max_length, "tokenizer": tokenizer_fingerprint(tok),
+    meta = {"task": task, "labels": label_names, "max_length": cfg.max_length, "tokenizer": tokenizer_fingerprint(tok),
             "stats": stats}
     return out, meta
 
@@ -81,7 +83,7 @@ def run_tokenize(cfg: Config, splits: str | Path, out: str | Path) -> dict[str, 
     base = resolve_base(cfg.model.base)
     check_model_limits(cfg, base)
     frames, labels = read_splits(splits)
-    tokens, meta = tokenize(frames, labels, base, cfg.tokenize)
+    tokens, meta = tokenize(frames, labels, base, cfg.tokenize, cfg.task)
     write_tokens(tokens, meta, out, [splits])
     log.info("tokenized: %s", meta["stats"])
     return meta

@@ -1,12 +1,85 @@
 """The single-label task: one class per text. Softmax over the classes, argmax decides,
-accuracy / macro-F1 / per-class scores / calibration measure it."""
+accuracy / macro-F1 / per-class scores / calibration measure it. Exports the contract of finetune.tasks."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+
+from finetune.common.coercion import ConfigError
+from finetune.common.config import TrainConfig
+
+NAME = "single_label"
+PROBLEM_TYPE = "single_label_classification"
+LORA_TASK_TYPE = "SEQ_CLS"
+AUTO_MODEL = "AutoModelForSequenceClassification"
+GATE_METRICS = ("accuracy", "macro_f1")
+SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
+
+
+def read_labels(values: pd.Series, separator: str) -> pd.Series:
+    return values
+
+
+def encode_labels(values: Sequence, label_names: list[str]) -> np.ndarray:
+    """1-D int64 class ids."""
+    index = {lab: i for i, lab in enumerate(label_names)}
+    return np.array([index[lab] for lab in values], dtype=np.int64)
+
+
+def refused_regime(cfg: TrainConfig) -> str | None:
+    return None  # every regime of the loop applies
+
+
+def loss_weights(spec: str | list[float], train_labels: np.ndarray, label_names: list[str]) -> torch.Tensor | None:
+    """Per-class loss weights, or None for the plain loss. ``balanced``: n / (classes * n_class) on the train
+    split, so the weights average 1 over its rows and the loss keeps its scale."""
+    if spec == "none":
+        return None
+    k = len(label_names)
+    if spec == "balanced":
+        counts = np.bincount(train_labels, minlength=k)
+        if (counts == 0).any():
+            missing = [lab for lab, c in zip(label_names, counts) if c == 0]
+            raise ConfigError(f"train.class_weights = 'balanced': class(es) {missing} have no train rows")
+        weights = len(train_labels) / (k * counts)
+    else:
+        if len(spec) != k:
+            raise ConfigError(f"train.class_weights = {list(spec)}: must hold one weight per label, {k} "
+                              f"({', '.join(label_names)})")
+        weights = np.asarray(spec, dtype=np.float64)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy summed over rows (label -100: an empty packed slot, no loss). Class weights scale each row's
+    loss: sum(w_y * ce) (torch's weighted mean would divide by sum(w) instead)."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight, reduction="sum",
+                                             ignore_index=-100)
+
+
+def validation_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Unweighted loss, accuracy and macro-F1 (evaluate's arithmetic)."""
+    scores, _ = classification_metrics(labels, softmax(logits), [str(i) for i in range(logits.shape[1])], bins=2)
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(-1) == labels).mean()),
+            "val_macro_f1": scores["macro_f1"]}
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    return softmax(logits)
+
+
+def scores(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], bins: int,
+           thresholds: np.ndarray | None = None) -> tuple[dict, list]:
+    return classification_metrics(y_true, probs, label_names, bins)
+
+
+def decide(probs: np.ndarray, label_names: list[str], thresholds: np.ndarray | None = None) -> list[str]:
+    return [label_names[i] for i in probs.argmax(axis=1)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

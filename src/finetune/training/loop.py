@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from types import ModuleType
 from typing import Callable
 
 import torch
 
 from finetune.common.progress import Progress
 from finetune.common.tokens import TokenizedSplit
-from finetune.tasks.single_label import classification_metrics, softmax
+from finetune.tasks import task_for
 from finetune.training import checkpoint
 from finetune.training.distributed import Dist
 from finetune.training.model import predict_logits
@@ -93,7 +94,7 @@ def train_loop(run: TrainRun, state: TrainState, on_step: RowCallback | None = N
 
 def _optimizer_step(run: TrainRun, runner, batch: Step, state: TrainState, losses: LossLog) -> None:
     use_bf16 = run.dist.device.type == "cuda"
-    loss_sum = forward_backward(runner, run.plan, batch, run.dist, use_bf16, run.weights, run.fgm)
+    loss_sum = forward_backward(runner, run.plan, batch, run.dist, use_bf16, run.weights, run.fgm, run.task)
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     run.opt.step()
     run.sched.step()
@@ -130,7 +131,7 @@ def _validate(run: TrainRun, state: TrainState, on_eval: RowCallback | None) -> 
     """One evaluation on rank 0: its row, early stopping's verdict, the best weights kept (keep_best)."""
     stop = False
     if run.dist.main:
-        row = {"step": state.step, **_val_metrics(run.model, run.val, run.pad_id, run.dist.device)}
+        row = {"step": state.step, **_val_metrics(run, run.model, run.val)}
         state.val_history.append(row)
         if on_eval:  # tune's pruner: an exception from it ends training
             on_eval(row)
@@ -149,40 +150,38 @@ def _stop_reason(run: TrainRun, state: TrainState) -> str:
 
 
 def forward_backward(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool,
-                     weight: torch.Tensor | None = None, fgm: FGM | None = None) -> torch.Tensor:
+                     weight: torch.Tensor | None = None, fgm: FGM | None = None,
+                     task: ModuleType | None = None) -> torch.Tensor:
     """Gradients of one optimizer step (all its micro-batches); returns this rank's (clean) loss sum, on the device.
     With ``fgm`` a second pass on perturbed embeddings adds its gradients (DDP: the clean gradient is already the
     global mean, identical on every rank, so the perturbation is too)."""
-    loss_sum = _passes(runner, plan, batch, dist, use_bf16, weight)
+    task = task or task_for("single_label")
+    loss_sum = _passes(runner, plan, batch, dist, use_bf16, weight, task)
     if fgm is not None:
         with fgm.perturbed():
-            _passes(runner, plan, batch, dist, use_bf16, weight)
+            _passes(runner, plan, batch, dist, use_bf16, weight, task)
     return loss_sum
 
 
-def _passes(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool, weight: torch.Tensor | None):
+def _passes(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool, weight: torch.Tensor | None,
+            task: ModuleType):
     loss_sum = torch.zeros((), device=plan.device)
     for j, b in enumerate(batch.micro):
         last = j == len(batch.micro) - 1
         sync = contextlib.nullcontext() if last or dist.world == 1 else runner.no_sync()
         with sync, torch.autocast(plan.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = plan.forward(runner, b)
-            # sum over this rank's rows / rows of the whole step: DDP's gradient averaging over ranks then
-            # yields exactly the mean over the global batch (label -100: empty packed slots, no loss). Class
-            # weights scale each row's loss: sum(w_y * ce) / rows (torch's weighted mean divides by sum(w) instead)
-            ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], weight=weight, reduction="sum",
-                                                   ignore_index=-100)
+            # the task's loss summed over this rank's rows / rows of the whole step: DDP's gradient averaging
+            # over ranks then yields exactly the mean over the global batch (label -100: no loss)
+            ce = task.loss_sum(logits, b["labels"], weight)
             (ce * dist.world / batch.rows).backward()
         loss_sum += ce.detach()
     return loss_sum
 
 
-def _val_metrics(model, split: TokenizedSplit | None, pad_id: int, device: torch.device) -> dict[str, float]:
-    """Unweighted loss, accuracy and macro-F1 (evaluate's arithmetic) on the validation split."""
+def _val_metrics(run: TrainRun, model, split: TokenizedSplit | None) -> dict[str, float]:
+    """The task's validation scores (unweighted loss, accuracy, macro-F1 ...) on the validation split."""
     if split is None or len(split) == 0:
-        return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
-    raw = predict_logits(model, split, 128, pad_id, device)
-    logits, labels = torch.from_numpy(raw), torch.from_numpy(split.labels)
-    scores, _ = classification_metrics(split.labels, softmax(raw), [str(i) for i in range(raw.shape[1])], bins=2)
-    return {"val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
-            "val_accuracy": float((logits.argmax(-1) == labels).float().mean()), "val_macro_f1": scores["macro_f1"]}
+        return {name: float("nan") for name in ("val_loss", "val_accuracy", "val_macro_f1", *run.task.SELECT_METRICS)}
+    raw = predict_logits(model, split, 128, run.pad_id, run.dist.device)
+    return run.task.validation_scores(raw, split.labels)

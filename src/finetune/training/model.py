@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from finetune.common.config import TrainConfig
 from finetune.common.tokens import TokenizedSplit
+from finetune.tasks import task_for
 from finetune.training.batches import collate, sorted_batches
 
 
@@ -53,20 +56,22 @@ def load_classifier(model_dir: str | Path, device: torch.device | None = None):
     return model.to(device or torch.device("cpu"))
 
 
-def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device):
-    """The base encoder with a fresh classification head (and LoRA adapters when enabled), on ``device``."""
-
+def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device,
+                task: ModuleType | None = None):
+    """The base encoder with the task's fresh head (and LoRA adapters when enabled), on ``device``."""
+    task = task or task_for("single_label")
     mcfg = AutoConfig.from_pretrained(str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                      label2id={lab: i for i, lab in enumerate(labels)}, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
+                                      label2id={lab: i for i, lab in enumerate(labels)}, local_files_only=True,
+                                      problem_type=task.PROBLEM_TYPE)
+    model = getattr(transformers, task.AUTO_MODEL).from_pretrained(
         str(base), config=mcfg, local_files_only=True, use_safetensors=True,
         attn_implementation=cfg.attn_implementation)
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLora
         from peft import get_peft_model
 
-        # SEQ_CLS keeps the new classification head fully trainable next to the adapters.
-        model = get_peft_model(model, PeftLora(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        # the task's type (SEQ_CLS, TOKEN_CLS) keeps the new head fully trainable next to the adapters
+        model = get_peft_model(model, PeftLora(task_type=task.LORA_TASK_TYPE, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                lora_dropout=cfg.lora.dropout,
                                                target_modules=list(cfg.lora.target_modules)))
     return model.to(device), mcfg

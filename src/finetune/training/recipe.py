@@ -20,12 +20,13 @@ import torch
 from finetune.common.config import TrainConfig
 from finetune.common.outputs import atomic_dir
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
+from finetune.tasks import task_for
 from finetune.training import checkpoint
 from finetune.training.distributed import Dist
 from finetune.training.early_stopping import Selection
 from finetune.training.model import build_model, build_optimizer, exportable, seed_everything
 from finetune.training.packing import PackShape, can_pack, pack_shape
-from finetune.training.regimes import FGM, class_weights, freeze
+from finetune.training.regimes import FGM, freeze
 from finetune.training.step_plan import StepPlan
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -54,6 +55,7 @@ class TrainRun:
     val: TokenizedSplit | None
     pad_id: int
     trainable: int  # trainable parameters
+    task: Any = None  # the task's module (finetune.tasks): loss, validation scores
 
 
 @dataclass
@@ -111,9 +113,13 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
     tok = _checked_tokenizer(base, meta)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    task = task_for(meta.get("task", "single_label"))  # tokens made before tasks existed are single-label
+    refused = task.refused_regime(cfg)
+    if refused:
+        raise TrainingError(refused)
     dist = Dist(cfg.device)
     seed_everything(cfg.seed)
-    model, mcfg = build_model(base, meta["labels"], cfg, dist.device)
+    model, mcfg = build_model(base, meta["labels"], cfg, dist.device, task)
     freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 later
     if mcfg.vocab_size < meta["tokenizer"]["vocab_size"]:
@@ -129,7 +135,7 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     opt, sched = build_optimizer(model, cfg, total, dist.device)
-    weights = class_weights(cfg.class_weights, train_split.labels, meta["labels"])
+    weights = task.loss_weights(cfg.class_weights, train_split.labels, meta["labels"])
     weights = weights.to(dist.device) if weights is not None else None
     fgm = FGM(model, cfg.adversarial.epsilon) if cfg.adversarial.enabled else None
     if (cfg.keep_best or cfg.patience) and (val is None or len(val) == 0):
@@ -138,7 +144,7 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
     log.info("trainable parameters: %d of %d (train.freeze=%s, lora %s)", trainable,
              sum(p.numel() for p in model.parameters()), cfg.freeze, "on" if cfg.lora.enabled else "off")
     return TrainRun(cfg, base, tok, dist, model, shape, plan, per_epoch, total, opt, sched, weights, fgm, val,
-                    pad_id, trainable)
+                    pad_id, trainable, task)
 
 
 def _checked_tokenizer(base: Path, meta: dict[str, Any]):

@@ -1,4 +1,5 @@
-"""Training regimes beyond plain fine-tuning: frozen layers, class-weighted loss, FGM adversarial training.
+"""Training regimes beyond plain fine-tuning: frozen layers, FGM adversarial training (class-weighted loss: the
+task's loss_weights, finetune.tasks).
 
 Each is switched on in params.yaml ``train:`` and costs nothing when off.
 """
@@ -9,7 +10,6 @@ import contextlib
 import re
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from finetune.common.coercion import ConfigError
@@ -37,26 +37,6 @@ def freeze(model, spec: str) -> None:
         m = _LAYER.search(name)
         if "embeddings" in name or (m and int(m.group(1)) < n):
             p.requires_grad_(False)
-
-
-def class_weights(spec: str | list[float], train_labels: np.ndarray, labels: list[str]) -> torch.Tensor | None:
-    """Per-class loss weights, or None for the plain loss. ``balanced``: n / (classes * n_class) on the train
-    split, so the weights average 1 over its rows and the loss keeps its scale."""
-    if spec == "none":
-        return None
-    k = len(labels)
-    if spec == "balanced":
-        counts = np.bincount(train_labels, minlength=k)
-        if (counts == 0).any():
-            missing = [lab for lab, c in zip(labels, counts) if c == 0]
-            raise ConfigError(f"train.class_weights = 'balanced': class(es) {missing} have no train rows")
-        weights = len(train_labels) / (k * counts)
-    else:
-        if len(spec) != k:
-            raise ConfigError(f"train.class_weights = {list(spec)}: must hold one weight per label, {k} "
-                              f"({', '.join(labels)})")
-        weights = np.asarray(spec, dtype=np.float64)
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 class FGM:
