@@ -31,6 +31,7 @@ class DataConfig:
         default="split",
         metadata={"help": "optional column with user-given splits (train/val/test); used only if present"},
     )
+    tag_scheme: str = field(default="auto", metadata={"help": "task token: auto|bio|iob1|iobes (docs/tasks.md)"})
 
     def __post_init__(self) -> None:
         rule(self, "path", bool(self.path), "a file path or URI")

@@ -12,6 +12,7 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable
 
 import great_expectations as gx
@@ -28,7 +29,10 @@ from finetune.common.sources import fetch
 from finetune.common.tokens import SPLITS
 from finetune.reporting.validation_summary import failure_message, render_summary
 from finetune.stages import StageFailed
-from finetune.tasks.single_label import balance_warnings, class_balance, floor_warning
+from finetune.common.token_files import read_tagged
+from finetune.tasks import single_label, task_for
+from finetune.tasks.ner_data import check_frame, check_tagged, strata
+from finetune.tasks.token import tag_names
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
 
@@ -313,16 +317,41 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     return _passed(report, rules, labels, splits, cfg)
 
 
+def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
+                    workspace: str | Path | None = None) -> ValidationResult:
+    """validate for token-tagged data (task token): CoNLL text or JSONL/Parquet token/tag lists, the tag rules,
+    IOB2 inside, split stratified by each sentence's rarest entity type."""
+    path = str(data_path)
+    report: dict[str, Any] = {"data": path, "rules": [], "success": False}
+    try:
+        data = check_tagged(read_tagged(path), path, data_cfg.tag_scheme, list(cfg.labels) or None, cfg.max_examples)
+    except (DataError, ValueError) as e:  # ValueError: data.tag_scheme names no scheme
+        report["rules"] = [_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)
+                           if isinstance(e, DataError) else _rule("tag_scheme", None, False, f"data.tag_scheme: {e}")]
+        return ValidationResult(False, report)
+    frame, rules = check_frame(data, path, cfg.duplicates, cfg.max_examples)
+    report.update(rows=int(len(data.frame)), tag_scheme=data.scheme, entity_types=data.types)
+    if not all(r["success"] for r in rules):
+        report["rules"] = rules
+        return ValidationResult(False, report)
+    by_type = split_frame(frame.rename(columns={"label": "tags"}).assign(label=strata(list(frame["label"]))), cfg)
+    splits = {s: f.drop(columns="label").rename(columns={"tags": "label"}) for s, f in by_type.items()}
+    labels = tag_names(data.types)
+    report["labels"] = labels
+    return _passed(report, rules, labels, splits, cfg, task_for("token"))
+
+
 def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[str],
-            splits: dict[str, pd.DataFrame], cfg: ValidateConfig) -> ValidationResult:
+            splits: dict[str, pd.DataFrame], cfg: ValidateConfig,
+            task: ModuleType = single_label) -> ValidationResult:
     """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
     report["rules"] = rules
     report["success"] = True
-    report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
-                                                             f["label"].value_counts().sort_index().items()}}
+    report["class_balance"] = balance = task.class_balance(splits, labels)
+    report["splits"] = {s: {"rows": int(len(f)), "classes": balance["per_split"][s] if "per_split" in balance else
+                            {k: int(v) for k, v in f["label"].value_counts().sort_index().items()}}
                         for s, f in splits.items()}
-    report["class_balance"] = class_balance(splits, labels)
-    report["warnings"] = balance_warnings(report["class_balance"], cfg.min_class_fraction)
+    report["warnings"] = task.balance_warnings(report["class_balance"], cfg.min_class_fraction)
     return ValidationResult(True, report, labels, splits)
 
 
@@ -353,7 +382,9 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
         if expected_md5 and md5 != expected_md5:
             raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
                               f"the data changed since the run was submitted")
-        result = validate(local, cfg.data, cfg.validate, workspace=Path.cwd())
+        # a task that reads token-tagged files (task token) says so; the others read a table of texts
+        core = validate_tagged if getattr(task_for(cfg.task), "INPUT", "table") == "tagged_tokens" else validate
+        result = core(local, cfg.data, cfg.validate, workspace=Path.cwd())
     result.report.update(data=str(data), data_md5=md5)
     if report is not None:  # the report is wanted even (especially) when validation fails
         write_json(report, result.report)
@@ -362,7 +393,7 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
     write_splits(result, out, inputs)
     log.info("validation passed: %s", {s: v["rows"] for s, v in result.report["splits"].items()})
     # the floor check is logged, not written: register.floor must not make the splits (and training) stale
-    floor = floor_warning(result.report["class_balance"], cfg.register.floor, cfg.register.metric)
+    floor = task_for(cfg.task).floor_warning(result.report["class_balance"], cfg.register.floor, cfg.register.metric)
     for warning in result.report["warnings"] + ([floor] if floor else []):
         log.warning(warning)
     return result.report

@@ -60,3 +60,40 @@ def strata(tag_lists: list[list[str]]) -> list[str]:
 def type_counts(tag_lists: list[list[str]]) -> dict[str, int]:
     """Entities per type (IOB2 tags)."""
     return dict(sorted(Counter(split_tag(t)[1] for tags in tag_lists for t in tags if t.startswith("B-")).items()))
+
+
+def _rule(rule: str, ok: bool, message: str, lines: list[int] | None = None, max_examples: int = 5) -> dict:
+    lines = lines or []
+    return {"rule": rule, "column": "tags", "success": ok, "source": "finetune", "message": message,
+            "unexpected_count": len(lines), "examples": [{"row": n, "value": None} for n in lines[:max_examples]]}
+
+
+def _duplicate_rules(frame: pd.DataFrame, duplicates: str, path: str,
+                     max_examples: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Repeated sentences: with duplicates: drop, the first occurrence is kept, also when a repeat carries other
+    tags (annotators disagreeing on a retweet: WNUT-2016 has 28 such lines), and both are reported; with
+    duplicates: fail, either is refused."""
+    tag_key = frame["tags"].map(" ".join)
+    conflict = list(frame["line"][tag_key.groupby(frame["text"]).transform("nunique").gt(1)])
+    repeated = frame[frame["text"].duplicated()]
+    fail = duplicates == "fail"
+    rules = [_rule("duplicate_text_conflicting_labels", not (fail and conflict),
+                   f"{path}: {len(conflict)} line(s) repeat a sentence with other tags, e.g. lines "
+                   f"{conflict[:max_examples]}" + ("" if fail else "; the first tagging is kept")
+                   if conflict else "no sentence carries two taggings", conflict, max_examples),
+             _rule("duplicates", not (fail and len(repeated)),
+                   f"{path}: {len(repeated)} repeated sentence(s), e.g. lines {list(repeated['line'][:max_examples])}"
+                   + (" (validate.duplicates: fail)" if fail else ": dropped"), list(repeated["line"]), max_examples)]
+    return frame.drop(repeated.index), rules
+
+
+def check_frame(data: TaggedData, path: str, duplicates: str, max_examples: int = 5) -> tuple[pd.DataFrame, list]:
+    """Every rule of a tagged file as validate's report rules, and the de-duplicated frame (columns text, label =
+    the IOB2 tag list, tokens, line). Failing rules carry their file and lines in the message."""
+    rules = [_rule(f["rule"], False, f["message"], f["lines"], max_examples) for f in data.failures]
+    if rules:
+        return data.frame, rules
+    rules.append(_rule("tag_scheme", True, f"tag scheme {data.scheme.upper()}, converted to IOB2"))
+    frame, dup_rules = _duplicate_rules(data.frame, duplicates, path, max_examples)
+    frame = frame.assign(label=frame["tags"]).drop(columns="tags")
+    return frame, rules + dup_rules

@@ -15,19 +15,44 @@ import numpy as np
 import pandas as pd
 import torch
 
-from finetune.tasks.ner_align import IGNORE
+from finetune.common.tokens import TokenizedSplit
+from finetune.tasks.ner_align import IGNORE, align
+from finetune.tasks.ner_data import type_counts
 from finetune.tasks.ner_metrics import entity_scores, span_errors
 
 NAME = "token"
 PROBLEM_TYPE = "single_label_classification"  # softmax per token; transformers' token head reads no other type
 LORA_TASK_TYPE = "TOKEN_CLS"
 AUTO_MODEL = "AutoModelForTokenClassification"
+INPUT = "tagged_tokens"  # validate reads CoNLL text or token/tag lists (stages/validate.py validate_tagged)
 GATE_METRICS = ("entity_micro_f1", "entity_macro_f1", "token_accuracy")
 SELECT_METRICS = ("val_loss", "val_entity_micro_f1")
 
 
 def tag_names(types: Sequence[str]) -> list[str]:
     return ["O"] + [f"{p}-{t}" for t in sorted(types) for p in ("B", "I")]
+
+
+def class_balance(splits: dict[str, pd.DataFrame], label_names: list[str]) -> dict[str, Any]:
+    """Entities per type in each split and overall, each type's share, and the rarest type."""
+    per_split = {name: type_counts(list(f["label"])) for name, f in splits.items()}
+    types = sorted({t for counts in per_split.values() for t in counts})
+    total = {t: sum(c.get(t, 0) for c in per_split.values()) for t in types}
+    n = sum(total.values()) or 1
+    shares = {t: round(c / n, 6) for t, c in total.items()}
+    return {"entities": total, "per_split": per_split, "shares": shares,
+            "minority": min(types, key=lambda t: (shares[t], t)) if types else None, "baseline": {}}
+
+
+def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
+    rare = [t for t, share in balance["shares"].items() if share < min_fraction]
+    return [f"entity type '{t}' holds {balance['shares'][t]:.1%} of the entities, under validate.min_class_fraction "
+            f"({min_fraction:.1%}): expect a low F1 for it" for t in rare]
+
+
+def floor_warning(balance: dict[str, Any] | None, floor: float, metric: str) -> str | None:
+    """None: a model that tags nothing scores entity F1 0, so any floor above 0 beats the trivial baseline."""
+    return None if floor > 0 else f"register.floor = {floor}: a model that finds no entity scores {metric} 0"
 
 
 def read_labels(values: pd.Series, separator: str) -> pd.Series:
@@ -42,6 +67,21 @@ def encode_labels(values: Sequence, label_names: list[str]) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out
+
+
+def encode_rows(texts: list[str], labels: list, label_names: list[str], tok,
+                max_length: int) -> tuple[TokenizedSplit, dict[str, int]]:
+    """tokenize for this task: each text's words (validate stores them joined by single spaces; a token never
+    holds whitespace) aligned to sub-tokens, tag ids on first sub-tokens; and the truncation counts."""
+    index = {name: i for i, name in enumerate(label_names)}
+    words = [t.split(" ") for t in texts]
+    tag_ids = [[index[tag] for tag in (row.tolist() if isinstance(row, np.ndarray) else row)] for row in labels]
+    aligned, cut = align(words, tag_ids, label_names, tok, max_length)
+    lengths = np.array([len(a.ids) for a in aligned], dtype=np.int64)
+    offsets = np.zeros(len(aligned) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for a in aligned for t in a.ids), dtype=np.int32, count=int(offsets[-1]))
+    return TokenizedSplit(ids, offsets, encode_labels([a.labels for a in aligned], label_names)), vars(cut)
 
 
 def refused_regime(cfg: Any) -> str | None:
@@ -66,7 +106,8 @@ def loss_weights(spec: str | list[float], train_labels: np.ndarray, label_names:
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy summed over each row's mean across its trained tokens, so that the loop's division by the
     step's rows gives the mean per sentence; rows with no trained token add nothing."""
-    labels = labels[:, :logits.shape[1]]
+    width = logits.shape[1]  # the batch may be padded wider or narrower than the stored label rows
+    labels = torch.nn.functional.pad(labels[:, :width], (0, max(0, width - labels.shape[1])), value=IGNORE)
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, weight=weight,
                                                   ignore_index=IGNORE, reduction="none")
     counted = (labels != IGNORE).sum(dim=1)
