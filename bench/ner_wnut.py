@@ -88,11 +88,13 @@ def main() -> None:
     t0 = time.time()
     for epoch in range(args.epochs):
         model.train()
-        for _, ids, mask, labels in batches(aligned["train"], rng.permutation(len(aligned["train"])).tolist(),
-                                            args.batch, tok.pad_token_id):
+        for step, (_, ids, mask, labels) in enumerate(batches(
+                aligned["train"], rng.permutation(len(aligned["train"])).tolist(), args.batch, tok.pad_token_id)):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # CE, -100 ignored
             loss.backward()
             opt.step(), sched.step(), opt.zero_grad()
+            if step % 20 == 0:
+                print(f"epoch {epoch + 1} step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
         val = entity_scores(list(splits["val"]["tags"]), predict_tags(model, aligned["val"], names, tok.pad_token_id))
         print(f"epoch {epoch + 1}: val entity micro-F1 {val['entity_micro_f1']} ({time.time() - t0:.0f} s)", flush=True)
     train_s = time.time() - t0

@@ -54,3 +54,19 @@ def test_tokenize_train_evaluate_learns_the_entities(ner_splits, tiny_model_dir,
     result = evaluate(tmp_path / "model", toks["test"], meta, EvaluateConfig())
     assert result.metrics["entity_micro_f1"] > 0.5, result.metrics  # an untrained head finds ~none
     assert set(result.metrics["per_class"]) == {"LOC", "PER"}
+
+
+def test_broken_files_are_refused_naming_file_line_and_rule(tmp_path):
+    import json
+
+    from finetune.reporting.validation_summary import failure_message
+
+    conll = tmp_path / "bad.conll"
+    conll.write_text("Ann B-PER\nLee I-PER\n\nin O\nRome I-LOC\n")
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O", "O"]}) + "\n"
+                     + json.dumps({"tokens": ["Ann", "Lee"], "tags": ["B-PER"]}) + "\n")
+    for path, where in ((conll, "line 5: rule 'entity_start'"), (jsonl, "line 2: rule 'tags_match_tokens'")):
+        result = validate_tagged(path, DataConfig(path=str(path)), ValidateConfig(labels=[]))
+        assert not result.ok and not result.splits
+        assert f"{path}: {where}" in failure_message(result.report)
