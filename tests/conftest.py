@@ -268,9 +268,10 @@ def stage_inputs(tmp_path, tiny_model_dir, tiny_classifier_dir):
     from finetune.common.config import TokenizeConfig
     from finetune.common.digests import MODEL_DIGEST, model_digest
     from finetune.common.files import write_json
-    from finetune.stages.evaluate import EvalResult, roc_curves, write_evaluation
+    from finetune.stages.evaluate import EvalResult, write_evaluation
     from finetune.stages.tokenize import tokenize, write_tokens
     from finetune.tasks.single_label import classification_metrics
+    from finetune.tasks.single_label import curves as roc_curves
 
     df = toy_frame(12)
     splits = tmp_path / "validate"

@@ -73,7 +73,7 @@ def test_label_mismatch_is_refused(tiny_classifier):
 
 
 def test_roc_by_hand():
-    from finetune.stages.evaluate import roc_curves
+    from finetune.tasks.single_label import curves as roc_curves
 
     y = np.array([0, 0, 1, 1])
     p1 = np.array([0.1, 0.4, 0.35, 0.8])

@@ -17,6 +17,7 @@ from typing import Any
 from finetune.common.coercion import ConfigError, coerce, rule
 from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
 from finetune.common.serve_config import ServeConfig
+from finetune.common.task_config import TASK_HELP, check_task, dotted_items
 
 SEED_MAX = 2 ** 32 - 1  # numpy.random.seed refuses more; a larger seed used to pass here and fail in training
 
@@ -31,6 +32,7 @@ class DataConfig:
         default="split",
         metadata={"help": "optional column with user-given splits (train/val/test); used only if present"},
     )
+    label_separator: str = field(default="|", metadata={"help": "task multi_label, CSV: splits a row's labels"})
     tag_scheme: str = field(default="auto", metadata={"help": "task token: auto|bio|iob1|iobes (docs/tasks.md)"})
 
     def __post_init__(self) -> None:
@@ -38,6 +40,7 @@ class DataConfig:
         rule(self, "text_column", bool(self.text_column), "a column name")
         rule(self, "label_column", bool(self.label_column), "a column name")
         rule(self, "label_column", self.text_column != self.label_column, "different from data.text_column")
+        rule(self, "label_separator", bool(self.label_separator and self.label_separator.strip()), "a visible string")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class ValidateConfig:
                                                                        "than this share of the rows"})
     strip_labels: bool = field(default=False, metadata={"help": "labels that differ only by surrounding whitespace: "
                                                                  "false = refuse, true = strip them (reported)"})
+    empty_labels: str = field(default="refuse", metadata={"help": "multi_label rows with no label: refuse | allow"})
 
     def __post_init__(self) -> None:
         # NFC: the data's labels are normalised the same way (stages/validate.py), so "café" matches either form
@@ -73,6 +77,7 @@ class ValidateConfig:
         rule(self, "seed", 0 <= self.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (numpy's seed range)")
         rule(self, "max_examples", self.max_examples >= 0, ">= 0")
         rule(self, "min_class_fraction", 0 <= self.min_class_fraction < 1, "in [0, 1) (0 = no warning)")
+        rule(self, "empty_labels", self.empty_labels in ("refuse", "allow"), "refuse or allow")
 
 
 @dataclass
@@ -126,7 +131,7 @@ class AdversarialConfig:
         rule(self, "epsilon", math.isfinite(self.epsilon) and self.epsilon > 0, "a finite number > 0")
 
 
-SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
+SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "val_micro_f1")  # each task allows its own
 
 
 @dataclass
@@ -220,7 +225,7 @@ class EvaluateConfig:
         rule(self, "calibration_bins", self.calibration_bins >= 2, ">= 2")
 
 
-METRICS_FOR_GATE = ("accuracy", "macro_f1")
+METRICS_FOR_GATE = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "subset_accuracy")  # per task: GATE_METRICS
 
 
 # The registry's names: they appear in models:/<name>@<alias> URIs, registry search filters and (with "-int8")
@@ -368,9 +373,6 @@ def key_type(dotted: str) -> Any:
     return None if dataclasses.is_dataclass(cls) else cls
 
 
-TASK_NAMES = ("single_label", "multi_label", "token")  # the modules of finetune.tasks (tasks/__init__.py)
-
-
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -384,17 +386,14 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    task: str = field(default="single_label", metadata={"help": "single_label (one class per text), multi_label "
-                                                                "(any number of labels per text) or token (NER)"})
+    task: str = field(default="single_label", metadata={"help": TASK_HELP})
 
     def __post_init__(self) -> None:
-        if self.task not in TASK_NAMES:
-            raise ConfigError(f"task = {self.task!r}: must be one of {', '.join(TASK_NAMES)}")
+        check_task(self.task)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, as MLflow params (top-level values such as ``task`` under their own name)."""
-        return {(f"{s}.{k}" if isinstance(sec, dict) else s): v
-                for s, sec in self.to_dict().items() for k, v in (sec.items() if isinstance(sec, dict) else [(s, sec)])}
+        """Dotted keys -> values, as MLflow params."""
+        return {k: v for s, sec in self.to_dict().items() for k, v in dotted_items(s, sec)}

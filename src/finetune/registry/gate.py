@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from finetune.common.config import RegisterConfig
-from finetune.tasks.single_label import classification_metrics
+from finetune.tasks import task_for
 
-# A model's task as recorded with its version: the head the train stage builds (one label per text).
+# A model's task as recorded with its version: the head the train stage built, from its config's problem_type
+# (models saved before problem_type was set are single-label), and the finetune task that scores it.
 TASK = "text-classification/single-label"
+KINDS = {"single_label_classification": TASK, "multi_label_classification": "text-classification/multi-label"}
+TASK_OF_KIND = {TASK: "single_label", "text-classification/multi-label": "multi_label"}
 
 
 class LineageMismatch(ValueError):
@@ -74,20 +78,21 @@ def same_lineage(ours: ModelKind, champion: ModelKind | None, champion_version: 
         f"'{cfg.model_name}' (the old champion then loses @champion, which the registration records).")
 
 
-def score_predictions(metric: str, y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> float:
-    """``metric`` (accuracy or macro_f1) of predicted label names, computed by evaluate's metric function."""
-
-
-    names = list(labels) + sorted(set(y_true) - set(labels))  # a test label the model lacks counts as missed
-    index = {lab: i for i, lab in enumerate(names)}
-    truth = np.array([index[t] for t in y_true], dtype=np.int64)
-    probs = np.zeros((len(y_pred), len(names)))
-    probs[np.arange(len(y_pred)), [index[p] for p in y_pred]] = 1.0  # hard predictions as one-hot probabilities
-    metrics, _ = classification_metrics(truth, probs, names, bins=1)
+def score_predictions(metric: str, y_true: Sequence[str], y_pred: Sequence, labels: Sequence[str],
+                      kind: str = TASK) -> float:
+    """``metric`` of predicted labels (a name per text, or a list of names for multi-label), computed by the
+    task's own metric function (evaluate's)."""
+    task = task_for(TASK_OF_KIND.get(kind, "single_label"))
+    seen = task.label_counts(pd.Series(list(y_true), dtype=object)).index
+    names = list(labels) + sorted(set(seen) - set(labels))  # a test label the model lacks counts as missed
+    truth = task.encode_labels(list(y_true), names)
+    hard = task.encode_labels(list(y_pred), names)
+    probs = hard.astype(np.float64) if hard.ndim == 2 else np.eye(len(names))[hard]  # decisions as probabilities
+    metrics, _ = task.scores(truth, probs, names, bins=1)
     return float(metrics[metric])
 
 
 def kind_from_config(config: dict) -> ModelKind:
     """The kind of a saved transformers classifier, from its config.json (id2label keys are strings there)."""
     id2label = {int(i): str(lab) for i, lab in (config.get("id2label") or {}).items()}
-    return ModelKind(TASK, tuple(id2label[i] for i in sorted(id2label)))
+    return ModelKind(KINDS.get(config.get("problem_type") or "", TASK), tuple(id2label[i] for i in sorted(id2label)))

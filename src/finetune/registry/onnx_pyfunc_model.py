@@ -22,7 +22,8 @@ MAX_TEXT_CHARS = 20000
 
 class OnnxTextClassifier(PythonModel):
     """Input: a list of texts. Output: one predicted label per text, or with ``params={"probabilities": True}``
-    one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``."""
+    one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``. A multi-label model gives a list
+    of labels per text (``"labels"`` in the records) and each label's own probability."""
 
     batch_size = 64
 
@@ -44,8 +45,10 @@ class OnnxTextClassifier(PythonModel):
         self.max_texts = int(conf.get("max_texts", MAX_TEXTS))
         self.max_text_chars = int(conf.get("max_text_chars", MAX_TEXT_CHARS))
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
-            id2label = json.load(fh)["id2label"]
+            config = json.load(fh)
+        id2label = config["id2label"]
         self.labels = [id2label[str(i)] for i in range(len(id2label))]
+        self._read_decision(folder, config.get("problem_type"))
         self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         self.tokenizer.enable_truncation(int(conf.get("max_length", 512)))
         self.tokenizer.enable_padding(pad_id=int(conf.get("pad_token_id", 0)), pad_token=conf.get("pad_token", "[PAD]"))
@@ -118,6 +121,9 @@ class OnnxTextClassifier(PythonModel):
             ids = np.array([e.ids for e in enc], dtype=np.int64)
             mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
             logits = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float64)
+            if self.multi_label:
+                out.append(1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60))))
+                continue
             z = np.exp(logits - logits.max(axis=1, keepdims=True))
             out.append(z / z.sum(axis=1, keepdims=True))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
@@ -125,11 +131,36 @@ class OnnxTextClassifier(PythonModel):
     # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list:
         self._check_request(model_input)
-        probs = self.predict_proba(model_input)
-        if (params or {}).get("probabilities"):
-            return [{"label": self.labels[int(row.argmax())],
-                     "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}} for row in probs]
-        return [self.labels[int(i)] for i in probs.argmax(axis=1)]
+        return self._decide(self.predict_proba(model_input), bool((params or {}).get("probabilities")))
+
+    def _read_decision(self, folder: str, problem_type) -> None:
+        """Multi-label models (config problem_type) decide per label: sigmoid, then the thresholds stored with the
+        model (thresholds.json, tuned on the validation split; 0.5 without it). Others: softmax, argmax."""
+        import json
+        import os
+
+        self.multi_label = problem_type == "multi_label_classification"
+        self.thresholds = [0.5] * len(self.labels)
+        path = os.path.join(folder, "thresholds.json")
+        if self.multi_label and os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                stored = json.load(fh)
+            if stored.get("labels") != self.labels:
+                raise RuntimeError(f"thresholds.json is for labels {stored.get('labels')}, the model has {self.labels}")
+            self.thresholds = [float(t) for t in stored["thresholds"]]
+
+    def _decide(self, probs, probabilities: bool) -> list:
+        """Single-label: the argmax label. Multi-label: the labels at or over their thresholds (maybe none)."""
+        if not self.multi_label:
+            chosen = [self.labels[int(row.argmax())] for row in probs]
+            key = "label"
+        else:
+            chosen = [[lab for lab, p, t in zip(self.labels, row, self.thresholds) if p >= t] for row in probs]
+            key = "labels"
+        if probabilities:
+            return [{key: c, "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}}
+                    for c, row in zip(chosen, probs)]
+        return chosen
 
 
 mlflow.models.set_model(OnnxTextClassifier())

@@ -20,7 +20,8 @@ MAX_TEXT_CHARS = 20000
 
 class TextClassifier(PythonModel):
     """Input: a list of texts. Output: one predicted label per text, or with ``params={"probabilities": True}``
-    one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``."""
+    one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``. A multi-label model gives a list
+    of labels per text (``"labels"`` in the records) and each label's own probability."""
 
     batch_size = 64
 
@@ -42,6 +43,7 @@ class TextClassifier(PythonModel):
             path, local_files_only=True, use_safetensors=True).eval()
         cfg = self.model.config
         self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
+        self._read_decision(path, getattr(cfg, "problem_type", None))
         self.max_length = int(context.model_config.get("max_length", 512)) if context.model_config else 512
 
     @staticmethod
@@ -109,17 +111,43 @@ class TextClassifier(PythonModel):
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(list(texts[i:i + self.batch_size]), truncation=True, padding=True,
                                      max_length=self.max_length, return_tensors="pt")
-                out.append(torch.softmax(self.model(**enc).logits.float(), dim=-1))
+                logits = self.model(**enc).logits.float()
+                out.append(torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1))
         return torch.cat(out).numpy() if out else torch.zeros((0, len(self.labels))).numpy()
 
     # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list:
         self._check_request(model_input)
-        probs = self.predict_proba(model_input)
-        if (params or {}).get("probabilities"):
-            return [{"label": self.labels[int(row.argmax())],
-                     "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}} for row in probs]
-        return [self.labels[int(i)] for i in probs.argmax(axis=1)]
+        return self._decide(self.predict_proba(model_input), bool((params or {}).get("probabilities")))
+
+    def _read_decision(self, folder: str, problem_type) -> None:
+        """Multi-label models (config problem_type) decide per label: sigmoid, then the thresholds stored with the
+        model (thresholds.json, tuned on the validation split; 0.5 without it). Others: softmax, argmax."""
+        import json
+        import os
+
+        self.multi_label = problem_type == "multi_label_classification"
+        self.thresholds = [0.5] * len(self.labels)
+        path = os.path.join(folder, "thresholds.json")
+        if self.multi_label and os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                stored = json.load(fh)
+            if stored.get("labels") != self.labels:
+                raise RuntimeError(f"thresholds.json is for labels {stored.get('labels')}, the model has {self.labels}")
+            self.thresholds = [float(t) for t in stored["thresholds"]]
+
+    def _decide(self, probs, probabilities: bool) -> list:
+        """Single-label: the argmax label. Multi-label: the labels at or over their thresholds (maybe none)."""
+        if not self.multi_label:
+            chosen = [self.labels[int(row.argmax())] for row in probs]
+            key = "label"
+        else:
+            chosen = [[lab for lab, p, t in zip(self.labels, row, self.thresholds) if p >= t] for row in probs]
+            key = "labels"
+        if probabilities:
+            return [{key: c, "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}}
+                    for c, row in zip(chosen, probs)]
+        return chosen
 
 
 mlflow.models.set_model(TextClassifier())

@@ -151,7 +151,8 @@ def _champion_score(client, req: RegistrationRequest, mv) -> tuple[dict[str, Any
     texts, labels = req.test
     preds = load_verified(f"models:/{cfg.model_name}/{mv.version}", req.tracking_uri).predict(list(texts))
     info.update(source="re-scored on this run's test data",
-                value=score_predictions(cfg.metric, labels, [str(p) for p in preds], req.kind.labels))
+                value=score_predictions(cfg.metric, labels, [p if isinstance(p, list) else str(p) for p in preds],
+                                        req.kind.labels, req.kind.task))
     return info, info["value"]
 
 

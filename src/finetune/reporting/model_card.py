@@ -181,6 +181,13 @@ def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]
            f"macro-F1 **{float(metrics['macro_f1']):.4f}**, cross-entropy {float(metrics.get('loss', math.nan)):.4f}, "
            f"expected calibration error {float(metrics.get('ece', math.nan)):.4f}.", "",
            _table(PER_CLASS_HEADER, per_class_rows(metrics))]
+    if "micro_f1" in metrics:  # task multi_label: accuracy above is subset accuracy (every label of a text right)
+        base = metrics.get("at_default_threshold") or {}
+        out += ["", f"Multi-label: micro-F1 **{metrics['micro_f1']:.4f}** (at 0.5: {base.get('micro_f1', math.nan):.4f}), "
+                    f"macro-F1 at 0.5 {base.get('macro_f1', math.nan):.4f}, samples-F1 {metrics['samples_f1']:.4f}, "
+                    f"Hamming loss {metrics['hamming_loss']:.4f}. Per-label thresholds, tuned on the validation split "
+                    f"and stored with the model (thresholds.json): "
+                    + ", ".join(f"{lab} {t:.3f}" for lab, t in (metrics.get("thresholds") or {}).items()) + "."]
     cm = metrics.get("confusion_matrix")
     if cm:
         cm, shown, note = confusion_subset(cm, labels)

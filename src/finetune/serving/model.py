@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from finetune.registry.loading import load_local, load_verified, pinned_version
+from finetune.serving import protocol
 
 log = logging.getLogger("finetune")
 
@@ -39,9 +40,22 @@ class ServedModel:
     def version_tag(self) -> str:
         return f"{self.name}/{self.version}"
 
+    @property
+    def multi_label(self) -> bool:
+        return bool(getattr(self.impl, "multi_label", False))
+
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         probs = np.asarray(self.impl.predict_proba(list(texts)), dtype=np.float64)
+        if self.multi_label:  # one sigmoid per label: rows do not sum to 1
+            return probs
         return probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rows: exactly 1 in float64 again
+
+    def records(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        """One answer per row: the model's own decision rule (multi-label: its stored per-label thresholds,
+        ``labels`` a list) with every label's probability."""
+        if self.multi_label:
+            return self.impl._decide(probs, True)
+        return protocol.records(self.labels, probs)
 
     def warm_up(self) -> None:
         """One inference before the server says it is ready: first-call costs (allocations, ONNX Runtime's

@@ -86,11 +86,14 @@ def v2_texts(payload: Any, limits: Limits) -> tuple[list[str], str | None]:
     return texts, req_id if isinstance(req_id, str) else None
 
 
-def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, req_id: str | None) -> dict:
+def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, req_id: str | None,
+                decided: list[str] | None = None) -> dict:
+    """``decided``: the label per text when argmax is not the rule (multi-label: the labels over their
+    thresholds, joined by '|')."""
     n = len(probs)
     return {"model_name": name, "model_version": version, "id": req_id or str(uuid.uuid4()),
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [n],
-                         "data": [labels[int(i)] for i in probs.argmax(axis=1)]},
+                         "data": decided if decided is not None else [labels[int(i)] for i in probs.argmax(axis=1)]},
                         {"name": "probabilities", "datatype": "FP64", "shape": [n, len(labels)],
                          "data": [float(p) for p in probs.reshape(-1)], "parameters": {"labels": labels}}]}
 

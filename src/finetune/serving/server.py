@@ -127,8 +127,8 @@ def _model_for(state: ServerState, name: str) -> ServedModel:
 
 async def _predict(state: ServerState, model: ServedModel, texts: list[str]):
     probs = await state.batcher.submit(texts)
-    records = protocol.records(model.labels, probs)
-    state.metrics.predicted([r["label"] for r in records])
+    records = model.records(probs)
+    state.metrics.predicted([lab for r in records for lab in r.get("labels", [r.get("label")])])
     rlog = state.request_log
     if rlog.sampled() and rlog.add(model.name, model.version, texts, records):
         task = asyncio.get_running_loop().run_in_executor(None, rlog.flush)
@@ -147,11 +147,12 @@ async def _infer(state: ServerState, request: Request, name: str, proto: str) ->
         payload = protocol.parse_json(await _read_body(request, state.limits.max_body_bytes))
         if proto == "v1":
             texts = protocol.v1_texts(payload, state.limits)
-            body = protocol.v1_response(model.labels, await _predict(state, model, texts))
+            body = {"predictions": model.records(await _predict(state, model, texts))}
         else:
             texts, req_id = protocol.v2_texts(payload, state.limits)
             probs = await _predict(state, model, texts)
-            body = protocol.v2_response(model.name, model.version, model.labels, probs, req_id)
+            decided = ["|".join(r["labels"]) for r in model.records(probs)] if model.multi_label else None
+            body = protocol.v2_response(model.name, model.version, model.labels, probs, req_id, decided)
         status = 200
     except Refusal as exc:
         status, body = exc.status, {"error": exc.message}

@@ -47,44 +47,15 @@ class EvalResult:
     y_pred: np.ndarray
     confidence: np.ndarray
     calibration: list[dict[str, float]]
-    roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> fpr, tpr, threshold, auc
+    roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> the task's curve (ROC: fpr, tpr, ...)
+    curve_axes: tuple[str, ...] = ("fpr", "tpr", "auc", "roc_auc")  # the task's CURVE_AXES: x, y, area, per-class key
 
 
 def top_classes(y_true: np.ndarray, n_classes: int, k: int = PLOT_CLASSES) -> np.ndarray:
-    """Indices of the ``k`` most frequent classes in ``y_true`` (ties: lower index first), in index order."""
-    counts = np.bincount(y_true, minlength=n_classes)
+    """Indices of the ``k`` most frequent classes in ``y_true`` (ties: lower index first), in index order
+    (class ids, or multi-hot rows: each label's positives)."""
+    counts = y_true.sum(axis=0) if y_true.ndim == 2 else np.bincount(y_true, minlength=n_classes)
     return np.sort(np.argsort(-counts, kind="stable")[:k])
-
-
-def roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000,
-               curves_for: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
-    """One-vs-rest ROC curve and its area per class (a class absent from, or alone in, ``y_true`` has none).
-
-    Points are (false positive rate, true positive rate) at each distinct score threshold, from (0, 0); the
-    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``. With
-    ``curves_for``, only those class indices keep their curve (the others their AUC only): bounded memory.
-    """
-    out = {}
-    keep_curve = set(range(len(labels)) if curves_for is None else (int(i) for i in curves_for))
-    for k, lab in enumerate(labels):
-        pos = y_true == k
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if not n_pos or not n_neg:
-            continue
-        order = np.argsort(-probs[:, k], kind="stable")
-        scores, hits = probs[order, k], pos[order]
-        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
-        tpr = np.r_[0.0, np.cumsum(hits)[last] / n_pos]
-        fpr = np.r_[0.0, np.cumsum(~hits)[last] / n_neg]
-        thr = np.r_[1.0, scores[last]]
-        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-        if k not in keep_curve:
-            out[lab] = {"auc": round(auc, 6)}
-            continue
-        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
-        out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
-                    "auc": round(auc, 6)}
-    return out
 
 
 def subset(split: TokenizedSplit, idx: np.ndarray) -> TokenizedSplit:
@@ -131,16 +102,24 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     if model_labels != labels:
         raise MismatchError(f"model {model_dir} predicts labels {model_labels}, test data has {labels}")
     task = task_for(meta.get("task", "single_label"))
+    thresholds = task.read_thresholds(model_dir, labels)  # stored with the model (multi-label), else None
     probs = task.probabilities(logits_with_progress(model, test, cfg.batch_size, tok.pad_token_id or 0, dev))
-    metrics, calib = task.scores(test.labels, probs, labels, cfg.calibration_bins)
+    metrics, calib = task.scores(test.labels, probs, labels, cfg.calibration_bins, thresholds)
+    if thresholds is not None:  # the figures at the default rule beside the tuned ones
+        default, _ = task.scores(test.labels, probs, labels, cfg.calibration_bins)
+        metrics["at_default_threshold"] = {m: default[m] for m in task.GATE_METRICS}
+        metrics["thresholds"] = dict(zip(labels, thresholds.tolist()))
     metrics[MODEL_DIGEST] = digest
-    if probs.ndim == 3:  # per-token probabilities (NER): entity scores only, no per-text ROC curves
-        return EvalResult(metrics, labels, test.labels, probs.argmax(-1), probs.max(-1), calib, {})
-    roc = roc_curves(test.labels, probs, labels, curves_for=top_classes(test.labels, len(labels)))
-    for lab, curve in roc.items():
-        metrics["per_class"][lab]["roc_auc"] = curve["auc"]
-    roc = {lab: c for lab, c in roc.items() if "fpr" in c}  # curves of the plotted classes only
-    return EvalResult(metrics, labels, test.labels, probs.argmax(1), probs.max(1), calib, roc)
+    if probs.ndim == 3:  # per-token probabilities (NER): entity scores only, no per-text curves
+        return EvalResult(metrics, labels, test.labels, probs.argmax(-1), probs.max(-1), calib, {}, task.CURVE_AXES)
+    x, _, area, key = task.CURVE_AXES
+    curves = task.curves(test.labels, probs, labels, curves_for=top_classes(test.labels, len(labels)))
+    for lab, curve in curves.items():
+        metrics["per_class"][lab][key] = curve[area]
+    curves = {lab: c for lab, c in curves.items() if x in c}  # curves of the plotted classes only
+    decided = probs >= thresholds if thresholds is not None else probs.argmax(1)
+    confidence = probs if thresholds is not None else probs.max(1)
+    return EvalResult(metrics, labels, test.labels, decided, confidence, calib, curves, task.CURVE_AXES)
 
 
 def write_evaluation(result: EvalResult, out_dir: str | Path, inputs: Iterable[str | Path] = ()) -> None:
@@ -153,19 +132,29 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, inputs: Iterable[s
 def _write_files(result: EvalResult, out: Path) -> None:
     names = result.labels
     with (out / "predictions.csv").open("w", encoding="utf-8") as fh:
-        fh.write("actual,predicted,confidence\n")
-        fh.writelines(f"{names[a]},{names[p]},{c:.6f}\n" for a, p, c in
-                      zip(result.y_true, result.y_pred, result.confidence))
+        if result.y_true.ndim == 2:  # multi-hot rows: the label sets (| between labels), each label's probability
+            fh.write(",".join(["actual", "predicted", *(_csv_field(f"p_{n}") for n in names)]) + "\n")
+            fh.writelines(f"{_label_set(names, a)},{_label_set(names, p)},{','.join(f'{x:.6f}' for x in c)}\n"
+                          for a, p, c in zip(result.y_true, result.y_pred, result.confidence))
+        else:
+            fh.write("actual,predicted,confidence\n")
+            fh.writelines(f"{names[a]},{names[p]},{c:.6f}\n" for a, p, c in
+                          zip(result.y_true, result.y_pred, result.confidence))
     with (out / "calibration.csv").open("w", encoding="utf-8") as fh:
         fh.write("confidence,accuracy,count\n")
         fh.writelines(f"{r['confidence']},{r['accuracy']},{r['count']}\n" for r in result.calibration if r["count"])
+    x, y = result.curve_axes[:2]
     with (out / "roc.csv").open("w", encoding="utf-8") as fh:  # long format: one line per class (dvc plots template)
-        fh.write("class,fpr,tpr,threshold\n")
+        fh.write(f"class,{x},{y},threshold\n")
         for lab, c in result.roc.items():
             fh.writelines(f"{_csv_field(lab)},{f:.6f},{t:.6f},{th:.6f}\n"
-                          for f, t, th in zip(c["fpr"], c["tpr"], c["threshold"]))
+                          for f, t, th in zip(c[x], c[y], c["threshold"]))
     _plots(result, out)
     write_json(out / "metrics.json", result.metrics)
+
+
+def _label_set(names: list[str], row: np.ndarray) -> str:
+    return _csv_field("|".join(n for n, on in zip(names, row) if on))
 
 
 def _csv_field(value: str) -> str:
@@ -178,24 +167,33 @@ def _plots(result: EvalResult, out: Path) -> None:
     matplotlib.use("Agg")
 
     top = top_classes(np.asarray(result.y_true), len(result.labels))
-    cm = np.array(result.metrics["confusion_matrix"])[np.ix_(top, top)]
     names = [result.labels[i] for i in top]
-    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(names), 3.5 + 0.4 * len(names)))
+    if "confusion_matrix" in result.metrics:
+        cm, xs, title = np.array(result.metrics["confusion_matrix"])[np.ix_(top, top)], names, \
+            f"confusion matrix (accuracy {result.metrics['accuracy']:.3f})"
+    else:  # multi-label: one row per label, its tp / fp / fn / tn on the test split
+        cm, xs, title = np.array([[result.metrics["label_confusion"][n][k] for k in ("tp", "fp", "fn", "tn")]
+                                  for n in names]), ["tp", "fp", "fn", "tn"], \
+            f"per-label confusion (micro-F1 {result.metrics['micro_f1']:.3f})"
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(xs), 3.5 + 0.4 * len(names)))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_xticks(range(len(xs)), xs, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    title = f"confusion matrix (accuracy {result.metrics['accuracy']:.3f})"
     if len(names) < len(result.labels):
-        title += f"\n{len(names)} most frequent of {len(result.labels)} classes; full matrix in metrics.json"
+        title += f"\n{len(names)} most frequent of {len(result.labels)} classes; full counts in metrics.json"
     ax.set_title(title, fontsize="small" if len(names) < len(result.labels) else None)
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
+    _calibration_plot(result, out)
+    _curves_plot(result, out)
 
+
+def _calibration_plot(result: EvalResult, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     pts = [r for r in result.calibration if r["count"]]
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
@@ -208,16 +206,23 @@ def _plots(result: EvalResult, out: Path) -> None:
     fig.savefig(out / "calibration.png", dpi=100)
     plt.close(fig)
 
+
+def _curves_plot(result: EvalResult, out: Path) -> None:
+    """The task's per-class curves: ROC (one class vs the rest) or precision-recall (per label)."""
+    x, y, area = result.curve_axes[:3]
+    roc = x == "fpr"
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    if roc:
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     for lab, c in result.roc.items():
-        ax.plot(c["fpr"], c["tpr"], label=f"{lab} (AUC {c['auc']:.3f})")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+        ax.plot(c[x], c[y], label=f"{lab} ({area.upper()} {c[area]:.3f})")
+    ax.set_xlabel("false positive rate" if roc else "recall")
+    ax.set_ylabel("true positive rate" if roc else "precision")
     shown = f", {len(result.roc)} most frequent of {len(result.labels)} classes" \
         if len(result.labels) > PLOT_CLASSES else ""
-    ax.set_title(f"ROC, one class vs the rest{shown}", fontsize="small" if shown else None)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title(f"{'ROC, one class vs the rest' if roc else 'precision-recall per label'}{shown}",
+                 fontsize="small" if shown else None)
+    ax.legend(loc="lower right" if roc else "lower left", fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=100)
     plt.close(fig)
@@ -229,5 +234,5 @@ def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | 
     toks, meta = read_tokens(tokens, names=("test",))
     result = evaluate(model, toks["test"], meta, cfg.evaluate, device=cfg.train.device)
     write_evaluation(result, out, [model, tokens])
-    log.info("test accuracy %.4f, macro-F1 %.4f", result.metrics["accuracy"], result.metrics["macro_f1"])
+    log.info("test %s", ", ".join(f"{m} {result.metrics[m]:.4f}" for m in task_for(cfg.task).GATE_METRICS))
     return result.metrics

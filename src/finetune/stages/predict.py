@@ -113,7 +113,7 @@ def predict_batches(model, texts: Iterable[str], batch_size: int = 256) -> Itera
             batch.append(text)
         if batch and (len(batch) == batch_size or text is None):
             out = model.predict(batch, params={"probabilities": True})
-            records = [{"text": t, "label": item["label"], "probabilities": item["probabilities"]}
+            records = [{"text": t, **item}  # label (or a multi-label model's labels) and probabilities
                        if isinstance(item, dict) else {"text": t, "label": str(item), "probabilities": None}
                        for t, item in zip(batch, out)]  # not a dict: an older version without probabilities
             if not warned and records[0]["probabilities"] is None:

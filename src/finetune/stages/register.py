@@ -28,6 +28,8 @@ from finetune.registry.variants import VariantRequest, register_variant
 from finetune.reporting import plots
 from finetune.reporting.model_card import model_card
 from finetune.reporting.report import ReportData, render_report
+from finetune.stages import StageFailed
+from finetune.tasks import task_for
 
 log = logging.getLogger("finetune")
 
@@ -43,6 +45,10 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     its figures go into the card and report; registration.json["int8"] says what happened to it."""
     # register writes its three files by name (deletes nothing), but never into the project root or an input
     check_output_place(out, [p for p in (model, evaluation, splits, train_logs, tokens, compress) if p])
+    gate_metrics = task_for(cfg.task).GATE_METRICS
+    if cfg.register.metric not in gate_metrics:  # before anything is logged
+        raise StageFailed(f"register.metric = {cfg.register.metric!r}: task {cfg.task} gates on one of "
+                          f"{', '.join(gate_metrics)} (e.g. -S register.metric={gate_metrics[0]})")
     metrics = read_json(Path(evaluation) / "metrics.json")
     test = pd.read_parquet(Path(splits) / "test.parquet")
     history, artifacts = _training_history(evaluation, splits, train_logs)

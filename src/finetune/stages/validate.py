@@ -6,13 +6,11 @@ Core: ``validate(data_path, data_cfg, cfg) -> ValidationResult``; nothing is wri
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterable
 
 import great_expectations as gx
@@ -26,12 +24,12 @@ from finetune.common.files import DataError, read_table, write_json
 from finetune.common.lineage import file_md5
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.sources import fetch
+from finetune.common.token_files import read_tagged
 from finetune.common.tokens import SPLITS
 from finetune.reporting.validation_summary import failure_message, render_summary
 from finetune.stages import StageFailed
-from finetune.common.token_files import read_tagged
-from finetune.tasks import single_label, task_for
-from finetune.tasks.ner_data import check_frame, check_tagged, strata
+from finetune.tasks import task_for
+from finetune.tasks.ner_data import check_frame, check_tagged
 from finetune.tasks.token import tag_names
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -63,7 +61,7 @@ def _short(v: Any, n: int = 80) -> Any:
 
 
 # Great Expectations rule names in our report -> expectation classes and kwargs.
-def _expectations(text: str, label: str, cfg: ValidateConfig) -> list[tuple[str, Any]]:
+def _expectations(text: str, label: str, cfg: ValidateConfig, label_set: list[str]) -> list[tuple[str, Any]]:
 
     exps = [
         ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column=text)),
@@ -72,17 +70,18 @@ def _expectations(text: str, label: str, cfg: ValidateConfig) -> list[tuple[str,
         ("text_length", gxe.ExpectColumnValueLengthsToBeBetween(column=text, min_value=cfg.min_chars,
                                                                   max_value=cfg.max_chars)),
     ]
-    if cfg.labels:
-        exps.append(("label_in_set", gxe.ExpectColumnValuesToBeInSet(column=label, value_set=cfg.labels)))
+    if label_set:
+        exps.append(("label_in_set", gxe.ExpectColumnValuesToBeInSet(column=label, value_set=label_set)))
     return exps
 
 
-def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
+def _run_great_expectations(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig,
+                            label_set: list[str]) -> list[dict[str, Any]]:
 
     ctx = gx.get_context(mode="ephemeral")  # in memory: writes no files
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
-    named = _expectations(text, label, cfg)
+    named = _expectations(text, label, cfg, label_set)
     suite = ctx.suites.add(gx.ExpectationSuite(name="raw_text_classification"))
     for _, exp in named:
         suite.add_expectation(exp)
@@ -112,8 +111,8 @@ def _labels_are_scalars(labels: pd.Series, column: str, cfg: ValidateConfig) -> 
     if not bad:
         return _rule("label_is_scalar", column, True, "every label is a single value")
     lists = any(isinstance(labels.at[i], (list, tuple, set, np.ndarray)) for i in bad)
-    hint = ("; several labels per text is the multi-label task (task: multi_label, coming in a later release), "
-            "this pipeline's task is single-label: one class per text") if lists else \
+    hint = ("; several labels per text is the multi-label task (task: multi_label in params.yaml, docs/tasks.md); "
+            "this run's task is single-label: one class per text") if lists else \
         "; give each row one label (a string or a number), e.g. the struct's field as a column of its own"
     return _rule("label_is_scalar", column, False, f"labels must be single values, not "
                  f"{'lists' if lists else 'structs/objects'}{hint}", bad,
@@ -164,23 +163,10 @@ def _cap(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[:n] + f"... ({len(text)} chars)"
 
 
-def _hash_order(text: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
-
-
-def split_frame(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
-    """Stratified split, stable under row reordering: inside each class rows are ordered by a seeded
-    hash of their text, then cut by the configured fractions."""
-    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
-    for _, grp in df.groupby("label", sort=True):
-        grp = grp.assign(_k=grp["text"].map(lambda t: _hash_order(t, cfg.seed))).sort_values("_k")
-        n = len(grp)
-        n_test = max(1, round(n * cfg.test_fraction))
-        n_val = max(1, round(n * cfg.val_fraction))
-        parts["test"].append(grp.iloc[:n_test])
-        parts["val"].append(grp.iloc[n_test:n_test + n_val])
-        parts["train"].append(grp.iloc[n_test + n_val:])
-    return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
+def split_frame(df: pd.DataFrame, cfg: ValidateConfig, task: str = "single_label") -> dict[str, pd.DataFrame]:
+    """The task's seeded, stratified split (per class for single-label, iterative stratification for
+    multi-label), stable under row reordering."""
+    return task_for(task).split_rows(df, cfg)
 
 
 def _type_rules(df: pd.DataFrame, text: str, label: str, cfg: ValidateConfig) -> list[dict[str, Any]]:
@@ -253,9 +239,11 @@ def _class_rules(counts: pd.Series, labels: list[str], label: str, cfg: Validate
 
 
 def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
-             workspace: str | Path | None = None) -> ValidationResult:
+             workspace: str | Path | None = None, task_name: str = "single_label") -> ValidationResult:
     """Check ``data_path`` against the rules; on success return train/val/test frames (columns text, label).
-    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink)."""
+    A relative ``data_path`` may not lead out of ``workspace`` ('..' or a symlink). The task reads and checks
+    its labels first (multi-label: a list per row, joined into one string), then the common rules run."""
+    task = task_for(task_name)
     path = str(data_path)
     text, label, split = data_cfg.text_column, data_cfg.label_column, data_cfg.split_column
     report: dict[str, Any] = {"data": path, "rules": [], "success": False}
@@ -278,7 +266,10 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
                            f"missing column(s) {missing}; found {report['columns']} "
                            f"(set data.text_column / data.label_column)")])
 
-    rules = _type_rules(df, text, label, cfg)
+    df, rules, label_set = task.prepare_labels(df, label, data_cfg.label_separator, cfg)
+    if not all(r["success"] for r in rules):
+        return fail(rules)
+    rules += _type_rules(df, text, label, cfg)
     if not all(r["success"] for r in rules):
         return fail(rules)
     df, label_rules = _normalise_labels(df, label, cfg)
@@ -287,7 +278,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
         return fail(rules)
 
     df = df.assign(**{label: df[label].map(lambda v: v if pd.isna(v) else str(v))})
-    rules += _run_great_expectations(df, text, label, cfg)
+    rules += _run_great_expectations(df, text, label, cfg, label_set)
     if not all(r["success"] for r in rules):
         return fail(rules)
 
@@ -296,7 +287,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     if not all(r["success"] for r in rules):
         return fail(rules)
 
-    counts = frame["label"].value_counts().sort_index()
+    counts = task.label_counts(frame["label"])
     labels = list(cfg.labels) if cfg.labels else sorted(counts.index)
     report["labels"] = labels
     report["labels_inferred"] = not cfg.labels
@@ -308,13 +299,13 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     if "_split" in frame.columns:
         splits = {s: frame[frame["_split"] == s].drop(columns="_split") for s in SPLITS}
     else:
-        splits = split_frame(frame, cfg)
+        splits = task.split_rows(frame, cfg)
     empty = [s for s, f in splits.items() if len(f) == 0]
     rules.append(_rule("splits_not_empty", None, not empty,
                        f"empty split(s): {empty}" if empty else "train, val and test all have rows"))
     if empty:
         return fail(rules)
-    return _passed(report, rules, labels, splits, cfg)
+    return _passed(report, rules, labels, splits, cfg, task)
 
 
 def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
@@ -334,23 +325,21 @@ def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateCo
     if not all(r["success"] for r in rules):
         report["rules"] = rules
         return ValidationResult(False, report)
-    by_type = split_frame(frame.rename(columns={"label": "tags"}).assign(label=strata(list(frame["label"]))), cfg)
-    splits = {s: f.drop(columns="label").rename(columns={"tags": "label"}) for s, f in by_type.items()}
+    splits = split_frame(frame, cfg, "token")  # stratified by each sentence's rarest entity type
     labels = tag_names(data.types)
     report["labels"] = labels
     return _passed(report, rules, labels, splits, cfg, task_for("token"))
 
 
 def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[str],
-            splits: dict[str, pd.DataFrame], cfg: ValidateConfig,
-            task: ModuleType = single_label) -> ValidationResult:
+            splits: dict[str, pd.DataFrame], cfg: ValidateConfig, task) -> ValidationResult:
     """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
     report["rules"] = rules
     report["success"] = True
-    report["class_balance"] = balance = task.class_balance(splits, labels)
-    report["splits"] = {s: {"rows": int(len(f)), "classes": balance["per_split"][s] if "per_split" in balance else
-                            {k: int(v) for k, v in f["label"].value_counts().sort_index().items()}}
+    report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
+                                                             task.label_counts(f["label"]).items()}}
                         for s, f in splits.items()}
+    report["class_balance"] = task.class_balance(splits, labels)
     report["warnings"] = task.balance_warnings(report["class_balance"], cfg.min_class_fraction)
     return ValidationResult(True, report, labels, splits)
 
@@ -383,8 +372,9 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
             raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
                               f"the data changed since the run was submitted")
         # a task that reads token-tagged files (task token) says so; the others read a table of texts
-        core = validate_tagged if getattr(task_for(cfg.task), "INPUT", "table") == "tagged_tokens" else validate
-        result = core(local, cfg.data, cfg.validate, workspace=Path.cwd())
+        tagged = getattr(task_for(cfg.task), "INPUT", "table") == "tagged_tokens"
+        result = validate_tagged(local, cfg.data, cfg.validate, workspace=Path.cwd()) if tagged else \
+            validate(local, cfg.data, cfg.validate, workspace=Path.cwd(), task_name=cfg.task)
     result.report.update(data=str(data), data_md5=md5)
     if report is not None:  # the report is wanted even (especially) when validation fails
         write_json(report, result.report)

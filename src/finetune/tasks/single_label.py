@@ -3,14 +3,17 @@ accuracy / macro-F1 / per-class scores / calibration measure it. Exports the con
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from finetune.common.coercion import ConfigError
-from finetune.common.config import TrainConfig
+from finetune.common.config import TrainConfig, ValidateConfig
 
 NAME = "single_label"
 PROBLEM_TYPE = "single_label_classification"
@@ -24,6 +27,37 @@ def read_labels(values: pd.Series, separator: str) -> pd.Series:
     return values
 
 
+def prepare_labels(df: pd.DataFrame, column: str, separator: str, cfg: ValidateConfig
+                   ) -> tuple[pd.DataFrame, list[dict], list[str]]:
+    """One value per row, checked by validate's own rules (label_is_scalar, label_in_set against
+    ``validate.labels``, which is returned for that rule)."""
+    return df, [], list(cfg.labels)
+
+
+def label_counts(values: pd.Series) -> pd.Series:
+    """Rows per class, by class name."""
+    return values.value_counts().sort_index()
+
+
+def hash_order(text: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def split_rows(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
+    """Stratified split, stable under row reordering: inside each class rows are ordered by a seeded
+    hash of their text, then cut by the configured fractions."""
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in ("train", "val", "test")}
+    for _, grp in df.groupby("label", sort=True):
+        grp = grp.assign(_k=grp["text"].map(lambda t: hash_order(t, cfg.seed))).sort_values("_k")
+        n = len(grp)
+        n_test = max(1, round(n * cfg.test_fraction))
+        n_val = max(1, round(n * cfg.val_fraction))
+        parts["test"].append(grp.iloc[:n_test])
+        parts["val"].append(grp.iloc[n_test:n_test + n_val])
+        parts["train"].append(grp.iloc[n_test + n_val:])
+    return {s: pd.concat(p).sort_index().drop(columns="_k") for s, p in parts.items()}
+
+
 def encode_labels(values: Sequence, label_names: list[str]) -> np.ndarray:
     """1-D int64 class ids."""
     index = {lab: i for i, lab in enumerate(label_names)}
@@ -31,6 +65,9 @@ def encode_labels(values: Sequence, label_names: list[str]) -> np.ndarray:
 
 
 def refused_regime(cfg: TrainConfig) -> str | None:
+    if cfg.select_metric not in SELECT_METRICS:
+        return (f"train.select_metric = {cfg.select_metric!r}: task single_label selects by one of "
+                f"{', '.join(SELECT_METRICS)}")
     return None  # every regime of the loop applies
 
 
@@ -154,3 +191,48 @@ def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
         return []
     return [f"class '{minority}' holds {share:.1%} of the rows, under validate.min_class_fraction "
             f"({min_fraction:.1%}): consider train.class_weights: balanced and register.metric: macro_f1"]
+
+
+# ---- decisions and curves: argmax needs no stored thresholds; one-vs-rest ROC per class ----
+
+CURVE_AXES = ("fpr", "tpr", "auc", "roc_auc")  # evaluate's per-class curves: x, y, area, per-class key (ROC)
+
+
+def decision_files(val_logits: Callable[[], np.ndarray], val_labels: np.ndarray | None,
+                   label_names: list[str]) -> dict[str, Any]:
+    return {}  # argmax: nothing to store with the model
+
+
+def read_thresholds(model_dir: str | Path, label_names: list[str]) -> None:
+    return None
+
+
+def curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000,
+               curves_for: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
+    """One-vs-rest ROC curve and its area per class (a class absent from, or alone in, ``y_true`` has none).
+
+    Points are (false positive rate, true positive rate) at each distinct score threshold, from (0, 0); the
+    AUC is computed on all of them, the curve kept for plotting is thinned to about ``max_points``. With
+    ``curves_for``, only those class indices keep their curve (the others their AUC only): bounded memory.
+    """
+    out = {}
+    keep_curve = set(range(len(labels)) if curves_for is None else (int(i) for i in curves_for))
+    for k, lab in enumerate(labels):
+        pos = y_true == k
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if not n_pos or not n_neg:
+            continue
+        order = np.argsort(-probs[:, k], kind="stable")
+        scores, hits = probs[order, k], pos[order]
+        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
+        tpr = np.r_[0.0, np.cumsum(hits)[last] / n_pos]
+        fpr = np.r_[0.0, np.cumsum(~hits)[last] / n_neg]
+        thr = np.r_[1.0, scores[last]]
+        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        if k not in keep_curve:
+            out[lab] = {"auc": round(auc, 6)}
+            continue
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
+        out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
+                    "auc": round(auc, 6)}
+    return out

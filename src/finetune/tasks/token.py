@@ -17,7 +17,8 @@ import torch
 
 from finetune.common.tokens import TokenizedSplit
 from finetune.tasks.ner_align import IGNORE, align
-from finetune.tasks.ner_data import type_counts
+from finetune.tasks import single_label
+from finetune.tasks.ner_data import strata, type_counts
 from finetune.tasks.ner_metrics import entity_scores, span_errors
 
 NAME = "token"
@@ -53,6 +54,22 @@ def balance_warnings(balance: dict[str, Any], min_fraction: float) -> list[str]:
 def floor_warning(balance: dict[str, Any] | None, floor: float, metric: str) -> str | None:
     """None: a model that tags nothing scores entity F1 0, so any floor above 0 beats the trivial baseline."""
     return None if floor > 0 else f"register.floor = {floor}: a model that finds no entity scores {metric} 0"
+
+
+def label_counts(values: pd.Series) -> pd.Series:
+    """Entities per type in a column of IOB2 tag lists."""
+    return pd.Series(type_counts(list(values)), dtype="int64")
+
+
+def prepare_labels(df: pd.DataFrame, column: str, separator: str, cfg: Any) -> tuple[pd.DataFrame, list[dict], list]:
+    """Not used: validate reads token-tagged files with validate_tagged (INPUT), whose tag rules replace these."""
+    return df, [], list(cfg.labels)
+
+
+def split_rows(df: pd.DataFrame, cfg: Any) -> dict[str, pd.DataFrame]:
+    """single-label's seeded split, stratified by each sentence's rarest entity type (column label: tag lists)."""
+    by_type = single_label.split_rows(df.rename(columns={"label": "tags"}).assign(label=strata(list(df["label"]))), cfg)
+    return {s: f.drop(columns="label").rename(columns={"tags": "label"}) for s, f in by_type.items()}
 
 
 def read_labels(values: pd.Series, separator: str) -> pd.Series:
@@ -169,3 +186,21 @@ def decide(probs: np.ndarray, label_names: list[str], thresholds: np.ndarray | N
     """Per row, the IOB2 tag of each position (argmax). Entities with character offsets need the text and the
     tokenizer: see ner_align.decode_entities, which predict and serving use for this task."""
     return [[label_names[t] for t in row.argmax(axis=-1)] for row in probs]
+
+
+# ---- decisions and curves: argmax per word needs no stored thresholds; no per-text curves ----
+
+CURVE_AXES = ("recall", "precision", "ap", "average_precision")  # unused: curves() returns none for this task
+
+
+def decision_files(val_logits: Any, val_labels: np.ndarray | None, label_names: list[str]) -> dict[str, Any]:
+    return {}
+
+
+def read_thresholds(model_dir: Any, label_names: list[str]) -> None:
+    return None
+
+
+def curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000,
+           curves_for: Any = None) -> dict[str, dict[str, Any]]:
+    return {}

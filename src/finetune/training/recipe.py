@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from finetune.common.config import TrainConfig
+from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 from finetune.tasks import task_for
 from finetune.training import checkpoint
 from finetune.training.distributed import Dist
 from finetune.training.early_stopping import Selection
-from finetune.training.model import build_model, build_optimizer, exportable, seed_everything
+from finetune.training.model import build_model, build_optimizer, exportable, predict_logits, seed_everything
 from finetune.training.packing import PackShape, can_pack, pack_shape
 from finetune.training.regimes import FGM, freeze
 from finetune.training.step_plan import StepPlan
@@ -215,9 +216,15 @@ def export_run(run: TrainRun, state: TrainState, model_out: str | Path) -> Train
         exported_step = state.selection.best_step
     log.info("%s; exporting the weights of step %d", state.stop_reason, exported_step)
     if run.dist.main:
+        # what the task stores beside the weights (multi-label: thresholds tuned on the validation split)
+        labels = [run.model.config.id2label[i] for i in range(run.model.config.num_labels)]
+        decision = run.task.decision_files(lambda: predict_logits(run.model, run.val, 128, run.pad_id, run.dist.device),
+                                           run.val.labels if run.val is not None else None, labels)
         with atomic_dir(model_out, "train") as tmp:
             exportable(run.model).save_pretrained(tmp, safe_serialization=True)
             run.tok.save_pretrained(tmp)
+            for name, content in decision.items():
+                write_json(tmp / name, content)
         checkpoint.clear(state.ckpt_root)  # the finished model supersedes them; they only serve a killed run
     run.dist.barrier()
     return _result(run, state, exported_step)
