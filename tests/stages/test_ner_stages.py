@@ -18,7 +18,7 @@ def ner_file(path, n=120):
     lines = []
     for i in range(n):
         person, city = PEOPLE[i % 6], CITIES[(i // 6) % 6]
-        lines += [f"{person} B-PER", f"visited O", f"{city} B-LOC", f"on O", f"day{i} O", ""]
+        lines += [f"{person} B-PER", "visited O", f"{city} B-LOC", "on O", f"day{i} O", ""]
         if rng.random() < 0.5:
             lines[-1:] = [f"{person} B-PER", f"{person}son I-PER", "left O", ""]
     path.write_text("\n".join(lines) + "\n")

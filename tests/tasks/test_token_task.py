@@ -10,8 +10,8 @@ from finetune.tasks.ner_metrics import entity_scores
 NAMES = token.tag_names(["PER", "LOC"])
 
 
-def logits_for(tag_ids, k=len(NAMES)):
-    out = np.full((len(tag_ids), max(map(len, tag_ids)), k), -5.0)
+def logits_for(tag_ids):
+    out = np.full((len(tag_ids), max(map(len, tag_ids)), len(NAMES)), -5.0)
     for i, row in enumerate(tag_ids):
         for j, t in enumerate(row):
             out[i, j, t] = 5.0

@@ -60,7 +60,7 @@ def _package_file(package: str, name: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the wheel without importing it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package '{package}' is not installed: run `make install`")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / name
 
 
 def build_ner() -> bytes:

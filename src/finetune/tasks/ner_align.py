@@ -7,8 +7,8 @@ word), so emoji, accents and repeated spaces never shift a span."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

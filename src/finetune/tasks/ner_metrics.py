@@ -30,7 +30,7 @@ def _overlaps(a: tuple[str, int, int], b: tuple[str, int, int]) -> bool:
 
 
 def _true_entity_outcome(entity: tuple[str, int, int], predicted: list[tuple[str, int, int]]) -> str:
-    typ, start, end = entity
+    typ = entity[0]
     if entity in predicted:
         return "correct"
     touching = [p for p in predicted if _overlaps(p, entity)]

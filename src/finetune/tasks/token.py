@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from finetune.common.tokens import TokenizedSplit
-from finetune.tasks.ner_align import IGNORE, align
 from finetune.tasks import single_label
+from finetune.tasks.ner_align import IGNORE, align
 from finetune.tasks.ner_data import strata, type_counts
 from finetune.tasks.ner_metrics import entity_scores, span_errors
 
@@ -177,7 +177,7 @@ def scores(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], bins: 
     s = entity_scores(true, pred)
     loss = _token_nll(y_true, probs)
     metrics = {k: v for k, v in s.items() if k != "per_type"}
-    metrics.update({"per_class": s["per_type"], "labels": sorted(s["per_type"]), "n": int(len(y_true)),
+    metrics.update({"per_class": s["per_type"], "labels": sorted(s["per_type"]), "n": len(y_true),
                     "loss": round(loss, 6), "accuracy": s["token_accuracy"], "span_errors": span_errors(true, pred)})
     return metrics, []
 
