@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
@@ -133,8 +132,8 @@ def _normalise_labels(df: pd.DataFrame, column: str, cfg: ValidateConfig) -> tup
     changed = [i for i in raw.index if isinstance(raw.at[i], str) and nfc.at[i] != raw.at[i]]
     if changed:
         rules.append(_rule("labels_unicode_nfc", column, True, f"normalised {len(changed)} label(s) to Unicode NFC "
-                           f"(the same characters, composed), e.g. {raw.at[changed[0]]!a} -> "
-                           f"{nfc.at[changed[0]]!a}", changed, [nfc.at[i] for i in changed[: cfg.max_examples]],
+                           f"(the same characters, composed), e.g. {ascii(raw.at[changed[0]])} -> "
+                           f"{ascii(nfc.at[changed[0]])}", changed, [nfc.at[i] for i in changed[: cfg.max_examples]],
                            cfg.max_examples))
     strings = nfc[nfc.map(lambda v: isinstance(v, str))]
     padded = strings[strings != strings.str.strip()]
@@ -258,7 +257,7 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
         df = read_table(path, workspace)
     except DataError as e:
         return fail([_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)])
-    report["rows"] = len(df)
+    report["rows"] = int(len(df))
     report["columns"] = [str(c) for c in df.columns]
 
     missing = [c for c in (text, label) if c not in df.columns]
@@ -322,7 +321,7 @@ def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateCo
                            if isinstance(e, DataError) else _rule("tag_scheme", None, False, f"data.tag_scheme: {e}")]
         return ValidationResult(False, report)
     frame, rules = check_frame(data, path, cfg.duplicates, cfg.max_examples)
-    report.update(rows=len(data.frame), tag_scheme=data.scheme, entity_types=data.types)
+    report.update(rows=int(len(data.frame)), tag_scheme=data.scheme, entity_types=data.types)
     if not all(r["success"] for r in rules):
         report["rules"] = rules
         return ValidationResult(False, report)
@@ -337,7 +336,7 @@ def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[st
     """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
     report["rules"] = rules
     report["success"] = True
-    report["splits"] = {s: {"rows": len(f), "classes": {k: int(v) for k, v in
+    report["splits"] = {s: {"rows": int(len(f)), "classes": {k: int(v) for k, v in
                                                              task.label_counts(f["label"]).items()}}
                         for s, f in splits.items()}
     report["class_balance"] = task.class_balance(splits, labels)
