@@ -26,14 +26,14 @@ def test_first_subtoken_carries_the_tag_the_rest_are_ignored(tok):
     n_pieces = s.word_ids.count(0)
     assert n_pieces > 1 and s.labels[first_of_word0 + 1:first_of_word0 + n_pieces] == [IGNORE] * (n_pieces - 1)
     assert [lab for lab in s.labels if lab != IGNORE] == [1, 0, 3]
-    assert count.sentences == 0 and count.entities_cut == 0
+    assert count.sentences_truncated == 0 and count.entities_cut == 0
 
 
 def test_entities_lost_to_truncation_are_counted(tok):
     words = [["a", "b", "c", "Mary", "Ann", "x", "Rome"]]
     tags = [[0, 0, 0, 1, 2, 0, 3]]
     _, count = align(words, tags, LABELS, tok, max_length=6)  # [CLS] a b c Mary [SEP]: Ann and Rome fall off
-    assert (count.sentences, count.entities_cut, count.entities_dropped) == (1, 1, 1)
+    assert (count.sentences_truncated, count.entities_cut, count.entities_dropped) == (1, 1, 1)
 
 
 def tagging_fn(tok, tag_of_piece: dict[str, int]):

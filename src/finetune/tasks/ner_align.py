@@ -29,7 +29,7 @@ class AlignedSentence:
 
 @dataclass
 class TruncationCount:
-    sentences: int = 0  # sentences that lost words to max_length
+    sentences_truncated: int = 0  # sentences that lost words to max_length
     entities_cut: int = 0  # entities partly beyond max_length (their tail is not trained on)
     entities_dropped: int = 0  # entities wholly beyond max_length
     words_without_subtokens: int = 0  # words the tokenizer turns into nothing (e.g. a lone zero-width char)
@@ -50,7 +50,7 @@ def align(tokens: list[list[str]], tag_ids: list[list[int]], label_names: list[s
         kept = max(seen) + 1 if seen else 0
         count.words_without_subtokens += sum(1 for w in range(kept) if w not in seen)
         if kept < len(words):
-            count.sentences += 1
+            count.sentences_truncated += 1
             for _, start, end in spans([label_names[t] for t in tags]):
                 count.entities_cut += int(start < kept < end)
                 count.entities_dropped += int(start >= kept)
