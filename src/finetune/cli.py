@@ -297,6 +297,7 @@ EXPECTED = (
     "finetune.common.sources:SourceError", "finetune.cluster.submit:SubmitError",
     "finetune.registry.comparison:CompareError", "finetune.stages.predict:PredictInputError",
     "finetune.common.outputs:UnsafeOutput", "finetune.common.tracking:TrackingUnreachable",
+    "finetune.tasks:TaskError",
 )
 
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import ENV, copy_repo, sh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from test_multi_label import LABELS, ml_frame  # noqa: E402
+from test_multi_label import LABELS, ml_frame
 
 pytestmark = pytest.mark.integration
 MODEL = "ml-it"
@@ -54,6 +54,7 @@ def test_dvc_repro_trains_gates_on_micro_f1_and_predicts_label_sets(ml_project):
     mv = client.get_model_version_by_alias(MODEL, "champion")
     assert mv.tags["task"] == "text-classification/multi-label" and json.loads(mv.tags["labels"]) == LABELS
     assert "Multi-label: micro-F1" in (out / "register" / "model_card.md").read_text()
+    assert "<h3>Multi-label</h3>" in (out / "register" / "report.html").read_text()
     done = sh(["finetune", "predict", "text 9 about b and c", "text 8 about rare"], ml_project, env=ENV)
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert [sorted(r["probabilities"]) for r in records] == [sorted(LABELS)] * 2

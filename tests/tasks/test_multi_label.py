@@ -119,3 +119,27 @@ def test_rows_without_labels_pass_when_allowed(tmp_path):
                  task_name="multi_label")
     assert r.ok, r.summary()
     assert r.report["class_balance"]["rows_without_label"] == 5
+
+
+def test_register_refuses_a_gate_metric_the_task_does_not_have_before_logging(tmp_path):
+    from finetune.common.params import config_from_dict
+    from finetune.stages import StageFailed
+    from finetune.stages.register import run_register
+
+    cfg = config_from_dict({"task": "multi_label", "register": {"metric": "accuracy"}})
+    with pytest.raises(StageFailed, match="register.metric = 'accuracy': task multi_label gates on one of micro_f1"):
+        run_register(cfg, tmp_path / "model", tmp_path / "ev", tmp_path / "splits", None, tmp_path / "out", {},
+                     tracking_uri=f"sqlite:///{tmp_path / 'never.db'}")
+    assert not (tmp_path / "never.db").exists() and not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_the_token_task_in_one_line_until_it_is_implemented(tmp_path, capsys, monkeypatch):
+    from finetune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("text,label\na,x\n")
+    (tmp_path / "params.yaml").write_text("validate:\n  labels: []\n")
+    code = main(["validate", "--data", "d.csv", "--out", "out", "--set", "task=token"])
+    err = capsys.readouterr().err
+    assert code != 0 and "task = 'token': known but not implemented yet" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_multi_label import CFG, LABELS, ml_frame
 
 from finetune.common.config import CompressConfig, DataConfig, EvaluateConfig, TokenizeConfig, TrainConfig
 from finetune.common.outputs import ONNX_FP32
@@ -20,7 +21,6 @@ from finetune.stages.validate import validate
 from finetune.tasks import multi_label as ml
 from finetune.training.model import load_classifier
 from finetune.training.recipe import TrainingError
-from test_multi_label import CFG, LABELS, ml_frame
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "finetune"
 

@@ -203,11 +203,26 @@ def _evaluation_section(d: ReportData) -> str:
              _kpis([("accuracy", f"{float(m['accuracy']):.4f}"), ("95% interval", f"{lo:.3f} - {hi:.3f}"),
                     ("macro-F1", f"{float(m['macro_f1']):.4f}"), ("cross-entropy", _num(m.get("loss"))),
                     ("calibration error (ECE)", _num(m.get("ece")))]),
+             _multi_label_kpis(m),
              "<h3>Per class</h3>" + _table(PER_CLASS_HEADER, per_class_rows(m)),
              _confusion(m),
              '<div class="figs">' + _figure(d.images, "roc", "ROC curve per class (one vs the rest)", 420)
              + _figure(d.images, "calibration", "reliability: accuracy per confidence bin", 420) + "</div>"]
     return "<section id=evaluation><h2>Evaluation</h2>" + "".join(parts) + "</section>"
+
+
+def _multi_label_kpis(m: dict[str, Any]) -> str:
+    """task multi_label (its metrics have micro_f1): accuracy above is subset accuracy; the label-level figures
+    with the per-label thresholds tuned on the validation split, beside the same figures at 0.5."""
+    if "micro_f1" not in m:
+        return ""
+    at = m.get("at_default_threshold") or {}
+    return ("<h3>Multi-label</h3>" + _kpis([
+        ("micro-F1", f"{float(m['micro_f1']):.4f}"), ("micro-F1 at 0.5", _num(at.get("micro_f1"))),
+        ("macro-F1 at 0.5", _num(at.get("macro_f1"))), ("samples-F1", _num(m.get("samples_f1"))),
+        ("Hamming loss", _num(m.get("hamming_loss")))])
+        + _table(["label", "threshold (tuned on val)"], [[lab, f"{t:.3f}"] for lab, t in
+                                                        (m.get("thresholds") or {}).items()]))
 
 
 def _gate_section(d: ReportData) -> str:

@@ -10,10 +10,12 @@ from finetune.common import tracking
 from finetune.common.config import Config
 from finetune.registry.comparison import Side, read_sides
 
-PRIMARY = ("accuracy", "macro_f1", "loss", "ece", "n")
+# single-label's, then multi-label's (accuracy = subset accuracy there): a pair shows the rows either side has
+PRIMARY = ("accuracy", "macro_f1", "loss", "ece", "n", "micro_f1", "samples_f1", "hamming_loss", "micro_f1_at_0.5",
+           "macro_f1_at_0.5")
 
 
-LOWER_IS_BETTER = {"loss", "ece"}
+LOWER_IS_BETTER = {"loss", "ece", "hamming_loss"}
 
 
 

@@ -108,6 +108,7 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     if thresholds is not None:  # the figures at the default rule beside the tuned ones
         default, _ = task.scores(test.labels, probs, labels, cfg.calibration_bins)
         metrics["at_default_threshold"] = {m: default[m] for m in task.GATE_METRICS}
+        metrics.update({f"{m}_at_0.5": default[m] for m in ("micro_f1", "macro_f1") if m in default})  # MLflow
         metrics["thresholds"] = dict(zip(labels, thresholds.tolist()))
     metrics[MODEL_DIGEST] = digest
     if probs.ndim == 3:  # per-token probabilities (NER): entity scores only, no per-text curves

@@ -17,8 +17,22 @@ Constants
     GATE_METRICS: tuple[str, ...]   values ``register.metric`` may take for this task (higher is better); the
                                     first is the task's primary metric (compress's deltas, the report's headline)
     SELECT_METRICS: tuple[str, ...] values ``train.select_metric`` may take (``val_loss`` always among them)
+    CURVE_AXES: tuple[str, str, str, str]
+                                    evaluate's per-class curves: x key, y key, area key, the per-class metric name
+                                    (single-label: fpr, tpr, auc, roc_auc; multi-label: recall, precision, ap,
+                                    average_precision)
 
 validate / tokenize
+    prepare_labels(df: pandas.DataFrame, column: str, separator: str, cfg: ValidateConfig)
+            -> tuple[pandas.DataFrame, list[dict], list[str]]
+        the label column read and checked by the task (rules in validate's report format: rule, column, success,
+        source, message, unexpected_count, examples [{row, value}]), and the label set validate's generic
+        ``label_in_set`` rule checks (empty: the task checked it). The returned column must be hashable per row
+        (multi-label: the sorted labels joined by an internal separator)
+    label_counts(values: pandas.Series) -> pandas.Series
+        rows per class / label name, from the prepared label column
+    split_rows(df: pandas.DataFrame, cfg: ValidateConfig) -> dict[str, pandas.DataFrame]
+        the seeded train/val/test split, stable under row reordering, stratified as the task needs
     class_balance(splits: dict[str, pandas.DataFrame], label_names: list[str]) -> dict
         the report's label statistics (shares, the majority baseline; multi-label: per-label counts, cardinality,
         top co-occurring pairs)
@@ -56,6 +70,14 @@ evaluate / compress / register / predict / serve
         rows; ``thresholds``: per-label decision thresholds where the task has them (None = the default rule)
     decide(probs: numpy.ndarray, label_names: list[str], thresholds: numpy.ndarray | None = None) -> list
         one prediction per row as predict and the server return it (single-label: the label name)
+    decision_files(val_logits: Callable[[], numpy.ndarray], val_labels: numpy.ndarray | None,
+                   label_names: list[str]) -> dict[str, Any]
+        JSON files train writes into the model folder beside the weights (multi-label: thresholds.json tuned on
+        the validation split; call ``val_logits`` only when needed); {} when the rule needs nothing stored
+    read_thresholds(model_dir: str | Path, label_names: list[str]) -> numpy.ndarray | None
+        the stored decision thresholds evaluate scores with (None: the task's default rule)
+    curves(y_true, probs, label_names, max_points: int = 1000, curves_for: Iterable[int] | None = None) -> dict
+        per class, the curve named by CURVE_AXES and its area (only ``curves_for`` keep the points)
 """
 
 from __future__ import annotations
