@@ -70,3 +70,22 @@ def test_broken_files_are_refused_naming_file_line_and_rule(tmp_path):
         result = validate_tagged(path, DataConfig(path=str(path)), ValidateConfig(labels=[]))
         assert not result.ok and not result.splits
         assert f"{path}: {where}" in failure_message(result.report)
+
+
+def test_run_validate_with_task_token_writes_iob2_splits_of_a_conll_2003_file(tmp_path, monkeypatch):
+    """The stage as `finetune validate --set task=token` runs it: CoNLL-2003's four columns, IOB1 named."""
+    from finetune.common.config import Config
+    from finetune.common.tokens import read_splits
+    from finetune.stages.validate import run_validate
+
+    monkeypatch.chdir(tmp_path)
+    blocks = [f"-DOCSTART- -X- -X- O\n\nPeter{i} NNP I-NP I-PER\nBlackburn NNP I-NP I-PER\nin IN O O\n"
+              f"Rome{i} NNP I-NP I-LOC\n" for i in range(40)]
+    (tmp_path / "c03.conll").write_text("\n".join(blocks))
+    cfg = Config(task="token")
+    cfg.validate.labels, cfg.data.tag_scheme = [], "iob1"
+    report = run_validate(cfg, "c03.conll", tmp_path / "out")
+    assert report["tag_scheme"] == "iob1"
+    frames, labels = read_splits(tmp_path / "out")
+    assert labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert list(frames["train"]["label"].iloc[0]) == ["B-PER", "I-PER", "O", "B-LOC"]  # IOB1 -> IOB2
