@@ -11,8 +11,8 @@ from sklearn.metrics import f1_score, hamming_loss
 from finetune.common.config import DataConfig, ValidateConfig
 from finetune.common.tokens import SPLITS
 from finetune.stages.validate import validate
-from finetune.tasks import task_for
 from finetune.tasks import multi_label as ml
+from finetune.tasks import task_for
 
 LABELS = ["a", "b", "c", "rare"]
 
