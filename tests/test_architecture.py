@@ -36,7 +36,8 @@ MLFLOW_FOLDERS = {"registry", "tuning"}
 # stages/tokenize.py shares its name with the standard library's tokenize: kept on purpose, as the verb `tokenize`
 # is the module, the CLI subcommand, the dvc.yaml stage and the KFP component name all at once. The package is
 # never on sys.path as a flat folder, so it cannot shadow the standard module.
-STDLIB_NAME_ALLOWED = {"stages/tokenize.py"}
+# tasks/token.py likewise: the module of `task: token` (tasks/__init__.py imports it as finetune.tasks.token).
+STDLIB_NAME_ALLOWED = {"stages/tokenize.py", "tasks/token.py"}
 
 MODULE_PATH = re.compile(r"^[a-z_]+(\.[a-z_]+)+$")
 

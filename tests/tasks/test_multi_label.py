@@ -11,8 +11,8 @@ from sklearn.metrics import f1_score, hamming_loss
 from finetune.common.config import DataConfig, ValidateConfig
 from finetune.common.tokens import SPLITS
 from finetune.stages.validate import validate
-from finetune.tasks import TaskError, task_for
 from finetune.tasks import multi_label as ml
+from finetune.tasks import task_for
 
 LABELS = ["a", "b", "c", "rare"]
 
@@ -60,9 +60,8 @@ def test_balanced_class_weights_are_per_label_pos_weight():
     assert w.tolist() == pytest.approx([1 / 3, 3.0])  # negatives / positives
 
 
-def test_token_task_is_known_but_refused_in_one_line():
-    with pytest.raises(TaskError, match="task = 'token': known but not implemented yet"):
-        task_for("token")
+def test_token_task_is_implemented():
+    assert task_for("token").NAME == "token"  # branch ner: tasks/token.py
 
 
 def test_csv_labels_split_on_the_separator_and_jsonl_lists_validate(tmp_path):
@@ -133,7 +132,7 @@ def test_register_refuses_a_gate_metric_the_task_does_not_have_before_logging(tm
     assert not (tmp_path / "never.db").exists() and not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_the_token_task_in_one_line_until_it_is_implemented(tmp_path, capsys, monkeypatch):
+def test_cli_refuses_a_table_without_token_lists_for_the_token_task_in_one_line(tmp_path, capsys, monkeypatch):
     from finetune.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -141,5 +140,5 @@ def test_cli_refuses_the_token_task_in_one_line_until_it_is_implemented(tmp_path
     (tmp_path / "params.yaml").write_text("validate:\n  labels: []\n")
     code = main(["validate", "--data", "d.csv", "--out", "out", "--set", "task=token"])
     err = capsys.readouterr().err
-    assert code != 0 and "task = 'token': known but not implemented yet" in err and "Traceback" not in err
+    assert code != 0 and "rule 'required_columns'" in err and "no tokens column" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

@@ -34,6 +34,7 @@ class DataConfig:
         metadata={"help": "optional column with user-given splits (train/val/test); used only if present"},
     )
     label_separator: str = field(default="|", metadata={"help": "task multi_label, CSV: splits a row's labels"})
+    tag_scheme: str = field(default="auto", metadata={"help": "task token: auto|bio|iob1|iobes (docs/tasks.md)"})
 
     def __post_init__(self) -> None:
         rule(self, "path", bool(self.path), "a file path or URI")

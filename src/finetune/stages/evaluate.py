@@ -78,9 +78,10 @@ def logits_with_progress(model, split: TokenizedSplit, batch_size: int, pad_id: 
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
             logits = predict_logits(model, subset(split, idx), batch_size, pad_id, device)
-            if out is None:
-                out = np.zeros((len(split), logits.shape[1]), dtype=logits.dtype)
-            out[idx] = logits
+            if out is None:  # (rows, labels), or (rows, longest sequence, labels) for a token head
+                per_row = (int(split.lengths.max()),) if logits.ndim == 3 else ()
+                out = np.zeros((len(split), *per_row, logits.shape[-1]), dtype=logits.dtype)
+            out[(idx, slice(0, logits.shape[1])) if logits.ndim == 3 else idx] = logits
             progress.update(len(idx))
     return out if out is not None else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
@@ -110,6 +111,8 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         metrics.update({f"{m}_at_0.5": default[m] for m in ("micro_f1", "macro_f1") if m in default})  # MLflow
         metrics["thresholds"] = dict(zip(labels, thresholds.tolist()))
     metrics[MODEL_DIGEST] = digest
+    if probs.ndim == 3:  # per-token probabilities (NER): entity scores only, no per-text curves
+        return EvalResult(metrics, labels, test.labels, probs.argmax(-1), probs.max(-1), calib, {}, task.CURVE_AXES)
     x, _, area, key = task.CURVE_AXES
     curves = task.curves(test.labels, probs, labels, curves_for=top_classes(test.labels, len(labels)))
     for lab, curve in curves.items():

@@ -44,12 +44,17 @@ def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], model_dir:
     """Tokenize each split; returns the arrays and a stats/meta dict (which records the task)."""
     tok = load_tokenizer(model_dir)
     out, stats = {}, {}
+    encode_rows = getattr(task_for(task), "encode_rows", None)  # a task whose rows are tagged words (token)
     for name, frame in splits.items():
-        ts = encode(frame["text"].tolist(), frame["label"].tolist(), label_names, tok, cfg, task)
+        texts, labels, extra = frame["text"].tolist(), frame["label"].tolist(), {}
+        if encode_rows:  # word/sub-token alignment; entities cut by max_length counted
+            ts, extra = encode_rows(texts, labels, label_names, tok, cfg.max_length)
+        else:
+            ts = encode(texts, labels, label_names, tok, cfg, task)
         lens = ts.lengths
         out[name] = ts
         stats[name] = {"rows": len(ts), "tokens": int(lens.sum()), "mean_length": round(float(lens.mean()), 2),
-                       "max_length": int(lens.max()), "truncated": int((lens >= cfg.max_length).sum())}
+                       "max_length": int(lens.max()), "truncated": int((lens >= cfg.max_length).sum()), **extra}
     meta = {"task": task, "labels": label_names, "max_length": cfg.max_length, "tokenizer": tokenizer_fingerprint(tok),
             "stats": stats}
     return out, meta

@@ -24,10 +24,13 @@ from finetune.common.files import DataError, read_table, write_json
 from finetune.common.lineage import file_md5
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.sources import fetch
+from finetune.common.token_files import read_tagged
 from finetune.common.tokens import SPLITS
 from finetune.reporting.validation_summary import failure_message, render_summary
 from finetune.stages import StageFailed
 from finetune.tasks import task_for
+from finetune.tasks.ner_data import check_frame, check_tagged
+from finetune.tasks.token import tag_names
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
 
@@ -305,6 +308,29 @@ def validate(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
     return _passed(report, rules, labels, splits, cfg, task)
 
 
+def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateConfig,
+                    workspace: str | Path | None = None) -> ValidationResult:
+    """validate for token-tagged data (task token): CoNLL text or JSONL/Parquet token/tag lists, the tag rules,
+    IOB2 inside, split stratified by each sentence's rarest entity type."""
+    path = str(data_path)
+    report: dict[str, Any] = {"data": path, "rules": [], "success": False}
+    try:
+        data = check_tagged(read_tagged(path), path, data_cfg.tag_scheme, list(cfg.labels) or None, cfg.max_examples)
+    except (DataError, ValueError) as e:  # ValueError: data.tag_scheme names no scheme
+        report["rules"] = [_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)
+                           if isinstance(e, DataError) else _rule("tag_scheme", None, False, f"data.tag_scheme: {e}")]
+        return ValidationResult(False, report)
+    frame, rules = check_frame(data, path, cfg.duplicates, cfg.max_examples)
+    report.update(rows=int(len(data.frame)), tag_scheme=data.scheme, entity_types=data.types)
+    if not all(r["success"] for r in rules):
+        report["rules"] = rules
+        return ValidationResult(False, report)
+    splits = split_frame(frame, cfg, "token")  # stratified by each sentence's rarest entity type
+    labels = tag_names(data.types)
+    report["labels"] = labels
+    return _passed(report, rules, labels, splits, cfg, task_for("token"))
+
+
 def _passed(report: dict[str, Any], rules: list[dict[str, Any]], labels: list[str],
             splits: dict[str, pd.DataFrame], cfg: ValidateConfig, task) -> ValidationResult:
     """The result of data that passed every rule: the report gains the splits' sizes and class balance."""
@@ -345,7 +371,10 @@ def run_validate(cfg: Config, data: str | Path, out: str | Path, report: str | P
         if expected_md5 and md5 != expected_md5:
             raise StageFailed(f"{data}: content md5 {md5} differs from the expected {expected_md5}: "
                               f"the data changed since the run was submitted")
-        result = validate(local, cfg.data, cfg.validate, workspace=Path.cwd(), task_name=cfg.task)
+        # a task that reads token-tagged files (task token) says so; the others read a table of texts
+        tagged = getattr(task_for(cfg.task), "INPUT", "table") == "tagged_tokens"
+        result = validate_tagged(local, cfg.data, cfg.validate, workspace=Path.cwd()) if tagged else \
+            validate(local, cfg.data, cfg.validate, workspace=Path.cwd(), task_name=cfg.task)
     result.report.update(data=str(data), data_md5=md5)
     if report is not None:  # the report is wanted even (especially) when validation fails
         write_json(report, result.report)

@@ -86,7 +86,7 @@ import importlib
 from types import ModuleType
 
 # name -> module under finetune.tasks, or None: known but not implemented yet (refused in one line)
-TASKS: dict[str, str | None] = {"single_label": "single_label", "multi_label": "multi_label", "token": None}
+TASKS: dict[str, str | None] = {"single_label": "single_label", "multi_label": "multi_label", "token": "token"}
 
 
 class TaskError(ValueError):

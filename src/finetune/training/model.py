@@ -27,15 +27,21 @@ def pick_device(pref: str) -> torch.device:
 
 @torch.no_grad()
 def predict_logits(model, split: TokenizedSplit, batch_size: int, pad_id: int, device: torch.device) -> np.ndarray:
+    """Logits per row: (rows, labels); for a token head (rows, longest sequence, labels), positions past a row's
+    end left 0 (their labels are -100)."""
     model.eval()
-    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    out = None
     autocast = device.type == "cuda"
     for idx in sorted_batches(split, batch_size):
         b = collate(split, idx, pad_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-        out[idx] = logits.float().cpu().numpy()
-    return out
+        logits = logits.float().cpu().numpy()
+        if out is None:
+            per_row = (int(split.lengths.max()),) if logits.ndim == 3 else ()
+            out = np.zeros((len(split), *per_row, model.config.num_labels), dtype=np.float32)
+        out[(idx, slice(0, logits.shape[1])) if logits.ndim == 3 else idx] = logits
+    return out if out is not None else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
 
 def load_classifier(model_dir: str | Path, device: torch.device | None = None):
@@ -48,8 +54,11 @@ def load_classifier(model_dir: str | Path, device: torch.device | None = None):
         raise MismatchError(f"model folder {folder}: no safetensors weights ({found}); save the model with "
                             f"save_pretrained(..., safe_serialization=True)")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True,
-                                                                   use_safetensors=True)
+        # the head the folder was saved with (sequence or token classification), never silently another
+        arch = (AutoConfig.from_pretrained(str(folder), local_files_only=True).architectures or [""])[0]
+        auto = (transformers.AutoModelForTokenClassification if arch.endswith("ForTokenClassification")
+                else AutoModelForSequenceClassification)
+        model = auto.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise MismatchError(f"model folder {folder}: cannot be loaded as a classifier: {str(exc).splitlines()[0]}"
                             ) from None
