@@ -17,6 +17,7 @@ from typing import Any
 from finetune.common.coercion import ConfigError, coerce, rule
 from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
 from finetune.common.serve_config import ServeConfig
+from finetune.common.distill_config import DistillConfig
 
 SEED_MAX = 2 ** 32 - 1  # numpy.random.seed refuses more; a larger seed used to pass here and fail in training
 
@@ -380,6 +381,7 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

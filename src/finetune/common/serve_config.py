@@ -27,6 +27,10 @@ class ServeConfig:
     log_flush_records: int = field(default=100, metadata={"help": "records per request-log file write"})
     graceful_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests "
                                                                       "may take to finish"})
+    max_accuracy_drop: float = field(default=0.01, metadata={"help": "the served variant may lose at most this "
+                                                                      "test accuracy vs the fp32 teacher (compress)"})
+    max_latency_ms: float = field(default=0.0, metadata={"help": "and must answer one text within this p50 "
+                                                                 "(ms); 0 = no latency target"})
 
     def __post_init__(self) -> None:
         rule(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
@@ -38,3 +42,5 @@ class ServeConfig:
         rule(self, "log_text", self.log_text in SERVE_LOG_TEXT, " or ".join(SERVE_LOG_TEXT))
         rule(self, "log_flush_records", self.log_flush_records >= 1, ">= 1")
         rule(self, "graceful_timeout_s", self.graceful_timeout_s > 0, "> 0")
+        rule(self, "max_accuracy_drop", 0 <= self.max_accuracy_drop <= 1, "in [0, 1]")
+        rule(self, "max_latency_ms", self.max_latency_ms >= 0, ">= 0 (0 = no target)")
