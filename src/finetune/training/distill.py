@@ -145,6 +145,7 @@ def distill(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], teacher_dir
             task: str = "single_label") -> tuple[TrainResult, dict[str, Any]]:
     """Train the student of ``teacher_dir`` and write it to ``model_out`` atomically; its summary and lineage."""
     check_task(task)
+    cfg = student_train_config(cfg, dcfg)
     teacher_dir = Path(teacher_dir)
     n_teacher = int(json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"])
     layers = student_layers(n_teacher, dcfg.layers)
