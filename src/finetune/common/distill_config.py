@@ -16,7 +16,7 @@ class DistillConfig:
                                                                       "(0-based); [] = every other one, top kept"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the soft targets"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the soft-target KL; 1 - alpha: hard-label CE"})
-    epochs: float = field(default=2.0, metadata={"help": "student training epochs"})
+    epochs: float = field(default=0.5, metadata={"help": "student training epochs"})
     learning_rate: float = field(default=1.0e-4, metadata={"help": "student AdamW learning rate"})
     patience: int = field(default=1, metadata={"help": "early stop after N evaluations without val improvement"})
     eval_every: int = field(default=100, metadata={"help": "validation every N steps (0 = each epoch end)"})
