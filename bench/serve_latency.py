@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from finetune.common.outputs import ONNX_FP32
-from finetune.stages.compress import (ServeBudget, choose_serving, compress, measure, onnx_runner, quantize_int8,
+from finetune.stages.compress import (ServeBudget, compress, measure, onnx_runner, quantize_int8,
                                       variant_metrics, with_deltas)
 from finetune.common.config import CompressConfig  # noqa: E402
 from finetune.common.tokens import read_tokens  # noqa: E402
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01, help="serve.max_accuracy_drop")
     ap.add_argument("--session-options", action="store_true",
                     help="also the served file under other ONNX Runtime graph optimization levels and intra-op threads")
+    ap.add_argument("--openvino", action="store_true",
+                    help="also OpenVINO (PyPI openvino) on the served ONNX file and the teacher's fp32 ONNX file")
     ap.add_argument("--plot", help="write the front (accuracy against texts/s) as a PNG here")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and toy data: checks the harness")
     ap.add_argument("--explore", action="store_true",
@@ -134,7 +136,13 @@ def main() -> None:
             for name, path in explore_recipes(model, tmp, cfg):
                 add(name, path)
         with_deltas(variants)
-        serving = choose_serving(variants, ServeBudget(args.max_accuracy_drop))
+        serving = result.metrics["serving"]  # the stage's choice, among the variants it makes
+        if args.openvino:
+            for name in dict.fromkeys(["onnx_fp32", serving["variant"]]):
+                if name in result.files:
+                    add_openvino(variants, name, result.files[name], test, meta, pad_id, cfg, args.threads,
+                                 result.probs["pytorch_fp32"])
+            with_deltas(variants)
         sessions = (session_options(tmp / "compress" / serving["file"], test, pad_id, cfg)
                     if args.session_options and serving["file"] else {})
     import onnxruntime
@@ -176,6 +184,23 @@ def session_options(path: Path, test, pad_id: int, cfg: CompressConfig) -> dict[
                 return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
             _, out[f"{level}_threads{threads}"] = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
     return out
+
+
+def add_openvino(variants, name, path, test, meta, pad_id, cfg, threads, reference) -> None:
+    """The same ONNX file run by OpenVINO's CPU plugin, as variant ``<name>_openvino`` (or why it could not)."""
+    import openvino as ov
+
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    except Exception as exc:  # noqa: BLE001 - reported, the other variants stand
+        print(f"openvino cannot compile {path.name}: {str(exc).splitlines()[0]}")
+        return
+
+    def run(ids, mask):
+        return compiled({"input_ids": ids, "attention_mask": mask})[0]
+    probs, timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+    variants[f"{name}_openvino"] = {**variant_metrics(probs, test, meta["labels"], timing, path.stat().st_size,
+                                                      reference), "made_by": "the same ONNX file, OpenVINO CPU"}
 
 
 def front_plot(variants: dict[str, dict], chosen: str, path: str) -> None:
