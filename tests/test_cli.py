@@ -47,7 +47,7 @@ def _first_arg(call) -> str:
 
 def test_every_parsed_command_has_an_entry():
     parser = build_parser()
-    argv = [["validate"], ["tokenize"], ["train"], ["evaluate"], ["compress"], ["register"], ["tune"],
+    argv = [["validate"], ["tokenize"], ["train"], ["evaluate"], ["distill"], ["compress"], ["register"], ["tune"],
             ["tune", "--katib"], ["predict", "x"], ["compare"], ["materialize"], ["serve"], ["pipeline", "compile"],
             ["pipeline", "submit", "--host", "h"]]
     assert sorted(command_name(parser.parse_args(a)) for a in argv) == sorted(COMMANDS)
