@@ -5,6 +5,7 @@ int8 with the other weight granularity (per tensor by default), on the tokenized
     python bench/serve_latency.py                                  # out/model + out/tokenize (after `make run`)
     python bench/serve_latency.py --model M --tokens T --threads 2 --json serve.json
     python bench/serve_latency.py --smoke                          # tiny random model: checks the harness only
+    python bench/serve_latency.py --students out/student S2 ...    # + students (finetune distill), the front
 
 Per variant: accuracy / macro-F1 (and the delta to PyTorch fp32), size on disk, p50/p95 latency of one text
 per request, texts/s at batch 32 (requests in test-split order, padded per batch). See docs/benchmarks.md.
@@ -22,12 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from finetune.common.outputs import ONNX_FP32
-from finetune.stages.compress import compress, measure, onnx_runner, quantize_int8, variant_metrics, with_deltas
+from finetune.stages.compress import (ServeBudget, compress, measure, onnx_runner, quantize_int8,
+                                      variant_metrics, with_deltas)
 from finetune.common.config import CompressConfig  # noqa: E402
 from finetune.common.tokens import read_tokens  # noqa: E402
 
-COLUMNS = ("accuracy", "accuracy_delta", "macro_f1", "size_mb", "size_ratio", "latency_ms_p50", "latency_ms_p95",
-           "texts_per_s", "speedup")
+COLUMNS = ("accuracy", "accuracy_delta", "macro_f1", "macro_f1_delta", "size_mb", "size_ratio", "latency_ms_p50",
+           "latency_ms_p95", "texts_per_s", "speedup")
 
 
 def smoke_inputs(tmp: Path) -> tuple[Path, Path]:
@@ -95,6 +97,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for every variant (0 = all cores)")
     ap.add_argument("--latency-requests", type=int, default=300)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--students", nargs="*", default=[], help="student model folders (finetune distill)")
+    ap.add_argument("--max-accuracy-drop", type=float, default=0.01, help="serve.max_accuracy_drop")
+    ap.add_argument("--session-options", action="store_true",
+                    help="also the served file under other ONNX Runtime graph optimization levels and intra-op threads")
+    ap.add_argument("--openvino", action="store_true",
+                    help="also OpenVINO (PyPI openvino) on the served ONNX file and the teacher's fp32 ONNX file")
+    ap.add_argument("--plot", help="write the front (accuracy against texts/s) as a PNG here")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and toy data: checks the harness")
     ap.add_argument("--explore", action="store_true",
                     help="also int8 recipes the stage does not use: reduce_range weights, and ORT's BERT fusions "
@@ -106,7 +115,8 @@ def main() -> None:
         toks, meta = read_tokens(tokens, names=("test",))
         test = toks["test"]
         cfg = CompressConfig(threads=args.threads, latency_requests=args.latency_requests)
-        result = compress(model, test, meta, cfg, tmp / "compress", model_name=str(model))
+        result = compress(model, test, meta, cfg, tmp / "compress", model_name=str(model), students=args.students,
+                          budget=ServeBudget(args.max_accuracy_drop))
         if not result.exported:
             sys.exit(f"serve_latency: {result.message}")
         variants = result.metrics["variants"]
@@ -126,6 +136,15 @@ def main() -> None:
             for name, path in explore_recipes(model, tmp, cfg):
                 add(name, path)
         with_deltas(variants)
+        serving = result.metrics["serving"]  # the stage's choice, among the variants it makes
+        if args.openvino:
+            for name in dict.fromkeys(["onnx_fp32", serving["variant"]]):
+                if name in result.files:
+                    add_openvino(variants, name, result.files[name], test, meta, pad_id, cfg, args.threads,
+                                 result.probs["pytorch_fp32"])
+            with_deltas(variants)
+        sessions = (session_options(tmp / "compress" / serving["file"], test, pad_id, cfg)
+                    if args.session_options and serving["file"] else {})
     import onnxruntime
     import torch
 
@@ -135,9 +154,72 @@ def main() -> None:
     print(env)
     print(table(variants))
     print(result.message)
+    print(f"serving: {serving['reason']}")
+    for name, timing in sessions.items():
+        print(f"session {name}: {timing}")
+    if args.plot:
+        front_plot(variants, serving["variant"], args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "variants": variants,
-                                               "gate": result.message}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"environment": env, "load": os.getloadavg(), "variants": variants,
+                                               "gate": result.message, "serving": serving,
+                                               "session_options": sessions}, indent=2) + "\n")
+
+
+def session_options(path: Path, test, pad_id: int, cfg: CompressConfig) -> dict[str, dict]:
+    """Timings of one ONNX file under graph optimization levels x intra-op thread counts (same split)."""
+    import onnxruntime as ort
+
+    levels = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    out = {}
+    for level, value in levels.items():
+        for threads in (1, 2):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level, opts.intra_op_num_threads, opts.inter_op_num_threads = value, threads, 1
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+            def run(ids, mask, session=session):
+                return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            _, out[f"{level}_threads{threads}"] = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+    return out
+
+
+def add_openvino(variants, name, path, test, meta, pad_id, cfg, threads, reference) -> None:
+    """The same ONNX file run by OpenVINO's CPU plugin, as variant ``<name>_openvino`` (or why it could not)."""
+    import openvino as ov
+
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    except Exception as exc:  # noqa: BLE001 - reported, the other variants stand
+        print(f"openvino cannot compile {path.name}: {str(exc).splitlines()[0]}")
+        return
+
+    def run(ids, mask):
+        return compiled({"input_ids": ids, "attention_mask": mask})[0]
+    probs, timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+    variants[f"{name}_openvino"] = {**variant_metrics(probs, test, meta["labels"], timing, path.stat().st_size,
+                                                      reference), "made_by": "the same ONNX file, OpenVINO CPU"}
+
+
+def front_plot(variants: dict[str, dict], chosen: str, path: str) -> None:
+    """Accuracy against texts/s, one point per variant; the served one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in variants.items():
+        ax.scatter(v["texts_per_s"], v["accuracy"], marker="*" if name == chosen else "o",
+                   s=160 if name == chosen else 40)
+        ax.annotate(name, (v["texts_per_s"], v["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("texts/s at batch 32 (higher is cheaper)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("serving variants: accuracy against throughput (star: served)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

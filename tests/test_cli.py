@@ -31,6 +31,7 @@ def test_each_command_names_a_module_with_what_its_call_uses(name):
     module, call = COMMANDS[name]
     tree = ast.parse(_source(module).read_text(encoding="utf-8"))
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     # the attributes the call takes from the module it is handed (stage.run_validate, runner.run_tune ...)
     used = {n.attr for n in ast.walk(ast.parse(_call_source(call)))
             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == _first_arg(call)}
@@ -47,9 +48,9 @@ def _first_arg(call) -> str:
 
 def test_every_parsed_command_has_an_entry():
     parser = build_parser()
-    argv = [["validate"], ["tokenize"], ["train"], ["evaluate"], ["compress"], ["register"], ["tune"],
+    argv = [["validate"], ["tokenize"], ["train"], ["evaluate"], ["distill"], ["compress"], ["register"], ["tune"],
             ["tune", "--katib"], ["predict", "x"], ["compare"], ["materialize"], ["serve"], ["pipeline", "compile"],
-            ["pipeline", "submit", "--host", "h"]]
+            ["pipeline", "submit", "--host", "h"], ["monitor", "--input", "x"]]
     assert sorted(command_name(parser.parse_args(a)) for a in argv) == sorted(COMMANDS)
 
 

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     common = _common_options()
-    for add in (_add_validate, _add_tokenize, _add_train, _add_evaluate, _add_compress, _add_register, _add_tune,
-                _add_predict, _add_compare, _add_materialize, _add_serve, _add_pipeline, _add_monitor):
+    for add in (_add_validate, _add_tokenize, _add_train, _add_evaluate, _add_distill, _add_compress, _add_register,
+                _add_tune, _add_predict, _add_compare, _add_materialize, _add_serve, _add_pipeline, _add_monitor):
         add(sub, common)
     return p
 
@@ -85,11 +85,22 @@ def _add_evaluate(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="out/evaluate")
 
 
+def _add_distill(sub, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("distill", parents=[common], help="train a smaller student on the model's soft targets")
+    s.add_argument("--model", default="out/model", help="the teacher")
+    s.add_argument("--tokens", default="out/tokenize")
+    s.add_argument("--out", default="out/student")
+    s.add_argument("--checkpoints", default="out/distill_checkpoints", help="checkpoints and the cached teacher "
+                                                                           "logits ('' = none)")
+
+
 def _add_compress(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("compress", parents=[common], help="ONNX + int8 variants, measured and gated on the test split")
     s.add_argument("--model", default="out/model")
     s.add_argument("--tokens", default="out/tokenize")
     s.add_argument("--out", default="out/compress")
+    s.add_argument("--students", nargs="*", default=[], help="student model folders (finetune distill) measured "
+                                                             "and offered for serving with the teacher's variants")
 
 
 def _add_register(sub, common: argparse.ArgumentParser) -> None:
@@ -216,8 +227,12 @@ def _evaluate(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
     stage.run_evaluate(cfg, args.model, args.tokens, args.out)
 
 
+def _distill(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
+    stage.run_distill(cfg, args.model, args.tokens, args.out, args.checkpoints or None)
+
+
 def _compress(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
-    stage.run_compress(cfg, args.model, args.tokens, args.out)
+    stage.run_compress(cfg, args.model, args.tokens, args.out, students=args.students)
 
 
 def _register(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
@@ -290,6 +305,7 @@ COMMANDS: dict[str, tuple[str, Callable[[ModuleType, argparse.Namespace, Config]
     "tokenize": ("finetune.stages.tokenize", _tokenize),
     "train": ("finetune.stages.train", _train),
     "evaluate": ("finetune.stages.evaluate", _evaluate),
+    "distill": ("finetune.stages.distill", _distill),
     "compress": ("finetune.stages.compress", _compress),
     "register": ("finetune.stages.register", _register),
     "tune": ("finetune.tuning.runner", _tune),

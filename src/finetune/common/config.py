@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.common.coercion import ConfigError, coerce, rule
+from finetune.common.compress_config import CompressConfig
+from finetune.common.distill_config import DistillConfig
 from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
 from finetune.common.monitor_config import MonitorConfig
 from finetune.common.serve_config import ServeConfig
@@ -263,26 +265,6 @@ class RegisterConfig:
         rule(self, "retry_backoff", self.retry_backoff >= 0, ">= 0")
 
 
-@dataclass
-class CompressConfig:
-    SECTION: typing.ClassVar[str] = "compress"
-    max_accuracy_drop: float = field(default=0.01, metadata={"help": "int8 accuracy may fall at most this much "
-                                                                      "below fp32 PyTorch on the test split"})
-    per_channel: bool = field(default=True, metadata={"help": "int8 weights quantized per output channel (else "
-                                                                     "one scale per tensor)"})
-    opset: int = field(default=17, metadata={"help": "ONNX opset of the export"})
-    batch_size: int = field(default=32, metadata={"help": "texts per call when measuring throughput"})
-    latency_requests: int = field(default=200, metadata={"help": "single-text requests timed for p50/p95"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for PyTorch and ONNX Runtime; 0 = all cores"})
-
-    def __post_init__(self) -> None:
-        rule(self, "max_accuracy_drop", 0 <= self.max_accuracy_drop <= 1, "in [0, 1]")
-        rule(self, "opset", 11 <= self.opset <= 21, "in [11, 21]")
-        rule(self, "batch_size", self.batch_size >= 1, ">= 1")
-        rule(self, "latency_requests", self.latency_requests >= 1, ">= 1")
-        rule(self, "threads", self.threads >= 0, ">= 0 (0 = all cores)")
-
-
 TUNE_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 
@@ -387,6 +369,7 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     task: str = field(default="single_label", metadata={"help": TASK_HELP})
 

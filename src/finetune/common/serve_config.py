@@ -31,6 +31,10 @@ class ServeConfig:
                                                             "its own"})
     torch_threads: int = field(default=0, metadata={"help": "PyTorch intra-op threads per model call; 0 = "
                                                             "PyTorch's default (one per core)"})
+    max_accuracy_drop: float = field(default=0.01, metadata={"help": "the served variant may lose at most this "
+                                                                      "test accuracy vs the fp32 teacher (compress)"})
+    max_latency_ms: float = field(default=0.0, metadata={"help": "and must answer one text within this p50 "
+                                                                 "(ms); 0 = no latency target"})
 
     def __post_init__(self) -> None:
         rule(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
@@ -45,3 +49,5 @@ class ServeConfig:
         rule(self, "graceful_timeout_s", self.graceful_timeout_s > 0, "> 0")
         rule(self, "model_workers", self.model_workers >= 1, ">= 1")
         rule(self, "torch_threads", self.torch_threads >= 0, ">= 0")
+        rule(self, "max_accuracy_drop", 0 <= self.max_accuracy_drop <= 1, "in [0, 1]")
+        rule(self, "max_latency_ms", self.max_latency_ms >= 0, ">= 0 (0 = no target)")

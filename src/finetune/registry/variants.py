@@ -94,12 +94,12 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
             "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; {follows}"}
 
 
-def _variant_files(folder: Path, dst: Path) -> Path:
-    """Only what serving the int8 model needs: the int8 ONNX file, tokenizer and config (not the fp32 ONNX)."""
+def _variant_files(folder: Path, dst: Path, onnx_file: str = ONNX_INT8) -> Path:
+    """Only what serving the variant needs: its one ONNX file, tokenizer and config (no other ONNX file)."""
 
     dst.mkdir()
     for f in folder.iterdir():
-        if f.is_file() and f.name not in (ONNX_FP32, METRICS, MARKER):
+        if f.is_file() and f.name not in (METRICS, MARKER) and (f.suffix != ".onnx" or f.name == onnx_file):
             shutil.copy2(f, dst / f.name)
     return dst
 

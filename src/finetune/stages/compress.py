@@ -7,10 +7,17 @@ their delta to the baseline, label agreement) and timed in this same process: p5
 per request, and texts/s at ``compress.batch_size``. The int8 variant passes the gate only if its accuracy
 drop stays within ``compress.max_accuracy_drop``; a model that cannot be exported yields no variant and a
 message naming the model and the operator, never a failed pipeline.
+
+Students (``finetune distill``, passed as ``students``) are exported and quantized the same way and measured in
+the same run, on the same split and threads: ``<student>_onnx_fp32`` and ``<student>_onnx_int8``. Of all the ONNX
+variants, the one with the most texts/s whose accuracy drop against the fp32 teacher stays within
+``serve.max_accuracy_drop`` (and whose p50 stays within ``serve.max_latency_ms`` when set) is the serving choice
+(metrics.json ``serving``); none within: the fp32 model is served, and ``serving.reason`` says why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -196,6 +203,70 @@ def variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str],
     return out
 
 
+@dataclass(frozen=True)
+class ServeBudget:
+    """What the served variant may cost in accuracy (and take per text): params.yaml serve."""
+    max_accuracy_drop: float = 0.01
+    max_latency_ms: float = 0.0  # p50 at batch 1; 0: no target
+
+
+FALLBACK = "pytorch_fp32"
+
+
+def choose_serving(variants: dict[str, dict[str, Any]], budget: ServeBudget) -> dict[str, Any]:
+    """The cheapest variant (most texts/s at the measured batch) within ``budget``; none: the fp32 model, and why."""
+    base = variants[FALLBACK]
+    fits, refused = [], []
+    for name, v in variants.items():
+        if name == FALLBACK:
+            continue
+        drop = base["accuracy"] - v["accuracy"]
+        if drop > budget.max_accuracy_drop + 1e-12:
+            refused.append(f"{name}: accuracy drop {drop:.4f} > serve.max_accuracy_drop {budget.max_accuracy_drop}")
+        elif budget.max_latency_ms and v["latency_ms_p50"] > budget.max_latency_ms:
+            refused.append(f"{name}: p50 {v['latency_ms_p50']} ms > serve.max_latency_ms {budget.max_latency_ms}")
+        else:
+            fits.append(name)
+    if not fits:
+        return {"variant": FALLBACK, "file": None, "made_by": base.get("made_by", "the teacher as trained"),
+                "reason": "no variant within the budget, the fp32 model is served: " + "; ".join(refused)}
+    best = max(fits, key=lambda n: variants[n]["texts_per_s"])
+    v = variants[best]
+    return {"variant": best, "file": variant_file(best), "made_by": v.get("made_by", ""),
+            "reason": (f"{best}: the most texts/s ({v['texts_per_s']}, {v.get('speedup')}x fp32 PyTorch) of the "
+                       f"{len(fits)} variant(s) within serve.max_accuracy_drop {budget.max_accuracy_drop} "
+                       f"(its drop {base['accuracy'] - v['accuracy']:.4f})"
+                       + (f" and serve.max_latency_ms {budget.max_latency_ms}" if budget.max_latency_ms else ""))}
+
+
+def variant_file(variant: str) -> str:
+    """The ONNX file of a variant inside the compress folder."""
+    if variant == "onnx_fp32":
+        return ONNX_FP32
+    if variant == "onnx_int8":
+        return ONNX_INT8
+    student, kind = variant.rsplit("_onnx_", 1)
+    return f"{student}.onnx" if kind == "fp32" else f"{student}.int8.onnx"
+
+
+def export_student(folder: Path, tmp: Path, cfg: CompressConfig, labels: list[str]) -> dict[str, tuple[str, str]]:
+    """A student's fp32 and int8 ONNX files in ``tmp``: variant -> (file, how it was made)."""
+    model = load_classifier(folder)
+    if [model.config.id2label[i] for i in range(model.config.num_labels)] != labels:
+        raise MismatchError(f"student {folder} predicts other labels than the test data's {labels}")
+    info = json.loads((folder / "distill.json").read_text()) if (folder / "distill.json").is_file() else {}
+    # alpha 0: the teacher's layers fine-tuned on the labels alone (layer-drop pruning, distillation's baseline)
+    kind = "pruned" if info.get("alpha") == 0 else "student"
+    name = f"{kind}_L{model.config.num_hidden_layers}"
+    how = info.get("made_by", f"{kind} {folder.name}")
+    fp32, int8 = f"{name}.onnx", f"{name}.int8.onnx"
+    if (tmp / fp32).exists():
+        raise MismatchError(f"two {kind}s of {model.config.num_hidden_layers} layers ({folder}): one per depth")
+    export_onnx(model, tmp / fp32, cfg.opset, name)
+    quantize_int8(tmp / fp32, tmp / int8, cfg.per_channel)
+    return {f"{name}_onnx_fp32": (fp32, f"{how}; ONNX"), f"{name}_onnx_int8": (int8, f"{how}; ONNX, dynamic int8")}
+
+
 def _shown(task: ModuleType) -> tuple[str, ...]:
     """accuracy and macro-F1 (the card's columns; multi-label accuracy = subset accuracy), then the task's."""
     return tuple(dict.fromkeys(("accuracy", "macro_f1", *task.GATE_METRICS)))
@@ -212,7 +283,8 @@ def with_deltas(variants: dict[str, dict[str, Any]], metrics: tuple[str, ...] = 
 
 
 def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], cfg: CompressConfig,
-             out_dir: str | Path, model_name: str | None = None) -> CompressResult:
+             out_dir: str | Path, model_name: str | None = None, students: list[str | Path] = (),
+             budget: ServeBudget | None = None) -> CompressResult:
     """Export, quantize, measure and gate; the output folder is replaced only when everything is written.
 
     ``out_dir`` gets model.onnx, model.int8.onnx, the tokenizer and config files of ``model_dir``, and
@@ -245,31 +317,48 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         runs = {"pytorch_fp32": (torch_runner(model, cfg.threads), torch_size),
                 "onnx_fp32": (onnx_runner(tmp / ONNX_FP32, cfg.threads), (tmp / ONNX_FP32).stat().st_size),
                 "onnx_int8": (onnx_runner(tmp / ONNX_INT8, cfg.threads), (tmp / ONNX_INT8).stat().st_size)}
+        made = {"pytorch_fp32": "the teacher as trained", "onnx_fp32": "the teacher exported to ONNX",
+                "onnx_int8": "the teacher exported to ONNX, dynamic int8"}
+        for student in students:
+            for variant, (file, how) in export_student(Path(student), tmp, cfg, labels).items():
+                runs[variant] = (onnx_runner(tmp / file, cfg.threads), (tmp / file).stat().st_size)
+                made[variant] = how
         variants, probs = {}, {}
         for variant, (run, size) in runs.items():
             probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests, task)
             variants[variant] = variant_metrics(probs[variant], test, labels, timing, size, probs.get("pytorch_fp32")
                                                 if variant != "pytorch_fp32" else None, task)
         with_deltas(variants, _shown(task))
+        for variant, how in made.items():
+            variants[variant]["made_by"] = how
         passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop,
                                        task.GATE_METRICS[0])
+        serving = choose_serving(variants, budget or ServeBudget())
         metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants,
+                   "serving": serving,
                    FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items()
                                   if k not in (METRICS, MARKER, TEMP_MARKER)}}  # the markers are no output
         write_json(tmp / METRICS, metrics)
     out = Path(out_dir)
-    return CompressResult(metrics, True, passed, message, {"onnx_fp32": out / ONNX_FP32, "onnx_int8": out / ONNX_INT8},
-                          probs)
+    files = {v: out / variant_file(v) for v in metrics["variants"] if v != "pytorch_fp32"}
+    return CompressResult(metrics, True, passed, message, files, probs)
 
 
-def run_compress(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
-    """ONNX + int8 variants of ``model``, measured on the test split. Never fails the pipeline for a model that
-    cannot be exported or an int8 variant past the gate: metrics.json and the log say so."""
+def run_compress(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path,
+                 students: list[str | Path] = ()) -> dict[str, Any]:
+    """ONNX + int8 variants of ``model`` (and of its ``students``), measured on the test split, and the serving
+    choice. Never fails the pipeline for a model that cannot be exported or an int8 variant past the gate:
+    metrics.json and the log say so."""
 
-    check_output_dir(out, [model, tokens])
+    check_output_dir(out, [model, tokens, *students])
+    students = [s for s in students if (Path(s) / "config.json").is_file()]  # a skipped distill: no model
     toks, meta = read_tokens(tokens, names=("test",))
-    result = compress(model, toks["test"], meta, cfg.compress, out, model_name=Path(model).name)
+    budget = ServeBudget(cfg.serve.max_accuracy_drop, cfg.serve.max_latency_ms)
+    result = compress(model, toks["test"], meta, cfg.compress, out, model_name=Path(model).name, students=students,
+                      budget=budget)
     (log.info if result.passed else log.warning)("compress: %s", result.message)
+    if result.exported:
+        log.info("compress: serving %s: %s", result.metrics["serving"]["variant"], result.metrics["serving"]["reason"])
     if result.exported:
         v = result.metrics["variants"]
         log.info("compress: int8 %.1f MB (%.1fx smaller), %.1f texts/s (%.2fx fp32 PyTorch), p50 %.1f ms",

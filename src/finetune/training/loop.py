@@ -28,6 +28,7 @@ from finetune.training.regimes import FGM
 from finetune.training.step_plan import Step, StepPlan
 
 RowCallback = Callable[[dict[str, float]], None]
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]  # (logits, micro-batch) -> summed loss
 
 
 class LossLog:
@@ -94,7 +95,8 @@ def train_loop(run: TrainRun, state: TrainState, on_step: RowCallback | None = N
 
 def _optimizer_step(run: TrainRun, runner, batch: Step, state: TrainState, losses: LossLog) -> None:
     use_bf16 = run.dist.device.type == "cuda"
-    loss_sum = forward_backward(runner, run.plan, batch, run.dist, use_bf16, run.weights, run.fgm, run.task)
+    loss_sum = forward_backward(runner, run.plan, batch, run.dist, use_bf16, run.weights, run.fgm, run.task,
+                                run.loss_fn)
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     run.opt.step()
     run.sched.step()
@@ -151,20 +153,21 @@ def _stop_reason(run: TrainRun, state: TrainState) -> str:
 
 def forward_backward(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool,
                      weight: torch.Tensor | None = None, fgm: FGM | None = None,
-                     task: ModuleType | None = None) -> torch.Tensor:
+                     task: ModuleType | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
     """Gradients of one optimizer step (all its micro-batches); returns this rank's (clean) loss sum, on the device.
     With ``fgm`` a second pass on perturbed embeddings adds its gradients (DDP: the clean gradient is already the
-    global mean, identical on every rank, so the perturbation is too)."""
+    global mean, identical on every rank, so the perturbation is too). ``loss_fn`` (distillation's hook) replaces
+    the task's loss: (logits, micro-batch) -> the loss summed over the micro-batch's rows."""
     task = task or task_for("single_label")
-    loss_sum = _passes(runner, plan, batch, dist, use_bf16, weight, task)
+    loss_sum = _passes(runner, plan, batch, dist, use_bf16, weight, task, loss_fn)
     if fgm is not None:
         with fgm.perturbed():
-            _passes(runner, plan, batch, dist, use_bf16, weight, task)
+            _passes(runner, plan, batch, dist, use_bf16, weight, task, loss_fn)
     return loss_sum
 
 
 def _passes(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool, weight: torch.Tensor | None,
-            task: ModuleType):
+            task: ModuleType, loss_fn: LossFn | None = None):
     loss_sum = torch.zeros((), device=plan.device)
     for j, b in enumerate(batch.micro):
         last = j == len(batch.micro) - 1
@@ -173,7 +176,7 @@ def _passes(runner, plan: StepPlan, batch: Step, dist: Dist, use_bf16: bool, wei
             logits = plan.forward(runner, b)
             # the task's loss summed over this rank's rows / rows of the whole step: DDP's gradient averaging
             # over ranks then yields exactly the mean over the global batch (label -100: no loss)
-            ce = task.loss_sum(logits, b["labels"], weight)
+            ce = loss_fn(logits.float(), b) if loss_fn is not None else task.loss_sum(logits, b["labels"], weight)
             (ce * dist.world / batch.rows).backward()
         loss_sum += ce.detach()
     return loss_sum

@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ class TrainRun:
     pad_id: int
     trainable: int  # trainable parameters
     task: Any = None  # the task's module (finetune.tasks): loss, validation scores
+    loss_fn: Callable | None = None  # replaces the loop's cross-entropy (distillation's soft targets)
 
 
 @dataclass
@@ -108,8 +109,9 @@ class TrainResult:
 # ---- setup ----
 
 def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_model: str | Path,
-              cfg: TrainConfig) -> TrainRun:
-    """Tokenizer check, device and seeds, model (with frozen layers), step plan, optimizer, loss regimes."""
+              cfg: TrainConfig, reshape: Callable | None = None) -> TrainRun:
+    """Tokenizer check, device and seeds, model (with frozen layers), step plan, optimizer, loss regimes.
+    ``reshape`` (distillation: keep some layers) turns the loaded model into the one trained, before the optimizer."""
     base = Path(base_model)
     tok = _checked_tokenizer(base, meta)
     if cfg.threads:
@@ -121,6 +123,8 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
     dist = Dist(cfg.device)
     seed_everything(cfg.seed)
     model, mcfg = build_model(base, meta["labels"], cfg, dist.device, task)
+    if reshape is not None:
+        model = reshape(model)
     freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 later
     if mcfg.vocab_size < meta["tokenizer"]["vocab_size"]:

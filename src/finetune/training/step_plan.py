@@ -64,6 +64,7 @@ class StepPlan:
 
     def _padded(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         b = collate(self.split, idx, self.pad_id, self.mult)
+        b["index"] = torch.from_numpy(np.asarray(idx, dtype=np.int64))  # rows of the split: cached teacher logits
         if self.device.type == "cuda":
             b = {key: v.pin_memory() for key, v in b.items()}
         return {key: v.to(self.device, non_blocking=True) for key, v in b.items()}

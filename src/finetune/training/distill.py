@@ -1,0 +1,178 @@
+"""Distillation: a student made of some of the teacher's own layers (embeddings and head copied), trained on the
+teacher's soft targets through the same loop as train (``loop.py``: checkpoints, resume, progress, NaN guard,
+early stopping), by its loss hook. The teacher's logits on the train split are computed once and cached.
+
+Loss per row: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)`` (Hinton et al., 2015:
+the T^2 keeps the soft term's gradient scale independent of T).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.common.config import TrainConfig
+from finetune.common.distill_config import DistillConfig
+from finetune.common.tokens import TokenizedSplit
+from finetune.training.loop import train_loop
+from finetune.training.model import load_classifier, predict_logits
+from finetune.training.recipe import TrainingError, TrainResult, export_run, resume_run, setup_run
+
+log = logging.getLogger("finetune")
+
+# The one place that says which tasks distillation supports: a task is added here with its soft-target loss
+# (per token for token tasks, per label with a sigmoid for multi-label).
+SUPPORTED_TASKS = ("single_label",)
+
+
+def check_distillable_task(task: str) -> None:
+    if task not in SUPPORTED_TASKS:
+        raise TrainingError(f"distill: task {task!r} is not supported (supported: {', '.join(SUPPORTED_TASKS)}); "
+                            f"the pipeline serves the teacher's variants instead")
+
+
+def encoder_layers(model) -> torch.nn.ModuleList:
+    """The stack of encoder blocks (BERT/RoBERTa ``encoder.layer``, DistilBERT ``transformer.layer``)."""
+    n = model.config.num_hidden_layers
+    for name, module in model.base_model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and name.endswith("layer"):
+            return module
+    raise TrainingError(f"distill: no stack of {n} encoder layers found in model type "
+                        f"{getattr(model.config, 'model_type', '?')!r}")
+
+
+def student_layers(n_teacher: int, chosen: list[int]) -> list[int]:
+    """The teacher layers the student keeps: ``chosen``, or every other one with the top layer kept."""
+    layers = sorted(chosen) if chosen else list(range(n_teacher - 1, -1, -2))[::-1]
+    bad = [i for i in layers if i >= n_teacher]
+    if bad or len(layers) >= n_teacher:
+        raise TrainingError(f"distill.layers = {chosen}: must pick fewer than the teacher's {n_teacher} layers, "
+                            f"each in 0..{n_teacher - 1}")
+    return layers
+
+
+def build_student(teacher, layers: list[int]):
+    """A copy of ``teacher`` holding only ``layers`` of its encoder (in order); embeddings and head copied."""
+    student = copy.deepcopy(teacher)
+    stack = encoder_layers(student)
+    kept = torch.nn.ModuleList([stack[i] for i in layers])
+    for i, block in enumerate(kept):  # the attention's layer index (KV cache bookkeeping in newer transformers)
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+    parent = student.base_model.get_submodule(_parent_name(student, stack))
+    parent.layer = kept
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+def _parent_name(model, stack) -> str:
+    for name, module in model.base_model.named_modules():
+        if module is stack:
+            return name.rsplit(".", 1)[0] if "." in name else ""
+    raise TrainingError("distill: encoder layer stack not found")
+
+
+class SoftTargetLoss:
+    """The loop's loss hook: rows are found in the cached teacher logits by the batch's ``index``. Keeps the
+    soft-target (KL) term per step on the device, read once after training (``soft_history``)."""
+
+    def __init__(self, teacher_logits: torch.Tensor, temperature: float, alpha: float):
+        self.teacher, self.t, self.alpha = teacher_logits, temperature, alpha
+        self.soft: list[tuple[torch.Tensor, int]] = []
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "index" not in batch:
+            raise TrainingError("distill needs padded batches (train.pack_tokens 0): packed rows carry no index")
+        target = self.teacher[batch["index"]]
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits / self.t, -1), torch.log_softmax(target / self.t, -1),
+                                        log_target=True, reduction="none").sum(-1) * self.t ** 2
+        ce = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        self.soft.append((kl.detach().sum(), len(kl)))
+        return (self.alpha * kl + (1 - self.alpha) * ce).sum()
+
+    def soft_history(self) -> list[float]:
+        """Mean soft-target loss of each micro-batch, in training order."""
+        return [float(s) / max(n, 1) for s, n in self.soft]
+
+
+def teacher_logits(teacher_dir: Path, split: TokenizedSplit, pad_id: int, cache: Path | None) -> np.ndarray:
+    """The teacher's logits for every row of ``split``: read from ``cache`` when it holds this teacher's for
+    this split, else computed once (and written there)."""
+    h = hashlib.sha256(_weights_digest(teacher_dir).encode())
+    for array in (split.ids, split.offsets):
+        h.update(np.ascontiguousarray(array).tobytes())
+    key = h.hexdigest()[:16]
+    path = cache / f"teacher_logits-{key}.npy" if cache else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    teacher = load_classifier(teacher_dir)
+    logits = predict_logits(teacher, split, 128, pad_id, torch.device("cpu"))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, logits)
+        tmp.replace(path)
+    return logits
+
+
+def _weights_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def student_train_config(train: TrainConfig, dcfg: DistillConfig) -> TrainConfig:
+    """train's settings with the student's own: padded batches, full fine-tuning, best validation kept."""
+    return dataclasses.replace(train, epochs=dcfg.epochs, max_steps=None, learning_rate=dcfg.learning_rate,
+                               patience=dcfg.patience, eval_every=dcfg.eval_every, keep_best=True,
+                               select_metric="val_loss", pack_tokens=0, freeze="none",
+                               lora=dataclasses.replace(train.lora, enabled=False),
+                               adversarial=dataclasses.replace(train.adversarial, enabled=False))
+
+
+def distill(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], teacher_dir: str | Path, cfg: TrainConfig,
+            dcfg: DistillConfig, model_out: str | Path, checkpoint_dir: str | Path | None = None,
+            task: str = "single_label") -> tuple[TrainResult, dict[str, Any]]:
+    """Train the student of ``teacher_dir`` and write it to ``model_out`` atomically; its summary and lineage."""
+    check_distillable_task(task)
+    cfg = student_train_config(cfg, dcfg)
+    teacher_dir = Path(teacher_dir)
+    n_teacher = int(json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"])
+    layers = student_layers(n_teacher, dcfg.layers)
+    # a checkpoint resumes only the same student and loss (train's identity check covers the rest)
+    own = hashlib.sha256(json.dumps(dataclasses.asdict(dcfg), sort_keys=True).encode()).hexdigest()[:8]
+    ckpt = Path(checkpoint_dir) / f"L{'-'.join(map(str, layers))}-{own}" if checkpoint_dir else None
+    pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
+    cached = teacher_logits(teacher_dir, tokens["train"], pad_id, Path(checkpoint_dir) if checkpoint_dir else None)
+    run = setup_run(tokens, meta, teacher_dir, cfg, reshape=lambda m: build_student(m, layers))
+    hook = SoftTargetLoss(torch.from_numpy(cached).to(run.dist.device), dcfg.temperature, dcfg.alpha)
+    run.loss_fn = hook
+    state = resume_run(run, meta, ckpt)
+    train_loop(run, state)
+    result = export_run(run, state, model_out)
+    soft = hook.soft_history()
+    info = {"teacher_layers": n_teacher, "student_layers": layers, "temperature": dcfg.temperature,
+            "alpha": dcfg.alpha, "teacher_parameters": _parameters(teacher_dir),
+            "student_parameters": result.parameters, "soft_loss_first": soft[0] if soft else None,
+            "soft_loss_last": float(np.mean(soft[-max(1, len(soft) // 10):])) if soft else None}
+    return result, info
+
+
+def _parameters(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            total += sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys())
+    return total
