@@ -21,10 +21,12 @@ from finetune.common.config import TrainConfig
 from finetune.common.outputs import atomic_dir
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 from finetune.training import checkpoint
+from finetune.training.decoder import is_decoder
+from finetune.training.decoder_resources import check_fits, footprint
 from finetune.training.distributed import Dist
 from finetune.training.early_stopping import Selection
 from finetune.training.model import build_model, build_optimizer, exportable, seed_everything
-from finetune.training.packing import PackShape, can_pack, pack_shape
+from finetune.training.packing import PackShape, can_pack, inner_model, pack_shape
 from finetune.training.regimes import FGM, class_weights, freeze
 from finetune.training.step_plan import StepPlan
 
@@ -113,7 +115,10 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
         torch.set_num_threads(cfg.threads)
     dist = Dist(cfg.device)
     seed_everything(cfg.seed)
-    model, mcfg = build_model(base, meta["labels"], cfg, dist.device)
+    fp = footprint(base, meta["labels"], cfg, int(meta.get("max_length") or 512), dist.device, tok.pad_token_id)
+    if dist.main:
+        check_fits(fp, cfg, dist.device)  # before any weight is read
+    model, mcfg = build_model(base, meta["labels"], cfg, dist.device, tok.pad_token_id)
     freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 later
     if mcfg.vocab_size < meta["tokenizer"]["vocab_size"]:
@@ -210,7 +215,9 @@ def export_run(run: TrainRun, state: TrainState, model_out: str | Path) -> Train
     log.info("%s; exporting the weights of step %d", state.stop_reason, exported_step)
     if run.dist.main:
         with atomic_dir(model_out, "train") as tmp:
-            exportable(run.model).save_pretrained(tmp, safe_serialization=True)
+            exportable(run.model, run.base, run.cfg).save_pretrained(tmp, safe_serialization=True)
+            if is_decoder(inner_model(run.model).config):
+                run.tok.padding_side = "right"  # the pipeline pads on the right (absolute positions: GPT-2)
             run.tok.save_pretrained(tmp)
         checkpoint.clear(state.ckpt_root)  # the finished model supersedes them; they only serve a killed run
     run.dist.barrier()
