@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -29,12 +30,7 @@ def resolve_base(base: str) -> Path:
     """``pkg:<module>`` -> the folder that the installed package's get_model_path() returns, or the one GGUF file
     it ships; a ``.gguf`` file -> its dequantized copy (gguf_folder); else a local folder."""
     if base.startswith("pkg:"):
-        name = base[4:]
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as exc:
-            raise ModelNotFound(f"base model package '{name}' is not installed (model.base={base})") from exc
-        path = Path(mod.get_model_path()) if hasattr(mod, "get_model_path") else _packaged_gguf(mod, base)
+        path = _packaged_model(base[4:], base)
     else:
         path = Path(base)
     if path.suffix == ".gguf":
@@ -44,12 +40,26 @@ def resolve_base(base: str) -> Path:
     return path
 
 
-def _packaged_gguf(mod, base: str) -> Path:
-    files = sorted(Path(mod.__file__).parent.glob("*.gguf"))
-    if len(files) != 1:
-        raise ModelNotFound(f"base model package '{mod.__name__}' has no get_model_path() and ships "
-                            f"{len(files)} .gguf files, not one (model.base={base})")
-    return files[0]
+def _packaged_model(name: str, base: str) -> Path:
+    """The one GGUF file an installed package ships (found without importing it: such packages often import a
+    runtime of their own), else its get_model_path()."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ModelNotFound(f"base model package '{name}' is not installed (model.base={base})")
+    roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+    files = sorted(f for root in roots for f in Path(root).glob("*.gguf"))
+    if len(files) > 1:
+        raise ModelNotFound(f"base model package '{name}' ships {len(files)} .gguf files, not one: give the file "
+                            f"as model.base ({', '.join(str(f) for f in files)})")
+    if files:
+        return files[0]
+    try:
+        return Path(importlib.import_module(name).get_model_path())
+    except (ImportError, AttributeError) as exc:
+        raise ModelNotFound(f"base model package '{name}' cannot be used: {exc} (model.base={base})") from exc
 
 
 def _cache_root() -> Path:
