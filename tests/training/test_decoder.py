@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import DECODER_FAMILIES, make_tiny_decoder, toy_frame
 
+from conftest import DECODER_FAMILIES, make_tiny_decoder, toy_frame
 from finetune.common.coercion import ConfigError
 from finetune.common.config import LoraConfig, TokenizeConfig, TrainConfig
 from finetune.common.decoder_config import DecoderConfig

@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE
 
+from conftest import NEGATIVE, POSITIVE
 from finetune.common.base_model import base_license, resolve_base
 from finetune.common.config import LoraConfig, TrainConfig
 from finetune.common.tokens import load_tokenizer

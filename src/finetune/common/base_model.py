@@ -89,6 +89,9 @@ def gguf_folder(gguf: Path, base: str) -> Path:
         kw = {"gguf_file": gguf.name, "local_files_only": True}
         AutoTokenizer.from_pretrained(str(gguf.parent), **kw).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype="float32", **kw)
+        model.hf_quantizer = None  # the weights were dequantized on load: what is saved is plain fp32
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / "base_model.json", {"source": str(gguf), "sha256": digest, "format": "gguf",
                                              "license": _gguf_license(gguf)})
