@@ -99,6 +99,10 @@ def gguf_folder(gguf: Path, base: str) -> Path:
             os.rename(tmp, folder)
         except OSError:  # another process finished the same folder first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:  # a truncated or foreign file: one line naming it, nothing left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelNotFound(f"GGUF file {gguf} cannot be read as a model: {first} (model.base={base})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
