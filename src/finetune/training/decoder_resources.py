@@ -102,11 +102,13 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(fp: Footprint, cfg: TrainConfig, device: torch.device, available: int | None = None) -> str:
-    """The dry-run line (logged), or a refusal naming the settings that lower the estimate."""
+def check_fits(fp: Footprint, cfg: TrainConfig, device: torch.device, available: int | None = None,
+               quiet: bool = False) -> str:
+    """The dry-run line (logged unless ``quiet``), or a refusal naming the settings that lower the estimate."""
     available = available_bytes(device) if available is None else available
     line = fp.line(device, available)
-    log.info("%s", line)
+    if not quiet:
+        log.info("%s", line)
     if cfg.decoder.check_memory and fp.total_bytes > available:
         knobs = ["train.batch_size / train.max_tokens / train.pack_tokens (activations)"]
         if not cfg.lora.enabled:

@@ -116,8 +116,7 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
     dist = Dist(cfg.device)
     seed_everything(cfg.seed)
     fp = footprint(base, meta["labels"], cfg, int(meta.get("max_length") or 512), dist.device, tok.pad_token_id)
-    if dist.main:
-        check_fits(fp, cfg, dist.device)  # before any weight is read
+    check_fits(fp, cfg, dist.device, quiet=not dist.main)  # before any weight is read; every rank refuses alike
     model, mcfg = build_model(base, meta["labels"], cfg, dist.device, tok.pad_token_id)
     freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout streams; weights are synced from rank 0 later
