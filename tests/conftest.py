@@ -172,6 +172,52 @@ def set_params(root: Path, **sections) -> None:
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+DECODER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")
+
+
+def tiny_decoder_tokenizer():
+    """A byte-level BPE tokenizer trained here on the toy texts (no hub): bos/eos/unk, no pad token, as decoder
+    LLMs ship them (transformers' Qwen2 tokenizer class names <|endoftext|> its pad: in the vocabulary too)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(POSITIVE + NEGATIVE + [f"#{i}" for i in range(100)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_tiny_decoder(out: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random causal LM of ``family`` (grouped-query attention where the family has it) and
+    the tiny tokenizer, saved like a base model ships (``*ForCausalLM``, safetensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_decoder_tokenizer()
+    common = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+              "pad_token_id": None}
+    if family == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    else:
+        cfg = AutoConfig.for_model(family, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                   head_dim=8, **common)
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama base with a tokenizer that has no pad token."""
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT with a fresh/rotten head, saved like the train stage saves a model."""

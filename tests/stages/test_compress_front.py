@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 
 from finetune.common.config import CompressConfig
 from finetune.common.outputs import METRICS

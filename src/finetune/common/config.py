@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune.common.coercion import ConfigError, coerce, rule
 from finetune.common.compress_config import CompressConfig
+from finetune.common.decoder_config import DecoderConfig
 from finetune.common.distill_config import DistillConfig
 from finetune.common.launch_config import LaunchConfig  # own modules: config.py stays under 400 lines
 from finetune.common.monitor_config import MonitorConfig
@@ -172,6 +173,7 @@ class TrainConfig:
                                                                                "balanced or a list, one per label"})
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
         if self.max_steps == 0:  # 0 = no cap, as elsewhere (KFP structs cannot hold null)

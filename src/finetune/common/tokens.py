@@ -44,6 +44,12 @@ def load_tokenizer(model_dir: str | Path):
         raise TokenizerError(f"no usable tokenizer in {model_dir}: {exc}") from exc
     if not tok.is_fast:
         raise TokenizerError(f"tokenizer in {model_dir} is not a fast tokenizer")
+    if tok.pad_token is None:  # decoder LLMs (Llama, GPT-2...) ship none: pad with end-of-text, saved with the model
+        fill = tok.eos_token or tok.unk_token
+        if fill is None:
+            raise TokenizerError(f"tokenizer in {model_dir} has no pad, eos or unk token to pad batches with")
+        tok.pad_token = fill
+        tok.init_kwargs["pad_token_set_by"] = "finetune: none shipped, eos/unk used"
     return tok
 
 

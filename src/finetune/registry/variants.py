@@ -15,7 +15,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from finetune.common.outputs import MARKER, METRICS, ONNX_FP32, ONNX_INT8
+from finetune.common.outputs import MARKER, METRICS, ONNX_INT8
 from finetune.common.redact import redact_uri
 from finetune.common.tokens import load_tokenizer
 from finetune.registry import aliases, integrity

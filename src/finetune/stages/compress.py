@@ -108,6 +108,25 @@ def unsupported_message(model_name: str, opset: int, exc: BaseException) -> str:
             f"no compressed variant, the pipeline goes on with the fp32 model")
 
 
+PARITY_TOLERANCE = 1e-3  # largest |logit| difference of the fp32 graph against PyTorch on the first test texts
+
+
+def check_onnx_parity(model, path: str | Path, split: TokenizedSplit, pad_id: int, model_name: str) -> None:
+    """The exported fp32 graph must give PyTorch's logits on a padded batch of the test split (a graph that traced
+    but computes something else, e.g. a shape baked in at export time, yields no variant)."""
+    n = min(len(split), 8)
+    if n == 0:
+        return
+    ids, mask = _batch(split, np.arange(n), pad_id)
+    want = torch_runner(model, 0)(ids, mask)
+    diff = float(np.abs(onnx_runner(path, 0)(ids, mask) - want).max())
+    if not diff <= PARITY_TOLERANCE:
+        Path(path).unlink(missing_ok=True)
+        raise ExportUnsupported(f"model {model_name}: the exported ONNX graph disagrees with PyTorch (max logit "
+                                f"difference {diff:.4g} > {PARITY_TOLERANCE}); no compressed variant, the pipeline "
+                                f"goes on with the fp32 model")
+
+
 def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -> None:
     """Dynamic int8 quantization (QInt8 weights) of an fp32 ONNX model."""
 
@@ -305,6 +324,7 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     with atomic_dir(out_dir, "compress", [model_dir]) as tmp:
         try:
             export_onnx(model, tmp / ONNX_FP32, cfg.opset, name)
+            check_onnx_parity(model, tmp / ONNX_FP32, test, pad_id, name)
         except ExportUnsupported as exc:
             metrics = {**common, "exported": False, "int8_passed": False, "message": str(exc), "variants": {}}
             write_json(tmp / METRICS, metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,7 @@ from finetune.common.config import TrainConfig
 from finetune.common.tokens import TokenizedSplit
 from finetune.tasks import task_for
 from finetune.training.batches import collate, sorted_batches
+from finetune.training.decoder import add_adapters, base_config, check_options, enable_checkpointing, load_weights
 
 
 def pick_device(pref: str) -> torch.device:
@@ -65,25 +67,21 @@ def load_classifier(model_dir: str | Path, device: torch.device | None = None):
     return model.to(device or torch.device("cpu"))
 
 
-def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device,
+def build_model(base: Path, labels: list[str], cfg: TrainConfig, device: torch.device, pad_id: int | None = None,
                 task: ModuleType | None = None):
-    """The base encoder with the task's fresh head (and LoRA adapters when enabled), on ``device``."""
+    """The base model with the task's fresh head (and LoRA adapters when enabled), on ``device``. Decoder bases
+    (training/decoder.py) get the tokenizer's pad id, their options checked, per-architecture LoRA targets."""
     task = task or task_for("single_label")
-    mcfg = AutoConfig.from_pretrained(str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                      label2id={lab: i for i, lab in enumerate(labels)}, local_files_only=True,
-                                      problem_type=task.PROBLEM_TYPE)
-    model = getattr(transformers, task.AUTO_MODEL).from_pretrained(
-        str(base), config=mcfg, local_files_only=True, use_safetensors=True,
-        attn_implementation=cfg.attn_implementation)
+    mcfg = base_config(base, labels, pad_id, task)
+    check_options(cfg, mcfg, device)
+    model = load_weights(base, mcfg, cfg, device, task)
+    if cfg.decoder.gradient_checkpointing:
+        enable_checkpointing(model)
     if cfg.lora.enabled:
-        from peft import LoraConfig as PeftLora
-        from peft import get_peft_model
-
-        # the task's type (SEQ_CLS, TOKEN_CLS) keeps the new head fully trainable next to the adapters
-        model = get_peft_model(model, PeftLora(task_type=task.LORA_TASK_TYPE, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                                               lora_dropout=cfg.lora.dropout,
-                                               target_modules=list(cfg.lora.target_modules)))
-    return model.to(device), mcfg
+        model = add_adapters(model, cfg, task)  # the task's type (SEQ_CLS, TOKEN_CLS): the head trains in full
+    if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit weights are placed on the GPU as they load
+        model = model.to(device)
+    return model, mcfg
 
 
 def build_optimizer(model, cfg: TrainConfig, total: int, device: torch.device):
@@ -101,9 +99,31 @@ def build_optimizer(model, cfg: TrainConfig, total: int, device: torch.device):
     return opt, sched
 
 
-def exportable(model):
-    """The plain transformers model to save: LoRA merged into the base weights, so loading needs no peft."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+def exportable(model, base: Path | None = None, cfg: TrainConfig | None = None, task: ModuleType | None = None):
+    """The plain transformers model to save: LoRA merged into full-precision (fp32) base weights, so loading
+    needs neither peft nor bitsandbytes. Adapters trained over bf16 or 4-bit weights are first moved onto a fresh
+    fp32 copy of the base on the CPU (merging into rounded weights would bake the rounding in)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    low_precision = any(p.dtype != torch.float32 for p in model.parameters()) or getattr(
+        model, "is_loaded_in_4bit", False)
+    if low_precision and base is not None and cfg is not None:
+        model = adapters_on_fp32_base(model, base, cfg, task)
+    return model.merge_and_unload()
+
+
+def adapters_on_fp32_base(model, base: Path, cfg: TrainConfig, task: ModuleType | None = None):
+    """The same adapters and head on a fresh fp32 copy of ``base`` on the CPU."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    inner = model.get_base_model().config
+    labels = [inner.id2label[i] for i in range(inner.num_labels)]
+    plain = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, load_in_4bit=False,
+                                                                 bf16_weights=False, gradient_checkpointing=False))
+    fresh, _ = build_model(base, labels, plain, torch.device("cpu"), getattr(inner, "pad_token_id", None), task)
+    set_peft_model_state_dict(fresh, state)
+    return fresh
 
 
 class MismatchError(RuntimeError):

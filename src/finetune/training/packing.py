@@ -3,7 +3,9 @@
 Every packed micro-batch has the same shapes (``pack_tokens`` tokens, ``slots`` sequence slots, ``bounds`` cut
 points), so torch.compile builds one graph and CUDA picks kernels once. Attention stays inside each sequence:
 variable-length flash attention on CUDA (``torch.nn.attention.varlen``), a block-diagonal SDPA mask elsewhere.
-The classifier reads each sequence's first token; empty slots carry label -100 and add nothing to the loss.
+An encoder's classifier reads each sequence's first token; a decoder's (training/decoder.py) reads its last, with
+causal attention inside each sequence (``is_causal`` of the attention module). Empty slots carry label -100 and
+add nothing to the loss.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from finetune.common.tokens import TokenizedSplit
+from finetune.training.decoder import is_decoder
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +127,23 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     varlen = _varlen()
+    causal = bool(getattr(module, "is_causal", False))  # decoders: each token sees its own sequence's past only
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads (Llama, Qwen, Mistral)
     if query.is_cuda and varlen is not None and query.dtype in (torch.float16, torch.bfloat16):
         # flash kernel over the cut points; it has no dropout on the attention probabilities (hidden dropout stays)
         max_len = kwargs["max_length_q"]
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
-        out = varlen(q, k, v, cu, cu, max_len, max_len, scale=scaling)
+        out = varlen(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0) if causal else (-1, -1),
+                     enable_gqa=gqa)
         return out.unsqueeze(0), None
     tokens = query.shape[2]
-    doc = torch.searchsorted(cu[1:], torch.arange(tokens, device=cu.device, dtype=cu.dtype), right=True)
-    mask = (doc[:, None] == doc[None, :])[None, None]  # block-diagonal: each token sees its own sequence
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+    at = torch.arange(tokens, device=cu.device, dtype=cu.dtype)
+    doc = torch.searchsorted(cu[1:], at, right=True)
+    mask = doc[:, None] == doc[None, :]  # block-diagonal: each token sees its own sequence
+    if causal:
+        mask = mask & (at[None, :] <= at[:, None])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None],
+                                                           scale=scaling, enable_gqa=gqa,
                                                            dropout_p=dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
 
@@ -151,7 +161,8 @@ def inner_model(model):
 
 
 def can_pack(model) -> bool:
-    return getattr(inner_model(model).config, "model_type", None) in PACKABLE
+    config = inner_model(model).config
+    return getattr(config, "model_type", None) in PACKABLE or is_decoder(config)
 
 
 class PackedClassifier(torch.nn.Module):
@@ -161,8 +172,10 @@ class PackedClassifier(torch.nn.Module):
     def __init__(self, model, shape: PackShape):
         super().__init__()
         if not can_pack(model):
-            raise ValueError(f"packing supports model types {PACKABLE}, not {inner_model(model).config.model_type}")
+            raise ValueError(f"packing supports model types {PACKABLE} and decoders, not "
+                             f"{inner_model(model).config.model_type}")
         self.model, self.shape = model, shape
+        self.decoder = is_decoder(inner_model(model).config)
         register_attention()
         inner_model(model).set_attn_implementation(ATTN_NAME)
 
@@ -172,6 +185,9 @@ class PackedClassifier(torch.nn.Module):
         n = self.shape.max_len
         hidden = enc(input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
                      cu_seq_lens_k=cu_seqlens, max_length_q=n, max_length_k=n).last_hidden_state
+        if self.decoder:  # the head on each sequence's last token: the cut point after it, minus one
+            ends = (cu_seqlens[1:self.shape.slots + 1] - 1).clamp_min(0).long()  # empty slots: label -100
+            return clf.score(hidden[0, ends])
         first = hidden[0, starts].unsqueeze(1)  # (slots, 1, hidden): the pooler reads position 0
         pooled = enc.pooler(first) if enc.pooler is not None else first[:, 0]
         return clf.classifier(clf.dropout(pooled))

@@ -23,10 +23,12 @@ from finetune.common.outputs import atomic_dir
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, tokenizer_fingerprint
 from finetune.tasks import task_for
 from finetune.training import checkpoint
+from finetune.training.decoder import is_decoder
+from finetune.training.decoder_resources import check_fits, footprint
 from finetune.training.distributed import Dist
 from finetune.training.early_stopping import Selection
 from finetune.training.model import build_model, build_optimizer, exportable, predict_logits, seed_everything
-from finetune.training.packing import PackShape, can_pack, pack_shape
+from finetune.training.packing import PackShape, can_pack, inner_model, pack_shape
 from finetune.training.regimes import FGM, freeze
 from finetune.training.step_plan import StepPlan
 
@@ -122,7 +124,10 @@ def setup_run(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], base_mode
         raise TrainingError(refused)
     dist = Dist(cfg.device)
     seed_everything(cfg.seed)
-    model, mcfg = build_model(base, meta["labels"], cfg, dist.device, task)
+    fp = footprint(base, meta["labels"], cfg, int(meta.get("max_length") or 512), dist.device, tok.pad_token_id,
+                   task)
+    check_fits(fp, cfg, dist.device, quiet=not dist.main)  # before any weight is read; every rank refuses alike
+    model, mcfg = build_model(base, meta["labels"], cfg, dist.device, tok.pad_token_id, task)
     if reshape is not None:
         model = reshape(model)
     freeze(model, cfg.freeze)  # before the optimizer is built: frozen weights stay out of it
@@ -225,7 +230,9 @@ def export_run(run: TrainRun, state: TrainState, model_out: str | Path) -> Train
         decision = run.task.decision_files(lambda: predict_logits(run.model, run.val, 128, run.pad_id, run.dist.device),
                                            run.val.labels if run.val is not None else None, labels)
         with atomic_dir(model_out, "train") as tmp:
-            exportable(run.model).save_pretrained(tmp, safe_serialization=True)
+            exportable(run.model, run.base, run.cfg, run.task).save_pretrained(tmp, safe_serialization=True)
+            if is_decoder(inner_model(run.model).config):
+                run.tok.padding_side = "right"  # the pipeline pads on the right (absolute positions: GPT-2)
             run.tok.save_pretrained(tmp)
             for name, content in decision.items():
                 write_json(tmp / name, content)
