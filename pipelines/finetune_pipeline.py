@@ -63,22 +63,7 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
         v.set_retry(num_retries=retry["validate"], backoff_duration=retry["backoff"])
         _secrets(v, c, "s3")
         with dsl.If(v.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (KFP condition syntax)
-            t = tokenize(splits=v.outputs["splits"], params=params)
-            m = _train_step(cfg, c, t.outputs["tokens"], params, checkpoint_dir)
-            e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
-            z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
-            r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
-                         train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"],
-                         compressed=z.outputs["compressed"], params=params,
-                         data_uri=data_uri, data_md5=data_md5, git_rev=git_rev,
-                         run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-            r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
-            r.set_retry(num_retries=retry["register"], backoff_duration=retry["backoff"])
-            _secrets(r, c, "s3", "mlflow")
-            for task in (t, e, r, z):
-                _resources(task, c["resources"]["cpu"], c["resources"]["memory"])
-            for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3
-                kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
+            r = training_steps(cfg, c, v, params, data_uri, data_md5, checkpoint_dir, git_rev)
             # optional last step: only a newly promoted champion moves the InferenceService
             with dsl.If(deploy_champion == True, name="deploy-enabled"):  # noqa: E712
                 with dsl.If(r.outputs["alias"] == "champion", name="promoted"):
@@ -88,6 +73,30 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
         _resources(v, c["resources"]["cpu"], c["resources"]["memory"])
 
     return finetune_pipeline
+
+
+def training_steps(cfg: Config, c: dict[str, Any], v, params, data_uri, data_md5, checkpoint_dir, git_rev):
+    """tokenize -> train -> evaluate, compress -> register on the splits of the validate task ``v``, with their
+    secrets, resources, retries and pod labels; returns the register task. The monitoring loop's retrain branch
+    (pipelines/monitor_pipeline.py) wires the same steps with this."""
+    retry = c["retries"]
+    t = tokenize(splits=v.outputs["splits"], params=params)
+    m = _train_step(cfg, c, t.outputs["tokens"], params, checkpoint_dir)
+    e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+    z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+    r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
+                 train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"],
+                 compressed=z.outputs["compressed"], params=params,
+                 data_uri=data_uri, data_md5=data_md5, git_rev=git_rev,
+                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+    r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
+    r.set_retry(num_retries=retry["register"], backoff_duration=retry["backoff"])
+    _secrets(r, c, "s3", "mlflow")
+    for task in (t, e, r, z):
+        _resources(task, c["resources"]["cpu"], c["resources"]["memory"])
+    for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3
+        kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
+    return r
 
 
 def _train_step(cfg: Config, c: dict[str, Any], tokens, params, checkpoint_dir):

@@ -12,6 +12,7 @@ from finetune.common.config import Config
 from finetune.common.params import as_params, load_config
 from finetune.common.redact import redact_tree
 
+from components.finetune_components import validate, validation_failed
 from components.monitor_component import monitor, no_retrain
 from pipelines import finetune_pipeline
 
@@ -43,28 +44,15 @@ def build_monitor(cfg: Config | None = None, cluster: dict[str, Any] | None = No
 
 
 def _retrain(cfg: Config, c: dict[str, Any], data_uri, git_rev, params) -> None:
-    """The training pipeline's steps on ``data_uri`` (validate -> tokenize -> train -> evaluate, compress ->
-    register), wired as pipelines/finetune_pipeline.py wires them. Inline, not the pipeline nested as a task: KFP's
-    local runner skips a nested pipeline (checked with kfp 2.17), and the loop must run there in the tests."""
-    from components.finetune_components import compress, evaluate, register, tokenize, validate, validation_failed
-
+    """The training pipeline's steps on ``data_uri``, wired by the training pipeline's own training_steps. Inline,
+    not the pipeline nested as a task: KFP's local runner skips a nested pipeline (checked with kfp 2.17), and the
+    loop must run there in the tests."""
     v = validate(data_uri=data_uri, data_md5="", params=params)
+    v.set_retry(num_retries=c["retries"]["validate"], backoff_duration=c["retries"]["backoff"])
     finetune_pipeline._secrets(v, c, "s3")
+    finetune_pipeline._resources(v, c["resources"]["cpu"], c["resources"]["memory"])
     with dsl.If(v.outputs["passed"] == True, name="new-data-valid"):  # noqa: E712
-        t = tokenize(splits=v.outputs["splits"], params=params)
-        m = finetune_pipeline._train_step(cfg, c, t.outputs["tokens"], params, "")
-        e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
-        z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
-        r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
-                     train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"],
-                     compressed=z.outputs["compressed"], params=params, data_uri=data_uri, data_md5="",
-                     git_rev=git_rev, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-        r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
-        finetune_pipeline._secrets(r, c, "s3", "mlflow")
-        for task in (v, t, e, r, z):
-            finetune_pipeline._resources(task, c["resources"]["cpu"], c["resources"]["memory"])
-        for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3
-            kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
+        finetune_pipeline.training_steps(cfg, c, v, params, data_uri, "", "", git_rev)
     with dsl.Else(name="new-data-invalid"):
         validation_failed(summary=v.outputs["summary"]).set_caching_options(False)
 
