@@ -70,12 +70,18 @@ def build_ner() -> bytes:
 
 def build_multi_label() -> bytes:
     """One JSON line per tweet: text = its tokens joined by single spaces, labels = the sorted set of entity types
-    it mentions. Tweets that mention none are kept with an empty list (most tweets in a real stream are such)."""
+    it mentions. Tweets that mention none are kept with an empty list (most tweets in a real stream are such). A
+    repeated tweet (retweets: 24 of them tagged differently) is kept once, first tagging first, as NER's validate
+    keeps it: validate refuses one text with two label sets."""
     sentences = parse_conll(build_ner().decode("utf-8"), NER_SOURCE[1])
-    lines = []
+    lines, seen = [], set()
     for s in sentences:
+        text = " ".join(s.tokens)
+        if text in seen:
+            continue
+        seen.add(text)
         types = sorted({tag[2:] for tag in s.tags if tag != "O"})
-        lines.append(json.dumps({"text": " ".join(s.tokens), "labels": types}, ensure_ascii=False))
+        lines.append(json.dumps({"text": text, "labels": types}, ensure_ascii=False))
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
