@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -387,3 +388,69 @@ def write_register_inputs(project: Path, model: Path, test: pd.DataFrame) -> tup
     write_evaluation(EvalResult(metrics, ["fresh", "rotten"], y, probs.argmax(1), probs.max(1), calib),
                      project / "evaluate")
     return project / "evaluate", splits
+
+
+# `finetune serve` as a subprocess on 127.0.0.1, and HTTP helpers (tests/serving, tests/pipeline)
+class Server:
+    def __init__(self, root: Path, model: str, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / f"serve-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(BIN / "finetune"), "serve", "--params", str(REPO / "params.yaml"),
+                                      "--model", model, "--port", str(self.port), *args], cwd=root,
+                                     env={**ENV, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.ready_answers: list[int] = []  # /v2/health/ready statuses until the first 200
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 240) -> Server:
+        deadline = time.time() + timeout
+        while not self.ready_answers or self.ready_answers[-1] != 200:
+            assert self.proc.poll() is None, self.output()[-3000:]
+            assert time.time() < deadline, f"not ready in {timeout} s: {self.output()[-3000:]}"
+            try:
+                self.ready_answers.append(get(self.base + "/v2/health/ready")[0])
+            except OSError:
+                time.sleep(0.2)
+        return self
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.log.close()
+
+
+def request(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, headers, parsed JSON or text) of one request; 4xx/5xx are answers, not exceptions."""
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json", **(headers or {})}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, hdrs, data = r.status, r.headers, r.read()
+    except urllib.error.HTTPError as exc:
+        status, hdrs, data = exc.code, exc.headers, exc.read()
+    try:
+        return status, hdrs, json.loads(data)
+    except ValueError:
+        return status, hdrs, data.decode()
+
+
+def get(url: str, headers: dict | None = None):
+    status, _, data = request(url, headers=headers)
+    return status, data
+
+
+def post(url: str, payload, headers: dict | None = None):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return request(url, body, headers, "POST")
+
+
+def v2_body(texts: list[str]) -> dict:
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}

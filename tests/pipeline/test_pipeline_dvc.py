@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ENV, REPO, copy_repo, set_params, sh
+from conftest import ENV, REPO, Server, copy_repo, post, set_params, sh, v2_body
 
 pytestmark = pytest.mark.integration
 MODEL = "rt-it"
@@ -68,6 +69,30 @@ def test_repro_produces_disjoint_splits_metrics_and_a_champion(project, first_ru
     # DVC metrics/plots see the files
     shown = sh(["dvc", "metrics", "show", "--json"], project).stdout
     assert "macro_f1" in shown
+
+
+def test_finetune_serve_answers_both_protocols_for_the_trained_champion_fp32_and_int8(project, first_run):
+    """The champion dvc repro trained (MiniLM on real reviews) and its int8 variant behind `finetune serve`: V1 and
+    v2 answers carry the registry's own numbers for these texts (load_verified), rows summing to 1, the version."""
+    from finetune.registry.loading import load_verified
+
+    texts = ["a wonderful, moving film", "a dull and tedious mess", "not bad at all"]
+    reg = json.loads((project / "out" / "register" / "registration.json").read_text())
+    names = [MODEL] + ([f"{MODEL}-int8"] if reg["int8"]["registered"] else [])  # registered iff its gate passed
+    for name in names:
+        model = load_verified(f"models:/{name}@champion", f"sqlite:///{project / 'mlflow.db'}")
+        want = np.array([[r["probabilities"][lab] for lab in ("fresh", "rotten")]
+                         for r in model.predict(texts, params={"probabilities": True})])
+        server = Server(project, f"models:/{name}@champion").wait_ready()
+        try:
+            status, headers, v1 = post(f"{server.base}/v1/models/{name}:predict", {"instances": texts})
+            assert status == 200 and headers.get("X-Model-Version") == f"{name}/1", v1
+            got = np.array([[p["probabilities"][lab] for lab in ("fresh", "rotten")] for p in v1["predictions"]])
+            assert np.abs(got.sum(axis=1) - 1).max() < 1e-9 and np.abs(got - want).max() < 1e-4, (got, want)
+            status, _, v2 = post(f"{server.base}/v2/models/{name}/infer", v2_body(texts))
+            assert status == 200 and v2["outputs"][0]["data"] == [p["label"] for p in v1["predictions"]], v2
+        finally:
+            assert server.stop() == 0
 
 
 def test_second_repro_does_nothing_and_train_param_reruns_only_downstream(project, first_run):
