@@ -108,7 +108,7 @@ def test_unsupported_task_and_bad_layers_are_refused():
 def test_a_skipped_distill_writes_only_why_and_compress_ignores_it(tmp_path, overrides, why):
     cfg = config_from_dict(overrides)
     out = tmp_path / "student"
-    summary = run_distill(cfg, tmp_path / "model-never-read", tmp_path / "tokens-never-read", out)
-    assert why in summary["skipped"]
+    summary = run_distill(cfg, tmp_path / "model-never-read", tmp_path / "tokens-never-read", out, tmp_path / "ck")
+    assert why in summary["skipped"] and (tmp_path / "ck").is_dir()  # dvc.yaml's out exists either way
     assert json.loads((out / "distill.json").read_text()) == summary
     assert not (out / "config.json").exists()  # compress keeps only students with a model (run_compress)

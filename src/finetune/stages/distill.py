@@ -30,6 +30,8 @@ def run_distill(cfg: Config, model: str | Path, tokens: str | Path, out: str | P
     check_output_dir(out, [model, tokens, *([checkpoints] if checkpoints else [])])
     skipped = skip_reason(cfg)
     if skipped:
+        if checkpoints:  # dvc's out (persist, not cached): it must exist after the stage, student or not
+            Path(checkpoints).mkdir(parents=True, exist_ok=True)
         return _skipped(out, skipped, [model, tokens])
     toks, meta = read_tokens(tokens)
     task = cfg.task
