@@ -21,6 +21,7 @@ from finetune.common.outputs import check_output_place
 from finetune.common.params import config_from_dict
 from finetune.common.redact import redact_values
 from finetune.monitoring.profiling import PROFILE_FOLDER, reference_profile
+from finetune.monitoring.tasks import TASKS as MONITORED_TASKS
 from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
@@ -68,8 +69,7 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
                           token_stats, compressed, int8)
 
     with tempfile.TemporaryDirectory(prefix="finetune-profile-") as tmp:  # the monitor's reference, logged in the model
-        profile = reference_profile(model, test["text"].tolist(), test["label"].tolist(), cfg.tokenize.max_length,
-                                    cfg.monitor.reference_rows, Path(tmp) / PROFILE_FOLDER, cfg.monitor.seed)
+        profile = _reference_profile(cfg, model, test, Path(tmp) / PROFILE_FOLDER)
         request = RegistrationRequest.for_model(
             model, metrics, cfg.register, tracking_uri, artifact_location=artifact_location, params=params,
             lineage=lineage, loss_history=history, training=summary, artifacts=artifacts, test_hash=split_hash(test),
@@ -167,3 +167,13 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
             if images.get(key):
                 (Path(tmp) / name).write_bytes(images[key])
         upload_report(tracking_uri, reg["run_id"], tmp)
+
+
+def _reference_profile(cfg: Config, model: str | Path, test: pd.DataFrame, out: Path) -> Path | None:
+    """The monitor's reference profile of the test split; None (said in the log) for a task it cannot profile yet."""
+    if cfg.task not in MONITORED_TASKS:
+        log.warning("no reference profile for finetune monitor: it profiles task %s, not %r",
+                    ", ".join(MONITORED_TASKS), cfg.task)
+        return None
+    return reference_profile(model, test["text"].tolist(), test["label"].tolist(), cfg.tokenize.max_length,
+                             cfg.monitor.reference_rows, out, cfg.monitor.seed)
