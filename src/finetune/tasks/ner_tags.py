@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finetune.tasks.ner_decode import spans  # noqa: F401 (IOB2 entities: shared with the pyfunc models)
+
 SCHEMES = ("auto", "bio", "iob1", "iobes")
 _PREFIXES = {"bio": "BI", "iob1": "BI", "iobes": "BIES"}
 _ALIASES = {"L": "E", "U": "S"}  # BILOU
@@ -98,21 +100,6 @@ def to_iob2(tags: list[str], scheme: str) -> list[str]:
         else:
             out.append(f"I-{typ}")
         prev = (prefix, typ)
-    return out
-
-
-def spans(tags: list[str]) -> list[tuple[str, int, int]]:
-    """Entities of IOB2 tags as (type, first token, last token + 1). A stray I- starts its own entity, as seqeval's
-    default mode reads it."""
-    out: list[tuple[str, int, int]] = []
-    start, cur = -1, ""
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, typ = split_tag(tag)
-        if cur and (prefix != "I" or typ != cur):
-            out.append((cur, start, i))
-            cur = ""
-        if prefix in ("B", "I") and not cur:
-            start, cur = i, typ
     return out
 
 
