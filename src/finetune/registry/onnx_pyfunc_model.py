@@ -23,7 +23,9 @@ MAX_TEXT_CHARS = 20000
 class OnnxTextClassifier(PythonModel):
     """Input: a list of texts. Output: one predicted label per text, or with ``params={"probabilities": True}``
     one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``. A multi-label model gives a list
-    of labels per text (``"labels"`` in the records) and each label's own probability."""
+    of labels per text (``"labels"`` in the records) and each label's own probability. A token-classification
+    (NER) model gives one record per text, whatever the params: ``{"entities": [{text, type, start, end, score}],
+    "windows": n}``, offsets into the text as given (ner_decode.py, logged beside this file)."""
 
     batch_size = 64
 
@@ -55,6 +57,13 @@ class OnnxTextClassifier(PythonModel):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(conf.get("threads", 0))
         self.session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        self.token_level = any(a.endswith("ForTokenClassification") for a in config.get("architectures") or [])
+        if self.token_level:
+            import ner_decode  # logged beside this file (code_paths): words, windows, entities with offsets
+
+            self.ner = ner_decode
+            self.pad_id = int(conf.get("pad_token_id", 0))
+            self.windowed = ner_decode.window_tokenizer(self.tokenizer, int(conf.get("max_length", 512)))
 
     @staticmethod
     def _check_sha256(path: str, expected: str) -> None:
@@ -128,9 +137,18 @@ class OnnxTextClassifier(PythonModel):
             out.append(z / z.sum(axis=1, keepdims=True))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
+    def predict_records(self, texts: list[str]) -> list[dict]:
+        """Token models: ``{"entities", "windows"}`` per text; one session run per text (its windows)."""
+        def logits(batch):
+            return self.session.run(["logits"], batch)[0]
+
+        return [self.ner.decode(str(t), self.windowed, logits, self.labels, self.pad_id) for t in texts]
+
     # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list:
         self._check_request(model_input)
+        if self.token_level:
+            return self.predict_records(model_input)
         return self._decide(self.predict_proba(model_input), bool((params or {}).get("probabilities")))
 
     def _read_decision(self, folder: str, problem_type) -> None:

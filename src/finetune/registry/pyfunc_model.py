@@ -21,13 +21,20 @@ MAX_TEXT_CHARS = 20000
 class TextClassifier(PythonModel):
     """Input: a list of texts. Output: one predicted label per text, or with ``params={"probabilities": True}``
     one record per text: ``{"label": ..., "probabilities": {label: p, ...}}``. A multi-label model gives a list
-    of labels per text (``"labels"`` in the records) and each label's own probability."""
+    of labels per text (``"labels"`` in the records) and each label's own probability. A token-classification
+    (NER) model gives one record per text, whatever the params: ``{"entities": [{text, type, start, end, score}],
+    "windows": n}``, offsets into the text as given (ner_decode.py, logged beside this file)."""
 
     batch_size = 64
 
     def load_context(self, context):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+            AutoTokenizer,
+        )
 
         path = context.artifacts["model"]
         conf = context.model_config or {}
@@ -39,12 +46,19 @@ class TextClassifier(PythonModel):
         self.max_text_chars = int(conf.get("max_text_chars", MAX_TEXT_CHARS))
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, use_safetensors=True).eval()
+        architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
+        self.token_level = any(a.endswith("ForTokenClassification") for a in architectures)
+        auto = AutoModelForTokenClassification if self.token_level else AutoModelForSequenceClassification
+        self.model = auto.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
         cfg = self.model.config
         self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
         self._read_decision(path, getattr(cfg, "problem_type", None))
         self.max_length = int(context.model_config.get("max_length", 512)) if context.model_config else 512
+        if self.token_level:
+            import ner_decode  # logged beside this file (code_paths): words, windows, entities with offsets
+
+            self.ner = ner_decode
+            self.windowed = ner_decode.window_tokenizer(self.tokenizer.backend_tokenizer, self.max_length)
 
     @staticmethod
     def _check_weights(path: str, expected: dict) -> None:
@@ -115,9 +129,22 @@ class TextClassifier(PythonModel):
                 out.append(torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1))
         return torch.cat(out).numpy() if out else torch.zeros((0, len(self.labels))).numpy()
 
+    def predict_records(self, texts: list[str]) -> list[dict]:
+        """Token models: ``{"entities", "windows"}`` per text; one model call per text (its windows)."""
+        torch = self.torch
+
+        def logits(batch):
+            with torch.no_grad():
+                return self.model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+
+        pad_id = int(self.tokenizer.pad_token_id or 0)
+        return [self.ner.decode(str(t), self.windowed, logits, self.labels, pad_id) for t in texts]
+
     # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list:
         self._check_request(model_input)
+        if self.token_level:
+            return self.predict_records(model_input)
         return self._decide(self.predict_proba(model_input), bool((params or {}).get("probabilities")))
 
     def _read_decision(self, folder: str, problem_type) -> None:

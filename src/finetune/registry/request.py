@@ -13,11 +13,17 @@ from finetune.common.config import RegisterConfig
 from finetune.common.outputs import MARKER
 from finetune.registry import integrity
 from finetune.registry.gate import ModelKind, kind_from_config
+from finetune.tasks import task_for
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 ONNX_PYFUNC_CODE = Path(__file__).with_name("onnx_pyfunc_model.py")
+
+
+def pyfunc_code_paths(task: str) -> list[str] | None:
+    """What the task's pyfunc models import besides their own file (MLflow code_paths); None: nothing."""
+    return list(task_for(task).PYFUNC_CODE) or None
 
 
 INT8_SUFFIX = "-int8"  # the int8 variant is a registered model of its own: <register.model_name>-int8

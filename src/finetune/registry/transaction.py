@@ -38,6 +38,7 @@ from finetune.registry.request import (
     RegistryUnavailable,
     experiment_id,
     pip_requirements,
+    pyfunc_code_paths,
     training_metrics,
 )
 from finetune.registry.store import current_champion, delete_version, stored_digests, with_retries
@@ -219,6 +220,7 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
                 (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), sub)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts=_model_artifacts(req),
+                code_paths=pyfunc_code_paths(req.kind.task),
                 model_config={"max_length": req.max_length, "weights_sha256": weights,
                               "files_sha256": integrity.folder_digests(req.model_dir)},  # checked at load
                 # (texts, params): MLflow infers the params schema from it, so predict(..., params=

@@ -86,8 +86,10 @@ def export_onnx(model, path: str | Path, opset: int, model_name: str) -> None:
     mask = torch.ones((2, 8), dtype=torch.long)
     mask[1, 5:] = 0  # a padded row, so the traced graph keeps the attention mask path
     example = (torch.ones((2, 8), dtype=torch.long), mask)
+    with torch.no_grad():  # a token head's logits are (batch, sequence, tags): their sequence axis is dynamic too
+        per_token = Logits(model.eval())(*example).dim() == 3
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch"}}
+            "logits": {0: "batch", 1: "sequence"} if per_token else {0: "batch"}}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches, checked by tests

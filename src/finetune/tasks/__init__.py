@@ -21,6 +21,9 @@ Constants
                                     evaluate's per-class curves: x key, y key, area key, the per-class metric name
                                     (single-label: fpr, tpr, auc, roc_auc; multi-label: recall, precision, ap,
                                     average_precision)
+    PYFUNC_CODE: tuple[str, ...]    files the registry logs beside the pyfunc models (MLflow ``code_paths``),
+                                    which they import where the finetune package is not installed (token:
+                                    tasks/ner_decode.py, entities with character offsets; others: none)
 
 validate / tokenize
     prepare_labels(df: pandas.DataFrame, column: str, separator: str, cfg: ValidateConfig)

@@ -22,6 +22,7 @@ NAME = "multi_label"
 PROBLEM_TYPE = "multi_label_classification"
 LORA_TASK_TYPE = "SEQ_CLS"
 AUTO_MODEL = "AutoModelForSequenceClassification"
+PYFUNC_CODE: tuple[str, ...] = ()  # the pyfunc models decide with their own code only
 GATE_METRICS = ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy")
 SELECT_METRICS = ("val_loss", "val_micro_f1", "val_macro_f1")
 THRESHOLDS_FILE = "thresholds.json"  # per-label thresholds, in the model folder: predict, pyfunc, server read it

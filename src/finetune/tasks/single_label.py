@@ -19,6 +19,7 @@ NAME = "single_label"
 PROBLEM_TYPE = "single_label_classification"
 LORA_TASK_TYPE = "SEQ_CLS"
 AUTO_MODEL = "AutoModelForSequenceClassification"
+PYFUNC_CODE: tuple[str, ...] = ()  # the pyfunc models decide with their own code only
 GATE_METRICS = ("accuracy", "macro_f1")
 SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
 

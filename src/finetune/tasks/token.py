@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from finetune.common.tokens import TokenizedSplit
-from finetune.tasks import single_label
+from finetune.tasks import ner_decode, single_label
 from finetune.tasks.ner_align import IGNORE, align
 from finetune.tasks.ner_data import strata, type_counts
 from finetune.tasks.ner_metrics import entity_scores, span_errors
@@ -25,6 +25,7 @@ NAME = "token"
 PROBLEM_TYPE = "single_label_classification"  # softmax per token; transformers' token head reads no other type
 LORA_TASK_TYPE = "TOKEN_CLS"
 AUTO_MODEL = "AutoModelForTokenClassification"
+PYFUNC_CODE = (ner_decode.__file__,)  # the pyfunc models import it: words, windows, entities with offsets
 INPUT = "tagged_tokens"  # validate reads CoNLL text or token/tag lists (stages/validate.py validate_tagged)
 GATE_METRICS = ("entity_micro_f1", "entity_macro_f1", "token_accuracy")
 SELECT_METRICS = ("val_loss", "val_entity_micro_f1")
