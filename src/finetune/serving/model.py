@@ -47,6 +47,16 @@ class ServedModel:
     def multi_label(self) -> bool:
         return bool(getattr(self.impl, "multi_label", False))
 
+    @property
+    def token_level(self) -> bool:
+        """A token-classification (NER) model: it answers entity records, not a probability row per text."""
+        return bool(getattr(self.impl, "token_level", False))
+
+    def predict_batch(self, texts: list[str]) -> np.ndarray | list[dict[str, Any]]:
+        """What the batcher slices per request, in the order given: entity records (token models) or
+        probability rows."""
+        return self.impl.predict_records(texts) if self.token_level else self.predict_proba(texts)
+
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """One row per text, in the order given: the model is called on length-sorted chunks (less padding)."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -58,16 +68,43 @@ class ServedModel:
             return probs
         return probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rows: exactly 1 in float64 again
 
-    def records(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        """One answer per row: the model's own decision rule (multi-label: its stored per-label thresholds,
-        ``labels`` a list) with every label's probability."""
+    def records(self, out: np.ndarray | list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One answer per text: the model's own decision rule (multi-label: its stored per-label thresholds,
+        ``labels`` a list; token: the entity records as they come) with every label's probability."""
+        if self.token_level:
+            return list(out)
         if self.multi_label:
-            return self.impl._decide(probs, True)
-        return protocol.records(self.labels, probs)
+            return self.impl._decide(out, True)
+        return protocol.records(self.labels, out)
+
+    def predicted_labels(self, records: list[dict[str, Any]]) -> list[str]:
+        """The labels the answers name, for the per-label counter (token: each entity's type)."""
+        if self.token_level:
+            return [e["type"] for r in records for e in r["entities"]]
+        return [lab for r in records for lab in r.get("labels", [r.get("label")])]
+
+    def v2_response(self, out: np.ndarray | list[dict[str, Any]], req_id: str | None) -> dict[str, Any]:
+        if self.token_level:
+            return protocol.v2_entities_response(self.name, self.version, list(out), req_id)
+        decided = ["|".join(r["labels"]) for r in self.records(out)] if self.multi_label else None
+        return protocol.v2_response(self.name, self.version, self.labels, out, req_id, decided)
+
+    def v2_outputs(self) -> list[dict[str, Any]]:
+        """The outputs the v2 metadata route lists."""
+        if self.token_level:
+            return protocol.V2_ENTITY_OUTPUTS
+        return [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(self.labels)]}]
 
     def warm_up(self) -> None:
         """One inference before the server says it is ready: first-call costs (allocations, ONNX Runtime's
         graph setup) land here, and a model that loads but cannot predict never becomes ready."""
+        if self.token_level:
+            out = self.impl.predict_records([WARMUP_TEXT])
+            if len(out) != 1 or not isinstance(out[0].get("entities"), list):
+                raise ServeError(f"{self.version_tag}: the warm-up inference returned {out!r:.200}, expected one "
+                                 f"record with an entities list")
+            return
         probs = self.predict_proba([WARMUP_TEXT])
         if probs.shape != (1, len(self.labels)) or not np.isfinite(probs).all():
             raise ServeError(f"{self.version_tag}: the warm-up inference returned {probs.shape} values, "

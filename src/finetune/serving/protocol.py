@@ -2,7 +2,9 @@
 
 V1 (KServe's): ``{"instances": ["text", ...]}`` (or ``[{"text": "..."}]``) -> ``{"predictions": [{"label",
 "probabilities"}]}``. Open inference protocol v2: one BYTES input of texts -> a ``label`` output (BYTES) and a
-``probabilities`` output (FP64, ``[n, labels]``, column order in its ``parameters.labels``).
+``probabilities`` output (FP64, ``[n, labels]``, column order in its ``parameters.labels``). A token (NER) model
+answers v1 with ``{"entities": [{text, type, start, end, score}], "windows": n}`` per text, and v2 with an
+``entities`` output (BYTES ``[n]``: each text's entity list as a JSON string) and a ``windows`` output (INT64 ``[n]``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,20 @@ def v2_response(name: str, version: str, labels: list[str], probs: np.ndarray, r
                          "data": decided if decided is not None else [labels[int(i)] for i in probs.argmax(axis=1)]},
                         {"name": "probabilities", "datatype": "FP64", "shape": [n, len(labels)],
                          "data": [float(p) for p in probs.reshape(-1)], "parameters": {"labels": labels}}]}
+
+
+V2_ENTITY_OUTPUTS = [{"name": "entities", "datatype": "BYTES", "shape": [-1]},
+                     {"name": "windows", "datatype": "INT64", "shape": [-1]}]
+
+
+def v2_entities_response(name: str, version: str, records: list[dict[str, Any]], req_id: str | None) -> dict:
+    """Entities in the v2 protocol: per text, its entity list as one JSON string (v2 has no nested tensors)."""
+    n = len(records)
+    return {"model_name": name, "model_version": version, "id": req_id or str(uuid.uuid4()),
+            "outputs": [{"name": "entities", "datatype": "BYTES", "shape": [n],
+                         "data": [json.dumps(r["entities"], ensure_ascii=False) for r in records]},
+                        {"name": "windows", "datatype": "INT64", "shape": [n],
+                         "data": [int(r["windows"]) for r in records]}]}
 
 
 def records(labels: list[str], probs: np.ndarray) -> list[dict[str, Any]]:

@@ -87,7 +87,7 @@ async def _lifespan(app: FastAPI):
     cfg = state.cfg
     if state.request_log is None:  # serve() made it (and checked its location) before the server started
         state.request_log = open_request_log(cfg)
-    state.batcher = Batcher(lambda texts: state.model.predict_proba(texts), cfg.max_batch_size,
+    state.batcher = Batcher(lambda texts: state.model.predict_batch(texts), cfg.max_batch_size,
                             cfg.batch_window_ms, state.metrics.batch_size.observe, cfg.model_workers)
     await state.batcher.start()
     threading.Thread(target=_load_in_background, args=(state, asyncio.get_running_loop()), daemon=True,
@@ -134,15 +134,15 @@ def _model_for(state: ServerState, name: str) -> ServedModel:
 
 
 async def _predict(state: ServerState, model: ServedModel, texts: list[str]):
-    probs = await state.batcher.submit(texts)
-    records = model.records(probs)
-    state.metrics.predicted([lab for r in records for lab in r.get("labels", [r.get("label")])])
+    out = await state.batcher.submit(texts)  # this request's slice of the batch: rows or records, in order
+    records = model.records(out)
+    state.metrics.predicted(model.predicted_labels(records))
     rlog = state.request_log
     if rlog.sampled() and rlog.add(model.name, model.version, texts, records):
         task = asyncio.get_running_loop().run_in_executor(None, rlog.flush)
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
-    return probs
+    return out
 
 
 async def _infer(state: ServerState, request: Request, name: str, proto: str) -> Response:
@@ -158,9 +158,7 @@ async def _infer(state: ServerState, request: Request, name: str, proto: str) ->
             body = {"predictions": model.records(await _predict(state, model, texts))}
         else:
             texts, req_id = protocol.v2_texts(payload, state.limits)
-            probs = await _predict(state, model, texts)
-            decided = ["|".join(r["labels"]) for r in model.records(probs)] if model.multi_label else None
-            body = protocol.v2_response(model.name, model.version, model.labels, probs, req_id, decided)
+            body = model.v2_response(await _predict(state, model, texts), req_id)
         status = 200
     except Refusal as exc:
         status, body = exc.status, {"error": exc.message}
@@ -203,9 +201,7 @@ def _metadata(state: ServerState, name: str) -> Response:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
     return JSONResponse({"name": model.name, "versions": [model.version], "platform": f"finetune-{model.variant}",
                          "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-                         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                                     {"name": "probabilities", "datatype": "FP64",
-                                      "shape": [-1, len(model.labels)]}]},
+                         "outputs": model.v2_outputs()},
                         headers={VERSION_HEADER: model.version_tag})
 
 

@@ -1,7 +1,9 @@
 """predict: label texts with a registered model (``models:/<name>@champion``, ``models:/<name>/<version>``).
 
-One record per text: ``{"text", "label", "probabilities": {label: p}}``. The model is the registry's pyfunc
-(registry/pyfunc_model.py), asked for probabilities through ``params={"probabilities": True}``.
+One record per text: ``{"text", "label", "probabilities": {label: p}}`` (multi-label: ``"labels"``, a list; token
+models: ``{"text", "entities": [{text, type, start, end, score}], "windows": n}``, offsets into ``text``). The
+model is the registry's pyfunc (registry/pyfunc_model.py), asked for probabilities through
+``params={"probabilities": True}``.
 
 Streamed: texts are read, labelled and written batch by batch (one text per line is read line by line; a table
 is read whole, its predictions streamed), so memory does not grow with the input. ``--output`` is written to a
@@ -113,10 +115,10 @@ def predict_batches(model, texts: Iterable[str], batch_size: int = 256) -> Itera
             batch.append(text)
         if batch and (len(batch) == batch_size or text is None):
             out = model.predict(batch, params={"probabilities": True})
-            records = [{"text": t, **item}  # label (or a multi-label model's labels) and probabilities
+            records = [{"text": t, **item}  # label (multi-label: labels) and probabilities; token: entities
                        if isinstance(item, dict) else {"text": t, "label": str(item), "probabilities": None}
                        for t, item in zip(batch, out)]  # not a dict: an older version without probabilities
-            if not warned and records[0]["probabilities"] is None:
+            if not warned and records[0].get("probabilities", {}) is None:
                 warned = True
                 log.warning("this model version returns labels only (registered before probabilities were supported)")
             yield records
