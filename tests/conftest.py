@@ -454,3 +454,71 @@ def post(url: str, payload, headers: dict | None = None):
 
 def v2_body(texts: list[str]) -> dict:
     return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+
+
+# ---- a token-classification (NER) model whose answers are known: tests/registry, tests/serving, tests/stages ----
+NER_TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+NER_PIECES = {"jose": "B-PER", "zoe": "B-PER", "sao": "B-LOC", "paulo": "I-LOC"}  # word pieces the model tags
+NER_MAX_LENGTH = 16  # small, so that a text of a dozen words needs several windows
+
+
+@pytest.fixture(scope="session")
+def tagging_model_dir(tmp_path_factory, base_model_dir) -> Path:
+    """A 1-layer BERT token classifier (the real MiniLM tokenizer) that tags each word piece of NER_PIECES with
+    its tag and every other piece O, at any position: each tag has a Hadamard row (mean 0, variance 1, so
+    LayerNorm keeps it) as word embedding and as head weights; every other weight is 0 (the layer adds nothing).
+    A tagged piece's logit is 4 over the others' 0: its probability exp(4) / (exp(4) + 4)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    out = tmp_path_factory.mktemp("tagging-bert")
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=128, num_labels=len(NER_TAGS),
+                     id2label=dict(enumerate(NER_TAGS)), label2id={t: i for i, t in enumerate(NER_TAGS)})
+    model = BertForTokenClassification(cfg)
+    hadamard = torch.ones(1, 1)
+    for _ in range(3):
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    rows = hadamard[1:1 + len(NER_TAGS)]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if "LayerNorm.weight" in name else 0.0)
+        model.bert.embeddings.word_embeddings.weight[:] = rows[0]
+        for piece, tag in NER_PIECES.items():
+            assert piece in tok.vocab, piece
+            model.bert.embeddings.word_embeddings.weight[tok.vocab[piece]] = rows[NER_TAGS.index(tag)]
+        model.classifier.weight[:] = rows * 0.5
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ner_pyfunc_dirs(tmp_path_factory, tagging_model_dir) -> dict[str, Path]:
+    """The tagging model as MLflow pyfunc folders, saved as the registry logs them: "fp32" (PyTorch) and
+    "int8" (its ONNX export, dynamically quantized, as compress writes it)."""
+    import mlflow.pyfunc
+    from transformers import AutoModelForTokenClassification
+
+    from finetune.common.outputs import ONNX_INT8
+    from finetune.registry.request import ONNX_PYFUNC_CODE, PYFUNC_CODE, pyfunc_code_paths
+    from finetune.registry.variants import pyfunc_model_config
+    from finetune.stages.compress import export_onnx, quantize_int8
+
+    root = tmp_path_factory.mktemp("ner-pyfunc")
+    onnx = root / "onnx"
+    onnx.mkdir()
+    model = AutoModelForTokenClassification.from_pretrained(str(tagging_model_dir))
+    export_onnx(model, root / "model.onnx", 17, "tagging-bert")
+    quantize_int8(root / "model.onnx", onnx / ONNX_INT8)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy2(tagging_model_dir / name, onnx / name)
+    # as the registry logs them: the example gives the params schema, requirements are not inferred
+    logged = {"input_example": (["An example review."], {"probabilities": False}), "pip_requirements": ["mlflow"]}
+    mlflow.pyfunc.save_model(root / "fp32", python_model=str(PYFUNC_CODE), artifacts={"model": str(tagging_model_dir)},
+                             model_config={"max_length": NER_MAX_LENGTH}, code_paths=pyfunc_code_paths(), **logged)
+    mlflow.pyfunc.save_model(root / "int8", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(onnx)},
+                             model_config=pyfunc_model_config(onnx, ONNX_INT8, NER_MAX_LENGTH),
+                             code_paths=pyfunc_code_paths(), **logged)
+    return {"fp32": root / "fp32", "int8": root / "int8"}

@@ -13,7 +13,7 @@ from finetune.common.config import RegisterConfig
 from finetune.common.outputs import MARKER
 from finetune.registry import integrity
 from finetune.registry.gate import ModelKind, kind_from_config
-from finetune.tasks import task_for
+from finetune.tasks import TASKS, task_for
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
@@ -21,9 +21,11 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 ONNX_PYFUNC_CODE = Path(__file__).with_name("onnx_pyfunc_model.py")
 
 
-def pyfunc_code_paths(task: str) -> list[str] | None:
-    """What the task's pyfunc models import besides their own file (MLflow code_paths); None: nothing."""
-    return list(task_for(task).PYFUNC_CODE) or None
+def pyfunc_code_paths() -> list[str]:
+    """What the pyfunc models may import besides their own file (MLflow code_paths): every task's PYFUNC_CODE.
+    All of them, whatever the model: the pyfunc picks what its model needs (config.json's architecture), so a
+    version never lacks a file because its task was recorded wrongly; they are a few kB."""
+    return sorted({path for name, module in TASKS.items() if module for path in task_for(name).PYFUNC_CODE})
 
 
 INT8_SUFFIX = "-int8"  # the int8 variant is a registered model of its own: <register.model_name>-int8

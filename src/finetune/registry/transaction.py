@@ -220,7 +220,7 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
                 (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), sub)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts=_model_artifacts(req),
-                code_paths=pyfunc_code_paths(req.kind.task),
+                code_paths=pyfunc_code_paths(),
                 model_config={"max_length": req.max_length, "weights_sha256": weights,
                               "files_sha256": integrity.folder_digests(req.model_dir)},  # checked at load
                 # (texts, params): MLflow infers the params schema from it, so predict(..., params=

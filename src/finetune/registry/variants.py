@@ -128,7 +128,7 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
                 model_config["files_sha256"] = integrity.folder_digests(files)  # the pyfunc checks them at load
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
-                    model_config=model_config, code_paths=pyfunc_code_paths(req.kind.task),
+                    model_config=model_config, code_paths=pyfunc_code_paths(),
                     input_example=(["An example review."], {"probabilities": False}),
                     pip_requirements=pyfunc_requirements())
                 tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
