@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -460,6 +461,32 @@ def v2_body(texts: list[str]) -> dict:
 NER_TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 NER_PIECES = {"jose": "B-PER", "zoe": "B-PER", "sao": "B-LOC", "paulo": "I-LOC"}  # word pieces the model tags
 NER_MAX_LENGTH = 16  # small, so that a text of a dozen words needs several windows
+TAGGED = math.exp(4) / (math.exp(4) + 4)  # the tagging model's probability of its tag (below)
+LONG = " ".join(["filler"] * 30) + "  met   Zoë"
+# (text, [(entity text, type)]): emoji, composed and decomposed accents, repeated spaces, tabs and newlines,
+# upper case, empty, longer than max_length
+TRICKY = [
+    ("😀  Hi   José  from São   Paulo!! ❤️", [("José", "PER"), ("São   Paulo", "LOC")]),
+    ("Jose\u0301 went to Sa\u0303o Paulo", [("Jose\u0301", "PER"), ("Sa\u0303o Paulo", "LOC")]),
+    ("\tzoe\n\nmet  JOSÉ\t\t in  sao\tpaulo ", [("zoe", "PER"), ("JOSÉ", "PER"), ("sao\tpaulo", "LOC")]),
+    ("👍🏽Zoë👍🏽", [("Zoë", "PER")]),
+    ("", []),
+    (LONG, [("Zoë", "PER")]),
+]
+
+
+def ner_expected(text: str, entities: list[tuple[str, str]]) -> list[tuple[str, str, int, int]]:
+    """(text, type, start, end) of each named entity, looked up in order in ``text``."""
+    out, at = [], 0
+    for ent, typ in entities:
+        at = text.index(ent, at)
+        out.append((ent, typ, at, at + len(ent)))
+        at += len(ent)
+    return out
+
+
+def ner_spans(record: dict) -> list[tuple[str, str, int, int]]:
+    return [(e["text"], e["type"], e["start"], e["end"]) for e in record["entities"]]
 
 
 @pytest.fixture(scope="session")

@@ -11,33 +11,10 @@ import mlflow.pyfunc
 import pytest
 from mlflow.pyfunc.scoring_server import invocations
 
-from conftest import NER_MAX_LENGTH
+from conftest import LONG, NER_MAX_LENGTH, TAGGED, TRICKY
+from conftest import ner_expected as expected
+from conftest import ner_spans as spans
 
-TAGGED = math.exp(4) / (math.exp(4) + 4)  # the tagging model's probability of its tag (conftest)
-LONG = " ".join(["filler"] * 30) + "  met   Zoë"
-# (text, [(entity text, type)]): emoji, composed and decomposed accents, repeated spaces, tabs and newlines,
-# upper case, empty, longer than max_length
-TRICKY = [
-    ("😀  Hi   José  from São   Paulo!! ❤️", [("José", "PER"), ("São   Paulo", "LOC")]),
-    ("Jose\u0301 went to Sa\u0303o Paulo", [("Jose\u0301", "PER"), ("Sa\u0303o Paulo", "LOC")]),
-    ("\tzoe\n\nmet  JOSÉ\t\t in  sao\tpaulo ", [("zoe", "PER"), ("JOSÉ", "PER"), ("sao\tpaulo", "LOC")]),
-    ("👍🏽Zoë👍🏽", [("Zoë", "PER")]),
-    ("", []),
-    (LONG, [("Zoë", "PER")]),
-]
-
-
-def expected(text: str, entities: list[tuple[str, str]]) -> list[tuple[str, str, int, int]]:
-    out, at = [], 0
-    for ent, typ in entities:
-        at = text.index(ent, at)
-        out.append((ent, typ, at, at + len(ent)))
-        at += len(ent)
-    return out
-
-
-def spans(record: dict) -> list[tuple[str, str, int, int]]:
-    return [(e["text"], e["type"], e["start"], e["end"]) for e in record["entities"]]
 
 
 @pytest.fixture(scope="module")
