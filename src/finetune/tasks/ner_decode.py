@@ -37,23 +37,41 @@ def window_tokenizer(tokenizer, max_length: int, stride: int = STRIDE):
     return tok
 
 
-def windows(words: list[str], tok, pad_id: int) -> tuple[list, dict[str, np.ndarray]]:
-    """The windows of ``words`` (``tok`` from window_tokenizer) and their padded int64 input_ids/attention_mask."""
+def text_windows(words: list[str], tok) -> list:
+    """The windows (``tokenizers.Encoding``) of ``words``, ``tok`` from window_tokenizer."""
     first = tok.encode(words, is_pretokenized=True)
-    wins = [first, *first.overflowing]
+    return [first, *first.overflowing]
+
+
+def padded(wins: list, pad_id: int) -> dict[str, np.ndarray]:
+    """int64 input_ids/attention_mask of windows, padded to the longest."""
     width = max(len(w.ids) for w in wins)
     ids = np.full((len(wins), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(wins), width), dtype=np.int64)
     for i, w in enumerate(wins):
         ids[i, :len(w.ids)] = w.ids
         mask[i, :len(w.ids)] = w.attention_mask
-    return wins, {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
-def word_probabilities(wins: list, probs: np.ndarray, n_words: int) -> np.ndarray:
+def window_probabilities(wins: list, logits_fn: Callable[[dict], np.ndarray], pad_id: int,
+                         chunk: int) -> list[np.ndarray]:
+    """Tag probabilities (positions, tags) of each window: the windows of all texts run together, sorted by length
+    and ``chunk`` at a time, so each model call pads to its own longest window."""
+    out: list[np.ndarray] = [np.empty(0)] * len(wins)
+    order = sorted(range(len(wins)), key=lambda i: len(wins[i].ids))
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        probs = softmax(np.asarray(logits_fn(padded([wins[i] for i in part], pad_id)), dtype=np.float64))
+        for row, i in enumerate(part):
+            out[i] = probs[row, :len(wins[i].ids)]
+    return out
+
+
+def word_probabilities(wins: list, probs: list[np.ndarray], n_words: int) -> np.ndarray:
     """One probability row per word: read at the word's first sub-token, from the window in which that sub-token
     sits farthest from the window's edges (the most context). Words with no sub-token get an all-zero row."""
-    out = np.zeros((n_words, probs.shape[-1]), dtype=np.float64)
+    out = np.zeros((n_words, probs[0].shape[-1]), dtype=np.float64)
     best = np.full(n_words, -1)
     for win, enc in enumerate(wins):
         word_ids = enc.word_ids
@@ -67,7 +85,7 @@ def word_probabilities(wins: list, probs: np.ndarray, n_words: int) -> np.ndarra
                 continue
             margin = min(pos, n - pos + 1)
             if margin > best[w]:
-                best[w], out[w] = margin, probs[win, j]
+                best[w], out[w] = margin, probs[win][j]
     return out
 
 
@@ -92,14 +110,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def decode(text: str, tok, logits_fn: Callable[[dict], np.ndarray], labels: list[str], pad_id: int = 0) -> dict:
-    """``{"entities": [{text, type, start, end, score}], "windows": n}`` for ``text``; ``logits_fn(batch)`` maps
-    the windows' input_ids/attention_mask to logits (windows, positions, tags). score: the mean, over the
-    entity's words, of the probability of the tag each word got. A text without words: no window, no entity."""
-    offsets = word_spans(text)
-    if not offsets:
-        return {"entities": [], "windows": 0}
-    wins, batch = windows([text[s:e] for s, e in offsets], tok, pad_id)
-    probs = word_probabilities(wins, softmax(np.asarray(logits_fn(batch), dtype=np.float64)), len(offsets))
+    """decode_many of one text."""
+    return decode_many([text], tok, logits_fn, labels, pad_id)[0]
+
+
+def decode_many(texts: list[str], tok, logits_fn: Callable[[dict], np.ndarray], labels: list[str], pad_id: int = 0,
+                chunk: int = 32) -> list[dict]:
+    """``{"entities": [{text, type, start, end, score}], "windows": n}`` per text; ``logits_fn(batch)`` maps
+    windows' input_ids/attention_mask to logits (windows, positions, tags); ``tok`` from window_tokenizer.
+    score: the mean, over the entity's words, of the probability of the tag each word got. A text without words:
+    no window, no entity."""
+    offsets = [word_spans(t) for t in texts]
+    wins = [text_windows([t[s:e] for s, e in o], tok) if o else [] for t, o in zip(texts, offsets)]
+    flat = [w for ws in wins for w in ws]
+    probs = window_probabilities(flat, logits_fn, pad_id, chunk) if flat else []
+    out, first = [], 0
+    for text, spans_, ws in zip(texts, offsets, wins):
+        words = word_probabilities(ws, probs[first:first + len(ws)], len(spans_)) if ws else None
+        first += len(ws)
+        out.append({"entities": _entities(text, spans_, words, labels) if ws else [], "windows": len(ws)})
+    return out
+
+
+def _entities(text: str, offsets: list[tuple[int, int]], probs: np.ndarray, labels: list[str]) -> list[dict]:
     picked = probs.argmax(axis=1)
     tags = [labels[picked[i]] if probs[i].any() else "O" for i in range(len(offsets))]
     entities = []
@@ -107,4 +140,4 @@ def decode(text: str, tok, logits_fn: Callable[[dict], np.ndarray], labels: list
         start, end = offsets[first][0], offsets[last - 1][1]
         score = float(np.mean([probs[i, picked[i]] for i in range(first, last)]))
         entities.append({"text": text[start:end], "type": typ, "start": start, "end": end, "score": round(score, 6)})
-    return {"entities": entities, "windows": len(wins)}
+    return entities
