@@ -22,7 +22,7 @@ def model_calls(metrics: str) -> int:
 def test_serve_answers_entities_with_offsets_in_both_protocols(ner_pyfunc_dirs, tmp_path, variant):
     folder = ner_pyfunc_dirs[variant]
     texts = [t for t, _ in TRICKY]
-    server = Server(tmp_path, str(folder), "--set", "serve.batch_window_ms=800").wait_ready()
+    server = Server(tmp_path, str(folder), "--set", "serve.batch_window_ms=500").wait_ready()
     try:
         status, _, out = post(f"{server.base}/v1/models/{variant}:predict", {"instances": texts})
         assert status == 200, out
