@@ -74,10 +74,10 @@ def main() -> None:
         for variant, folder in folders.items():
             impl = mlflow.pyfunc.load_model(str(folder)).unwrap_python_model()
             windows = sum(r["windows"] for r in impl.predict_records(texts))
-            result[variant] = {"windows": windows,
-                               "texts_per_s_together": rate(lambda: impl.predict_records(texts), len(texts)),
-                               "texts_per_s_one_by_one": rate(lambda: [impl.predict_records([t]) for t in texts],
-                                                              len(texts))}
+            together = rate(lambda m=impl: m.predict_records(texts), len(texts))
+            one_by_one = rate(lambda m=impl: [m.predict_records([t]) for t in texts], len(texts))
+            result[variant] = {"windows": windows, "texts_per_s_together": together,
+                               "texts_per_s_one_by_one": one_by_one}
         print(json.dumps(result))
 
 

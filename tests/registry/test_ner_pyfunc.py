@@ -16,7 +16,6 @@ from conftest import ner_expected as expected
 from conftest import ner_spans as spans
 
 
-
 @pytest.fixture(scope="module")
 def models(ner_pyfunc_dirs):
     return {k: mlflow.pyfunc.load_model(str(v)) for k, v in ner_pyfunc_dirs.items()}

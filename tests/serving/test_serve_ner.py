@@ -15,7 +15,7 @@ from conftest import ner_spans as spans
 
 
 def model_calls(metrics: str) -> int:
-    return int(float(re.search(r"^finetune_serve_batch_size_count (\S+)$", metrics, re.M).group(1)))
+    return int(float(re.search(r"^finetune_serve_batch_size_count (\S+)$", metrics, re.MULTILINE).group(1)))
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
@@ -44,7 +44,7 @@ def test_serve_answers_entities_with_offsets_in_both_protocols(ner_pyfunc_dirs, 
         assert [spans(a[2]["predictions"][0]) for a in answers] == [expected(t, e) for t, e in TRICKY]
         metrics = get(server.base + "/metrics")[1]
         assert model_calls(metrics) - before < len(texts)  # at least two requests shared a call
-        assert re.search(r'^finetune_serve_predicted_label_total\{label="PER"\} (\d+)', metrics, re.M)
+        assert re.search(r'^finetune_serve_predicted_label_total\{label="PER"\} (\d+)', metrics, re.MULTILINE)
         status, meta = get(f"{server.base}/v2/models/{variant}")
         assert [o["name"] for o in meta["outputs"]] == ["entities", "windows"]
     finally:
