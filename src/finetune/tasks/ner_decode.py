@@ -133,6 +133,7 @@ def decode_many(texts: list[str], tok, logits_fn: Callable[[dict], np.ndarray], 
 
 
 def _entities(text: str, offsets: list[tuple[int, int]], probs: np.ndarray, labels: list[str]) -> list[dict]:
+    """Each word's argmax tag (O for a word with no sub-token), its IOB2 spans as entities of ``text``."""
     picked = probs.argmax(axis=1)
     tags = [labels[picked[i]] if probs[i].any() else "O" for i in range(len(offsets))]
     entities = []
