@@ -188,12 +188,31 @@ def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]
                     f"Hamming loss {metrics['hamming_loss']:.4f}. Per-label thresholds, tuned on the validation split "
                     f"and stored with the model (thresholds.json): "
                     + ", ".join(f"{lab} {t:.3f}" for lab, t in (metrics.get("thresholds") or {}).items()) + "."]
+    if "entity_micro_f1" in metrics:  # task token: accuracy above is per word, macro-F1 the entity macro-F1
+        out += ["", *ner_summary(metrics), "", "Span errors per entity type (test split):", "",
+                _table(["type", *SPAN_ERRORS], span_error_rows(metrics))]
     cm = metrics.get("confusion_matrix")
     if cm:
         cm, shown, note = confusion_subset(cm, labels)
         out += ["", f"Confusion matrix (rows: actual, columns: predicted){note}:", "",
                 _table(["", *shown], [[lab, *row] for lab, row in zip(shown, cm)])]
     return out
+
+
+SPAN_ERRORS = ["correct", "missed", "wrong_type", "wrong_boundary", "spurious"]
+
+
+def ner_summary(metrics: dict[str, Any]) -> list[str]:
+    """task token: the entity scores in one sentence (card and report)."""
+    return [f"NER: entity micro-F1 **{metrics['entity_micro_f1']:.4f}** (precision "
+            f"{metrics.get('entity_micro_precision', math.nan):.4f}, recall {metrics.get('entity_micro_recall', math.nan):.4f}), "
+            f"entity macro-F1 {metrics['entity_macro_f1']:.4f}, token accuracy {metrics['token_accuracy']:.4f} over "
+            f"{metrics.get('words', '?')} words, {metrics.get('entities', '?')} entities; exact span and type "
+            f"(seqeval). The per-class table above is per entity type."]
+
+
+def span_error_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    return [[t, *[row.get(k, 0) for k in SPAN_ERRORS]] for t, row in (metrics.get("span_errors") or {}).items()]
 
 
 def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length: Any,
