@@ -55,7 +55,13 @@ def test_dvc_repro_scores_entities_gates_on_entity_f1_and_registers_int8(ner_pro
     client = MlflowClient(f"sqlite:///{ner_project / 'mlflow.db'}")
     mv = client.get_model_version_by_alias(MODEL, "champion")
     assert mv.tags["task"] == "token-classification/ner" and json.loads(mv.tags["labels"]) == TAGS
-    int8 = client.get_model_version_by_alias(f"{MODEL}-int8", "champion")
-    assert int8.tags.get("variant") == "int8"
+    assert float(mv.tags["entity_micro_f1"]) == metrics["entity_micro_f1"]  # the next run compares without re-scoring
+    int8 = client.get_model_version_by_alias(f"{MODEL}-int8", "champion")  # follows the fp32 champion
+    assert int8.tags["fp32_model"] == f"{MODEL}/{mv.version}" and int8.tags["task"] == "token-classification/ner"
+    compressed = json.loads((out / "compress" / "metrics.json").read_text())
+    assert compressed["int8_passed"] and "entity_micro_f1" in compressed["message"]
     report = (out / "register" / "report.html").read_text()
-    assert "per-type F1" in report
+    assert "<h3>Named entities</h3>" in report and 'alt="per-type F1 (exact span and type)"' in report
+    assert "NER: entity micro-F1" in (out / "register" / "model_card.md").read_text()
+    sentences = (out / "evaluate" / "predictions.jsonl").read_text().splitlines()
+    assert len(sentences) == metrics["n"] and "predicted_entities" in json.loads(sentences[0])

@@ -103,3 +103,32 @@ def test_card_report_and_compare_show_entity_scores():
                 Side("challenger v2", "r2", {**flat, "entity_micro_f1": 0.65, "f1_LOC": 0.6}, {}, {}))
     table = format_comparison(c)
     assert "| entity_micro_f1 | 0.6100 | 0.6500 | +0.0400 (better) |" in table and "| LOC | 0.5000 | 0.6000 |" in table
+
+
+def _tagged_jsonl(path: Path, splits: list[str]) -> Path:
+    rows = [{"tokens": [f"Ann{i}", "met", f"Rome{i}"], "tags": ["B-PER", "O", "B-LOC"], "split": s}
+            for i, s in enumerate(splits)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_jsonl_split_column_is_read_and_bad_values_or_leaks_refused(tmp_path):
+    from finetune.reporting.validation_summary import failure_message
+
+    good = _tagged_jsonl(tmp_path / "good.jsonl", ["train"] * 6 + ["val", "test", "test"])
+    result = validate_tagged(good, DataConfig(path=str(good)), ValidateConfig(labels=[]))
+    assert result.ok and {s: len(f) for s, f in result.splits.items()} == {"train": 6, "val": 1, "test": 2}
+    assert list(result.splits["val"]["text"]) == ["Ann6 met Rome6"] and "split" not in result.splits["val"]
+    bad = _tagged_jsonl(tmp_path / "bad.jsonl", ["train", "train", "dev", "val", "test"])
+    result = validate_tagged(bad, DataConfig(path=str(bad)), ValidateConfig(labels=[]))
+    assert not result.ok and not result.splits
+    assert f"{bad}: line 3: split 'dev' is not one of ['train', 'val', 'test']" in failure_message(result.report)
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(good.read_text() + json.dumps({"tokens": ["Ann0", "met", "Rome0"], "tags": ["B-PER", "O", "B-LOC"],
+                                                   "split": "test"}) + "\n")
+    result = validate_tagged(leak, DataConfig(path=str(leak)), ValidateConfig(labels=[]))
+    assert not result.ok and "lines [1, 10]: the same sentence in more than one split" in \
+        failure_message(result.report)
+    empty = _tagged_jsonl(tmp_path / "noval.jsonl", ["train"] * 4 + ["test"])
+    result = validate_tagged(empty, DataConfig(path=str(empty)), ValidateConfig(labels=[]))
+    assert not result.ok and "no sentence in split(s) ['val']" in failure_message(result.report)

@@ -175,9 +175,9 @@ def confusion_subset(cm: list[list[int]], labels: list[str], k: int = TABLE_CLAS
 def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]:
     n = int(metrics.get("n", 0))
     acc = float(metrics["accuracy"])
-    lo, hi = accuracy_interval(acc, n)
+    lo, hi = accuracy_interval(acc, int(metrics.get("words", n)))  # task token: accuracy is per word
     out = ["", "## Evaluation", "",
-           f"On the held-out test split ({n} texts): accuracy **{acc:.4f}** (95% interval {lo:.3f}-{hi:.3f}), "
+           f"On the held-out test split ({tested(metrics)}): accuracy **{acc:.4f}** (95% interval {lo:.3f}-{hi:.3f}), "
            f"macro-F1 **{float(metrics['macro_f1']):.4f}**, cross-entropy {float(metrics.get('loss', math.nan)):.4f}, "
            f"expected calibration error {float(metrics.get('ece', math.nan)):.4f}.", "",
            _table(PER_CLASS_HEADER, per_class_rows(metrics))]
@@ -199,6 +199,11 @@ def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]
     return out
 
 
+def tested(metrics: dict[str, Any]) -> str:
+    """What the test split holds: texts, and words for task token (whose accuracy is per word)."""
+    return f"{int(metrics.get('n', 0))} texts" + (f", {metrics['words']} words" if "words" in metrics else "")
+
+
 SPAN_ERRORS = ["correct", "missed", "wrong_type", "wrong_boundary", "spurious"]
 
 
@@ -217,8 +222,7 @@ def span_error_rows(metrics: dict[str, Any]) -> list[list[Any]]:
 
 def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length: Any,
                  token_stats: dict[str, Any] | None) -> list[str]:
-    n = int(metrics.get("n", 0))
-    lo, hi = accuracy_interval(float(metrics["accuracy"]), n)
+    lo, hi = accuracy_interval(float(metrics["accuracy"]), int(metrics.get("words", metrics.get("n", 0))))
     counts = validation.get("class_counts") or {}
     total = sum(counts.values())
     limits = [f"Texts longer than {max_length} tokens are cut to their first {max_length} tokens."]
@@ -234,7 +238,7 @@ def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length
         weak = min(per_class, key=lambda lab: per_class[lab]["f1"])
         limits.append(f"Weakest class: `{weak}` (F1 {per_class[weak]['f1']:.3f}, recall "
                       f"{per_class[weak]['recall']:.3f}).")
-    limits.append(f"The test split has {n} texts: the accuracy is known to about ±{(hi - lo) / 2:.3f}.")
+    limits.append(f"The test split has {tested(metrics)}: the accuracy is known to about ±{(hi - lo) / 2:.3f}.")
     limits.append(calibration_sentence(float(metrics.get("ece", math.nan))))
     limits.append("It learns whatever biases its training texts and the pretrained base model carry.")
     return limits

@@ -24,6 +24,7 @@ from finetune.reporting.model_card import (
     int8_status,
     per_class_rows,
     span_error_rows,
+    tested,
     training_settings,
 )
 from finetune.tasks.single_label import floor_warning
@@ -199,9 +200,8 @@ def _training_section(d: ReportData) -> str:
 
 def _evaluation_section(d: ReportData) -> str:
     m = d.metrics
-    n = int(m.get("n", 0))
-    lo, hi = accuracy_interval(float(m["accuracy"]), n)
-    parts = [f"<p>Held-out test split, {_num(n)} texts.</p>",
+    lo, hi = accuracy_interval(float(m["accuracy"]), int(m.get("words", m.get("n", 0))))  # token: per word
+    parts = [f"<p>Held-out test split, {_e(tested(m))}.</p>",
              _kpis([("accuracy", f"{float(m['accuracy']):.4f}"), ("95% interval", f"{lo:.3f} - {hi:.3f}"),
                     ("macro-F1", f"{float(m['macro_f1']):.4f}"), ("cross-entropy", _num(m.get("loss"))),
                     ("calibration error (ECE)", _num(m.get("ece")))]),
