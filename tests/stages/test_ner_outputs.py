@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.common.config import CompressConfig, DataConfig, EvaluateConfig, TokenizeConfig, TrainConfig, \
-    ValidateConfig
+from finetune.common.config import (
+    CompressConfig,
+    DataConfig,
+    EvaluateConfig,
+    TokenizeConfig,
+    TrainConfig,
+    ValidateConfig,
+)
 from finetune.stages.tokenize import tokenize
 from finetune.stages.validate import validate_tagged
 

@@ -23,8 +23,7 @@ from mlflow.entities import Metric
 
 from finetune.common.redact import redact_uri, redact_values
 from finetune.registry import aliases, integrity
-from finetune.registry.gate import (NER, Decision, LineageMismatch, ModelKind, gate, same_lineage,
-                                    score_predictions)
+from finetune.registry.gate import NER, Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, reap_stale_runs, remove_artifacts
 from finetune.registry.lease import alias_lock
 from finetune.registry.loading import load_verified

@@ -208,12 +208,13 @@ SPAN_ERRORS = ["correct", "missed", "wrong_type", "wrong_boundary", "spurious"]
 
 
 def ner_summary(metrics: dict[str, Any]) -> list[str]:
-    """task token: the entity scores in one sentence (card and report)."""
-    return [f"NER: entity micro-F1 **{metrics['entity_micro_f1']:.4f}** (precision "
-            f"{metrics.get('entity_micro_precision', math.nan):.4f}, recall {metrics.get('entity_micro_recall', math.nan):.4f}), "
-            f"entity macro-F1 {metrics['entity_macro_f1']:.4f}, token accuracy {metrics['token_accuracy']:.4f} over "
-            f"{metrics.get('words', '?')} words, {metrics.get('entities', '?')} entities; exact span and type "
-            f"(seqeval). The per-class table above is per entity type."]
+    """task token: the entity scores in one sentence (the card)."""
+    precision, recall = metrics.get("entity_micro_precision", math.nan), metrics.get("entity_micro_recall", math.nan)
+    line = (f"NER: entity micro-F1 **{metrics['entity_micro_f1']:.4f}** (precision {precision:.4f}, recall "
+            f"{recall:.4f}), entity macro-F1 {metrics['entity_macro_f1']:.4f}, token accuracy "
+            f"{metrics['token_accuracy']:.4f} over {metrics.get('words', '?')} words, {metrics.get('entities', '?')} "
+            f"entities; exact span and type (seqeval). The per-class table above is per entity type.")
+    return [line]
 
 
 def span_error_rows(metrics: dict[str, Any]) -> list[list[Any]]:

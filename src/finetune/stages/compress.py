@@ -88,12 +88,11 @@ def export_onnx(model, path: str | Path, opset: int, model_name: str) -> None:
     example = (torch.ones((2, 8), dtype=torch.long), mask)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch"}}
-    with torch.no_grad():  # a token head (NER) answers (batch, sequence, tags): its sequence axis is dynamic too
-        if Logits(model.eval())(*example).ndim == 3:
-            axes["logits"][1] = "sequence"
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches, checked by tests
+            if Logits(model.eval())(*example).ndim == 3:  # a token head (NER): (batch, sequence, tags)
+                axes["logits"][1] = "sequence"
             torch.onnx.export(Logits(model.eval()), example, str(path), input_names=["input_ids", "attention_mask"],
                               output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False)
     except Exception as exc:  # the exporter raises several unrelated types for the same problem

@@ -246,4 +246,3 @@ def agreement(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray, labe
 
 def sentence_records(split: Any, probs: np.ndarray, label_names: list[str], tok: Any) -> None:
     """None: one prediction per text, written as predictions.csv rows (evaluate)."""
-    return None
