@@ -138,3 +138,12 @@ def test_a_jsonl_split_column_is_read_and_bad_values_or_leaks_refused(tmp_path):
     empty = _tagged_jsonl(tmp_path / "noval.jsonl", ["train"] * 4 + ["test"])
     result = validate_tagged(empty, DataConfig(path=str(empty)), ValidateConfig(labels=[]))
     assert not result.ok and "no sentence in split(s) ['val']" in failure_message(result.report)
+
+
+def test_a_token_head_is_registered_as_ner_not_as_a_single_label_classifier():
+    from finetune.registry.gate import NER, TASK, kind_from_config
+
+    config = {"problem_type": "single_label_classification", "id2label": {"1": "B-PER", "0": "O", "2": "I-PER"}}
+    ner = kind_from_config({**config, "architectures": ["BertForTokenClassification"]})
+    assert ner.task == NER == "token-classification/ner" and ner.labels == ("O", "B-PER", "I-PER")
+    assert kind_from_config({**config, "architectures": ["BertForSequenceClassification"]}).task == TASK

@@ -224,7 +224,7 @@ def split_words(split: TokenizedSplit, tok) -> list[list[str]]:
     """Each sentence's words as the tokenizer reads them back (its first sub-token and the ones after it): the
     test split keeps ids, not strings, so an uncased model gives lower-cased words and unknown characters
     its unknown token."""
-    special = set(tok.all_special_ids)
+    special = set(tok.all_special_ids) - {tok.unk_token_id}  # [CLS]/[SEP]/padding; an unknown word stays [UNK]
     out = []
     for i in range(len(split)):
         ids, starts = split.sequence(i), np.flatnonzero(split.labels[i][:split.lengths[i]] != IGNORE)
