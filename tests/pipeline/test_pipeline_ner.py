@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import copy_repo, sh
+from conftest import copy_repo, set_params, sh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 from test_ner_stages import ner_file
@@ -26,17 +25,14 @@ def ner_project(tmp_path_factory, tiny_model_dir):
     (root / "data").mkdir(exist_ok=True)
     ner_file(root / "data" / "people.conll", n=120)
     sh(["dvc", "add", "-q", "data"], root)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["task"] = "token"
-    raw["data"]["path"] = "data/people.conll"
-    raw["validate"].update(labels=[], min_rows_per_class=5, val_fraction=0.15, test_fraction=0.15)
-    raw["model"]["base"] = str(tiny_model_dir)
-    raw["tokenize"]["max_length"] = 16
-    raw["train"].update(epochs=4, batch_size=16, learning_rate=3e-3, warmup_ratio=0.0, threads=1,
-                        select_metric="val_entity_micro_f1")
-    raw["register"].update(model_name=MODEL, metric="entity_micro_f1", floor=0.5, min_macro_f1=0.0)
-    raw["compress"].update(latency_requests=2, threads=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("task: single_label ", "task: token ", 1))
+    set_params(root, data={"path": "data/people.conll"}, model={"base": str(tiny_model_dir)},
+               validate={"labels": [], "val_fraction": 0.15, "test_fraction": 0.15}, tokenize={"max_length": 16},
+               train={"epochs": 4, "batch_size": 16, "learning_rate": 3e-3, "warmup_ratio": 0.0, "threads": 1,
+                      "select_metric": "val_entity_micro_f1"},
+               register={"model_name": MODEL, "metric": "entity_micro_f1", "floor": 0.5, "min_macro_f1": 0.0},
+               compress={"latency_requests": 2, "threads": 1})
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-qm", "fixture"], root)
     sh(["dvc", "repro"], root)
