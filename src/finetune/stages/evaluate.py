@@ -8,6 +8,9 @@ error (ECE), confusion matrix, one-vs-rest ROC AUC per class. metrics.json keeps
 Memory stays bounded with many classes: the confusion-matrix image, roc.csv and roc.png cover at most
 ``PLOT_CLASSES`` classes (the most frequent in the test split); every class keeps its ROC AUC in metrics.json,
 and metrics.json keeps the full confusion matrix (the KFP component logs it).
+
+Task token (NER): predictions.jsonl (one record per sentence: words, tags, entities) and one line per word in
+predictions.csv; roc.png holds the per-type F1 bars and confusion_matrix.png the span-error table (dvc.yaml's names).
 """
 
 from __future__ import annotations
