@@ -39,7 +39,7 @@ def test_scores_read_only_first_subtokens_and_equal_seqeval():
                                                                                ["B-LOC", "O", "O"]])
     assert metrics["entity_micro_f1"] == want["entity_micro_f1"] == pytest.approx(0.8)
     assert metrics["per_class"]["LOC"]["recall"] == 0.5 and metrics["span_errors"]["LOC"]["missed"] == 1
-    assert calib == []
+    assert sum(r["count"] for r in calib) == metrics["words"] == 6 and 0 <= metrics["ece"] <= 1  # per scored word
     val = token.validation_scores(logits_for(pred), labels)  # without the names: the same entity F1
     assert val["val_entity_micro_f1"] == pytest.approx(0.8) and val["val_loss"] > 0
 

@@ -135,7 +135,7 @@ class AdversarialConfig:
         rule(self, "epsilon", math.isfinite(self.epsilon) and self.epsilon > 0, "a finite number > 0")
 
 
-SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "val_micro_f1")  # each task allows its own
+SELECT_METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "val_micro_f1", "val_entity_micro_f1")  # each task allows its own
 
 
 @dataclass
@@ -230,7 +230,8 @@ class EvaluateConfig:
         rule(self, "calibration_bins", self.calibration_bins >= 2, ">= 2")
 
 
-METRICS_FOR_GATE = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "subset_accuracy")  # per task: GATE_METRICS
+METRICS_FOR_GATE = ("accuracy", "macro_f1", "micro_f1", "samples_f1", "subset_accuracy", "entity_micro_f1",
+                    "entity_macro_f1", "token_accuracy")  # per task: GATE_METRICS
 
 
 # The registry's names: they appear in models:/<name>@<alias> URIs, registry search filters and (with "-int8")

@@ -22,6 +22,7 @@ class TaggedSentence:
     tokens: list[str]
     tags: list[str]
     lines: list[int]  # per token: the 1-based line in a text file, or the row of a JSONL/Parquet file
+    split: str | None = None  # a JSONL/Parquet row's user-given split (data.split_column), when the file has one
 
     @property
     def line(self) -> int:
@@ -89,11 +90,13 @@ def _pick(frame: pd.DataFrame, wanted: str | None, defaults: tuple[str, ...], wh
 
 
 def rows_to_sentences(frame: pd.DataFrame, path: str | Path, tokens_column: str | None = None,
-                      tags_column: str | None = None) -> list[TaggedSentence]:
+                      tags_column: str | None = None, split_column: str | None = None) -> list[TaggedSentence]:
     """Sentences of a table whose rows hold a list of tokens and a list of tags (the Hugging Face layout). Tags
-    must be strings: integer ids (a datasets ClassLabel) carry no type names, so they are refused."""
+    must be strings: integer ids (a datasets ClassLabel) carry no type names, so they are refused. A
+    ``split_column`` present in the table gives each sentence its split (checked by validate)."""
     tok_col = _pick(frame, tokens_column, TOKEN_COLUMNS, "tokens", path)
     tag_col = _pick(frame, tags_column, TAG_COLUMNS, "tags", path)
+    splits = frame[split_column].astype(str) if split_column and split_column in frame.columns else None
     out = []
     for row, tokens, tags in zip(frame.index, frame[tok_col], frame[tag_col]):
         tokens, tags = _as_list(tokens, row, tok_col, path), _as_list(tags, row, tag_col, path)
@@ -101,18 +104,20 @@ def rows_to_sentences(frame: pd.DataFrame, path: str | Path, tokens_column: str 
         if bad is not None:
             raise DataError("token_strings", f"row {row}: tokens and tags must be strings, found {bad!r} "
                             f"(map integer tag ids to their names first)", path, [row])
-        out.append(TaggedSentence([str(t) for t in tokens], [str(t) for t in tags], [int(row)] * len(tokens)))
+        out.append(TaggedSentence([str(t) for t in tokens], [str(t) for t in tags], [int(row)] * len(tokens),
+                                  None if splits is None else splits[row]))
         if not tokens:
             out[-1].lines = [int(row)]  # an empty sentence still names its row (refused by the tag rules)
     return out
 
 
-def read_tagged(path: str | Path, tokens_column: str | None = None,
-                tags_column: str | None = None) -> list[TaggedSentence]:
-    """Token-tagged sentences from a CoNLL-style text file or a JSONL/Parquet table (optionally compressed)."""
+def read_tagged(path: str | Path, tokens_column: str | None = None, tags_column: str | None = None,
+                split_column: str | None = None) -> list[TaggedSentence]:
+    """Token-tagged sentences from a CoNLL-style text file or a JSONL/Parquet table (optionally compressed).
+    ``split_column``: read from tables only (a CoNLL file has no per-sentence column)."""
     p = Path(path)
     if not is_conll(p):
-        return rows_to_sentences(read_table(p), p, tokens_column, tags_column)
+        return rows_to_sentences(read_table(p), p, tokens_column, tags_column, split_column)
     if not p.is_file():
         raise DataError("file_exists", "file not found (or not a regular file)", p)
     raw = p.read_bytes()

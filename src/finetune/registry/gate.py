@@ -22,6 +22,8 @@ from finetune.tasks import task_for
 TASK = "text-classification/single-label"
 KINDS = {"single_label_classification": TASK, "multi_label_classification": "text-classification/multi-label"}
 TASK_OF_KIND = {TASK: "single_label", "text-classification/multi-label": "multi_label"}
+# a token head keeps problem_type single_label_classification (softmax per token): its architecture tells it apart
+NER = "token-classification/ner"
 
 
 class LineageMismatch(ValueError):
@@ -95,4 +97,6 @@ def score_predictions(metric: str, y_true: Sequence[str], y_pred: Sequence, labe
 def kind_from_config(config: dict) -> ModelKind:
     """The kind of a saved transformers classifier, from its config.json (id2label keys are strings there)."""
     id2label = {int(i): str(lab) for i, lab in (config.get("id2label") or {}).items()}
-    return ModelKind(KINDS.get(config.get("problem_type") or "", TASK), tuple(id2label[i] for i in sorted(id2label)))
+    token_head = any(str(a).endswith("ForTokenClassification") for a in config.get("architectures") or [])
+    task = NER if token_head else KINDS.get(config.get("problem_type") or "", TASK)
+    return ModelKind(task, tuple(id2label[i] for i in sorted(id2label)))

@@ -23,7 +23,7 @@ from mlflow.entities import Metric
 
 from finetune.common.redact import redact_uri, redact_values
 from finetune.registry import aliases, integrity
-from finetune.registry.gate import Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
+from finetune.registry.gate import NER, Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, reap_stale_runs, remove_artifacts
 from finetune.registry.lease import alias_lock
 from finetune.registry.loading import load_verified
@@ -149,6 +149,9 @@ def _champion_score(client, req: RegistrationRequest, mv) -> tuple[dict[str, Any
     if req.test is None:
         raise RegistryError(f"champion v{mv.version} was evaluated on other test data and no test split was "
                             f"given to re-score it")
+    if req.kind.task == NER:  # its pyfunc answers entities, not a tag per word: nothing to score them with yet
+        raise RegistryError(f"champion v{mv.version} ({NER}) was evaluated on other test data and a NER champion "
+                            f"cannot be re-scored yet: keep its test split, or set register.new_lineage: true")
     texts, labels = req.test
     preds = load_verified(f"models:/{cfg.model_name}/{mv.version}", req.tracking_uri).predict(list(texts))
     info.update(source="re-scored on this run's test data",
@@ -231,7 +234,7 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
             tags = {"test_data_hash": req.test_hash or "", "run_id": run_id, "run_key": run_key,
                     "weights_sha256": ",".join(f"{k}={v}" for k, v in weights.items()),
                     "task": req.kind.task, "labels": json.dumps(list(req.kind.labels))}
-            tags.update({k: str(req.metrics[k]) for k in ("accuracy", "macro_f1") if k in req.metrics})
+            tags.update({k: str(req.metrics[k]) for k in ("accuracy", "macro_f1", cfg.metric) if k in req.metrics})
             version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
             # after registration, which rewrites the model's registered_model_meta file
             for key, digest in integrity.as_tags(_logged_digests(f"models:/{cfg.model_name}/{version}", req)).items():

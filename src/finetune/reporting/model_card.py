@@ -175,9 +175,9 @@ def confusion_subset(cm: list[list[int]], labels: list[str], k: int = TABLE_CLAS
 def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]:
     n = int(metrics.get("n", 0))
     acc = float(metrics["accuracy"])
-    lo, hi = accuracy_interval(acc, n)
+    lo, hi = accuracy_interval(acc, int(metrics.get("words", n)))  # task token: accuracy is per word
     out = ["", "## Evaluation", "",
-           f"On the held-out test split ({n} texts): accuracy **{acc:.4f}** (95% interval {lo:.3f}-{hi:.3f}), "
+           f"On the held-out test split ({tested(metrics)}): accuracy **{acc:.4f}** (95% interval {lo:.3f}-{hi:.3f}), "
            f"macro-F1 **{float(metrics['macro_f1']):.4f}**, cross-entropy {float(metrics.get('loss', math.nan)):.4f}, "
            f"expected calibration error {float(metrics.get('ece', math.nan)):.4f}.", "",
            _table(PER_CLASS_HEADER, per_class_rows(metrics))]
@@ -188,6 +188,9 @@ def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]
                     f"Hamming loss {metrics['hamming_loss']:.4f}. Per-label thresholds, tuned on the validation split "
                     f"and stored with the model (thresholds.json): "
                     + ", ".join(f"{lab} {t:.3f}" for lab, t in (metrics.get("thresholds") or {}).items()) + "."]
+    if "entity_micro_f1" in metrics:  # task token: accuracy above is per word, macro-F1 the entity macro-F1
+        out += ["", *ner_summary(metrics), "", "Span errors per entity type (test split):", "",
+                _table(["type", *SPAN_ERRORS], span_error_rows(metrics))]
     cm = metrics.get("confusion_matrix")
     if cm:
         cm, shown, note = confusion_subset(cm, labels)
@@ -196,10 +199,31 @@ def _evaluation_section(metrics: dict[str, Any], labels: list[str]) -> list[str]
     return out
 
 
+def tested(metrics: dict[str, Any]) -> str:
+    """What the test split holds: texts, and words for task token (whose accuracy is per word)."""
+    return f"{int(metrics.get('n', 0))} texts" + (f", {metrics['words']} words" if "words" in metrics else "")
+
+
+SPAN_ERRORS = ["correct", "missed", "wrong_type", "wrong_boundary", "spurious"]
+
+
+def ner_summary(metrics: dict[str, Any]) -> list[str]:
+    """task token: the entity scores in one sentence (the card)."""
+    precision, recall = metrics.get("entity_micro_precision", math.nan), metrics.get("entity_micro_recall", math.nan)
+    line = (f"NER: entity micro-F1 **{metrics['entity_micro_f1']:.4f}** (precision {precision:.4f}, recall "
+            f"{recall:.4f}), entity macro-F1 {metrics['entity_macro_f1']:.4f}, token accuracy "
+            f"{metrics['token_accuracy']:.4f} over {metrics.get('words', '?')} words, {metrics.get('entities', '?')} "
+            f"entities; exact span and type (seqeval). The per-class table above is per entity type.")
+    return [line]
+
+
+def span_error_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    return [[t, *[row.get(k, 0) for k in SPAN_ERRORS]] for t, row in (metrics.get("span_errors") or {}).items()]
+
+
 def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length: Any,
                  token_stats: dict[str, Any] | None) -> list[str]:
-    n = int(metrics.get("n", 0))
-    lo, hi = accuracy_interval(float(metrics["accuracy"]), n)
+    lo, hi = accuracy_interval(float(metrics["accuracy"]), int(metrics.get("words", metrics.get("n", 0))))
     counts = validation.get("class_counts") or {}
     total = sum(counts.values())
     limits = [f"Texts longer than {max_length} tokens are cut to their first {max_length} tokens."]
@@ -215,7 +239,7 @@ def _limitations(metrics: dict[str, Any], validation: dict[str, Any], max_length
         weak = min(per_class, key=lambda lab: per_class[lab]["f1"])
         limits.append(f"Weakest class: `{weak}` (F1 {per_class[weak]['f1']:.3f}, recall "
                       f"{per_class[weak]['recall']:.3f}).")
-    limits.append(f"The test split has {n} texts: the accuracy is known to about ±{(hi - lo) / 2:.3f}.")
+    limits.append(f"The test split has {tested(metrics)}: the accuracy is known to about ±{(hi - lo) / 2:.3f}.")
     limits.append(calibration_sentence(float(metrics.get("ece", math.nan))))
     limits.append("It learns whatever biases its training texts and the pretrained base model carry.")
     return limits

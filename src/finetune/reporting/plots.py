@@ -109,3 +109,39 @@ def search(trials: list[dict[str, Any]], importances: dict[str, float], metric: 
         ax.set_xlabel("importance (PED-ANOVA)")
         ax.set_title("parameter importance")
     return _png(fig)
+
+
+def per_type_f1(per_type: dict[str, dict[str, Any]], micro_f1: float) -> bytes:
+    """NER: entity F1 per type (exact span and type), with each type's support, and the micro-F1 as a line."""
+    plt = _pyplot()
+    types = sorted(per_type)
+    fig, ax = plt.subplots(figsize=(4 + 0.45 * len(types), 3.6))
+    bars = ax.bar(types, [per_type[t]["f1"] for t in types], color="#0969da")
+    for bar, t in zip(bars, types):
+        ax.annotate(f"n={per_type[t]['support']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize="small")
+    ax.axhline(micro_f1, color="grey", linestyle="--", label=f"micro-F1 {micro_f1:.3f}")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("entity F1")
+    ax.set_title("per-type F1 (exact span and type)")
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.legend(loc="upper right", fontsize="small")
+    return _png(fig)
+
+
+def span_errors(table: dict[str, dict[str, int]]) -> bytes:
+    """NER: per entity type, its entities found exactly and each kind of span error, as a heat map."""
+    plt = _pyplot()
+    types = sorted(table)
+    kinds = ["correct", "missed", "wrong_type", "wrong_boundary", "spurious"]
+    cells = [[table[t].get(k, 0) for k in kinds] for t in types]
+    fig, ax = plt.subplots(figsize=(6, 2 + 0.4 * max(1, len(types))))
+    top = max((v for row in cells for v in row), default=0) or 1
+    ax.imshow(cells or [[0] * len(kinds)], cmap="Blues", vmin=0, vmax=top, aspect="auto")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
+    ax.set_yticks(range(len(types)), types)
+    for i, row in enumerate(cells):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    ax.set_title("span errors per entity type (test split)")
+    return _png(fig)

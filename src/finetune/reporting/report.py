@@ -16,12 +16,15 @@ from typing import Any
 
 from finetune.reporting.model_card import (
     PER_CLASS_HEADER,
+    SPAN_ERRORS,
     accuracy_interval,
     compress_header,
     compress_rows,
     confusion_subset,
     int8_status,
     per_class_rows,
+    span_error_rows,
+    tested,
     training_settings,
 )
 from finetune.tasks.single_label import floor_warning
@@ -197,16 +200,16 @@ def _training_section(d: ReportData) -> str:
 
 def _evaluation_section(d: ReportData) -> str:
     m = d.metrics
-    n = int(m.get("n", 0))
-    lo, hi = accuracy_interval(float(m["accuracy"]), n)
-    parts = [f"<p>Held-out test split, {_num(n)} texts.</p>",
+    lo, hi = accuracy_interval(float(m["accuracy"]), int(m.get("words", m.get("n", 0))))  # token: per word
+    parts = [f"<p>Held-out test split, {_e(tested(m))}.</p>",
              _kpis([("accuracy", f"{float(m['accuracy']):.4f}"), ("95% interval", f"{lo:.3f} - {hi:.3f}"),
                     ("macro-F1", f"{float(m['macro_f1']):.4f}"), ("cross-entropy", _num(m.get("loss"))),
                     ("calibration error (ECE)", _num(m.get("ece")))]),
-             _multi_label_kpis(m),
+             _multi_label_kpis(m), _ner_kpis(m),
              "<h3>Per class</h3>" + _table(PER_CLASS_HEADER, per_class_rows(m)),
              _confusion(m),
-             '<div class="figs">' + _figure(d.images, "roc", "ROC curve per class (one vs the rest)", 420)
+             '<div class="figs">' + _figure(d.images, "roc", "per-type F1 (exact span and type)" if "entity_micro_f1"
+                                            in m else "ROC curve per class (one vs the rest)", 420)
              + _figure(d.images, "calibration", "reliability: accuracy per confidence bin", 420) + "</div>"]
     return "<section id=evaluation><h2>Evaluation</h2>" + "".join(parts) + "</section>"
 
@@ -223,6 +226,19 @@ def _multi_label_kpis(m: dict[str, Any]) -> str:
         ("Hamming loss", _num(m.get("hamming_loss")))])
         + _table(["label", "threshold (tuned on val)"], [[lab, f"{t:.3f}"] for lab, t in
                                                         (m.get("thresholds") or {}).items()]))
+
+
+def _ner_kpis(m: dict[str, Any]) -> str:
+    """task token (its metrics have entity_micro_f1): accuracy above is per word, the per-class table per entity
+    type; the entity scores and the span-error table."""
+    if "entity_micro_f1" not in m:
+        return ""
+    return ("<h3>Named entities</h3>" + _kpis([
+        ("entity micro-F1", f"{float(m['entity_micro_f1']):.4f}"),
+        ("entity precision", _num(m.get("entity_micro_precision"))),
+        ("entity recall", _num(m.get("entity_micro_recall"))), ("entity macro-F1", _num(m.get("entity_macro_f1"))),
+        ("token accuracy", _num(m.get("token_accuracy"))), ("entities", _num(m.get("entities")))])
+        + "<h3>Span errors per entity type</h3>" + _table(["type", *SPAN_ERRORS], span_error_rows(m)))
 
 
 def _gate_section(d: ReportData) -> str:

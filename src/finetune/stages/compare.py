@@ -10,9 +10,11 @@ from finetune.common import tracking
 from finetune.common.config import Config
 from finetune.registry.comparison import Side, read_sides
 
-# single-label's, then multi-label's (accuracy = subset accuracy there): a pair shows the rows either side has
+# single-label's, then multi-label's (accuracy = subset accuracy there), then NER's (accuracy = token accuracy,
+# macro_f1 = entity macro-F1, per-class F1 = per entity type): a pair shows the rows either side has
 PRIMARY = ("accuracy", "macro_f1", "loss", "ece", "n", "micro_f1", "samples_f1", "hamming_loss", "micro_f1_at_0.5",
-           "macro_f1_at_0.5")
+           "macro_f1_at_0.5", "entity_micro_f1", "entity_micro_precision", "entity_micro_recall", "entity_macro_f1",
+           "token_accuracy")
 
 
 LOWER_IS_BETTER = {"loss", "ece", "hamming_loss"}

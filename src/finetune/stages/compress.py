@@ -93,6 +93,8 @@ def export_onnx(model, path: str | Path, opset: int, model_name: str) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches, checked by tests
+            if Logits(model.eval())(*example).ndim == 3:  # a token head (NER): (batch, sequence, tags)
+                axes["logits"][1] = "sequence"
             torch.onnx.export(Logits(model.eval()), example, str(path), input_names=["input_ids", "attention_mask"],
                               output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False)
     except Exception as exc:  # the exporter raises several unrelated types for the same problem
@@ -113,12 +115,12 @@ def unsupported_message(model_name: str, opset: int, exc: BaseException) -> str:
 PARITY_TOLERANCE = 1e-3  # largest |logit| difference of the fp32 graph against PyTorch on the first test texts
 
 
-def check_onnx_parity(model, path: str | Path, split: TokenizedSplit, pad_id: int, model_name: str) -> None:
+def check_onnx_parity(model, path: str | Path, split: TokenizedSplit, pad_id: int, model_name: str) -> float:
     """The exported fp32 graph must give PyTorch's logits on a padded batch of the test split (a graph that traced
     but computes something else, e.g. a shape baked in at export time, yields no variant)."""
     n = min(len(split), 8)
     if n == 0:
-        return
+        return 0.0
     ids, mask = _batch(split, np.arange(n), pad_id)
     want = torch_runner(model, 0)(ids, mask)
     diff = float(np.abs(onnx_runner(path, 0)(ids, mask) - want).max())
@@ -127,6 +129,7 @@ def check_onnx_parity(model, path: str | Path, split: TokenizedSplit, pad_id: in
         raise ExportUnsupported(f"model {model_name}: the exported ONNX graph disagrees with PyTorch (max logit "
                                 f"difference {diff:.4g} > {PARITY_TOLERANCE}); no compressed variant, the pipeline "
                                 f"goes on with the fp32 model")
+    return diff
 
 
 def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -> None:
@@ -197,7 +200,15 @@ def measure(run: Runner, split: TokenizedSplit, pad_id: int, batch_size: int, la
     timing = {"texts_per_s": round(n / seconds, 1) if seconds > 0 else 0.0,
               "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
               "latency_ms_p95": round(float(np.percentile(ms, 95)), 3)}
-    return (task or task_for("single_label")).probabilities(np.concatenate(logits).astype(np.float64)), timing
+    return (task or task_for("single_label")).probabilities(_stack(logits).astype(np.float64)), timing
+
+
+def _stack(logits: list[np.ndarray]) -> np.ndarray:
+    """The batches' logits as one array; per-token logits (batch, sequence, tags) padded to the longest batch."""
+    if not logits or logits[0].ndim == 2:
+        return np.concatenate(logits)
+    width = max(x.shape[1] for x in logits)
+    return np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0))) for x in logits])
 
 
 def variant_gate(baseline: dict[str, Any], candidate: dict[str, Any], max_drop: float,
@@ -218,8 +229,7 @@ def variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str],
     scores, _ = task.scores(split.labels, probs, labels, bins=10)
     out = {**{m: scores[m] for m in _shown(task)}, "size_mb": round(size / 2 ** 20, 2), **timing}
     if reference is not None:  # agreement with the baseline's decisions and the largest probability difference
-        agree = [a == b for a, b in zip(task.decide(probs, labels), task.decide(reference, labels))]
-        out["label_agreement"] = round(float(np.mean(agree)), 6) if agree else 1.0
+        out["label_agreement"] = round(task.agreement(probs, reference, split.labels, labels), 6)
         out["max_probability_diff"] = round(float(np.abs(probs - reference).max()), 6) if len(probs) else 0.0
     return out
 
@@ -326,7 +336,7 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
     with atomic_dir(out_dir, "compress", [model_dir]) as tmp:
         try:
             export_onnx(model, tmp / ONNX_FP32, cfg.opset, name)
-            check_onnx_parity(model, tmp / ONNX_FP32, test, pad_id, name)
+            common["parity_max_logit_diff"] = round(check_onnx_parity(model, tmp / ONNX_FP32, test, pad_id, name), 8)
         except ExportUnsupported as exc:
             metrics = {**common, "exported": False, "int8_passed": False, "message": str(exc), "variants": {}}
             write_json(tmp / METRICS, metrics)

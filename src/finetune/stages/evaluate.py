@@ -8,10 +8,14 @@ error (ECE), confusion matrix, one-vs-rest ROC AUC per class. metrics.json keeps
 Memory stays bounded with many classes: the confusion-matrix image, roc.csv and roc.png cover at most
 ``PLOT_CLASSES`` classes (the most frequent in the test split); every class keeps its ROC AUC in metrics.json,
 and metrics.json keeps the full confusion matrix (the KFP component logs it).
+
+Task token (NER): predictions.jsonl (one record per sentence: words, tags, entities) and one line per word in
+predictions.csv; roc.png holds the per-type F1 bars and confusion_matrix.png the span-error table (dvc.yaml's names).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -29,6 +33,7 @@ from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.progress import Progress
 from finetune.common.tokens import TokenizedSplit, load_tokenizer, read_tokens, tokenizer_fingerprint
+from finetune.reporting import plots
 from finetune.tasks import task_for
 from finetune.training.model import MismatchError, load_classifier, pick_device, predict_logits
 
@@ -49,6 +54,7 @@ class EvalResult:
     calibration: list[dict[str, float]]
     roc: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> the task's curve (ROC: fpr, tpr, ...)
     curve_axes: tuple[str, ...] = ("fpr", "tpr", "auc", "roc_auc")  # the task's CURVE_AXES: x, y, area, per-class key
+    sentences: list[dict[str, Any]] | None = None  # per-text records (token: words, tags, entities), else None
 
 
 def top_classes(y_true: np.ndarray, n_classes: int, k: int = PLOT_CLASSES) -> np.ndarray:
@@ -111,8 +117,10 @@ def evaluate(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
         metrics.update({f"{m}_at_0.5": default[m] for m in ("micro_f1", "macro_f1") if m in default})  # MLflow
         metrics["thresholds"] = dict(zip(labels, thresholds.tolist()))
     metrics[MODEL_DIGEST] = digest
-    if probs.ndim == 3:  # per-token probabilities (NER): entity scores only, no per-text curves
-        return EvalResult(metrics, labels, test.labels, probs.argmax(-1), probs.max(-1), calib, {}, task.CURVE_AXES)
+    sentences = task.sentence_records(test, probs, labels, tok)
+    if sentences is not None:  # per-word tags (NER): entity scores and per-sentence records, no per-text curves
+        return EvalResult(metrics, labels, test.labels, probs.argmax(-1), probs.max(-1), calib, {}, task.CURVE_AXES,
+                          sentences)
     x, _, area, key = task.CURVE_AXES
     curves = task.curves(test.labels, probs, labels, curves_for=top_classes(test.labels, len(labels)))
     for lab, curve in curves.items():
@@ -133,7 +141,9 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, inputs: Iterable[s
 def _write_files(result: EvalResult, out: Path) -> None:
     names = result.labels
     with (out / "predictions.csv").open("w", encoding="utf-8") as fh:
-        if result.y_true.ndim == 2:  # multi-hot rows: the label sets (| between labels), each label's probability
+        if result.sentences is not None:  # one line per word (dvc's confusion template over the tags)
+            _write_sentences(result.sentences, out, fh)
+        elif result.y_true.ndim == 2:  # multi-hot rows: the label sets (| between labels), each label's probability
             fh.write(",".join(["actual", "predicted", *(_csv_field(f"p_{n}") for n in names)]) + "\n")
             fh.writelines(f"{_label_set(names, a)},{_label_set(names, p)},{','.join(f'{x:.6f}' for x in c)}\n"
                           for a, p, c in zip(result.y_true, result.y_pred, result.confidence))
@@ -154,6 +164,15 @@ def _write_files(result: EvalResult, out: Path) -> None:
     write_json(out / "metrics.json", result.metrics)
 
 
+def _write_sentences(sentences: list[dict[str, Any]], out: Path, fh) -> None:
+    """predictions.jsonl: one record per sentence; predictions.csv (``fh``): one line per word."""
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as jl:
+        jl.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in sentences)
+    fh.write("sentence,word,actual,predicted\n")
+    fh.writelines(f"{i},{_csv_field(w)},{a},{p}\n" for i, r in enumerate(sentences)
+                  for w, a, p in zip(r["words"], r["true"], r["predicted"]))
+
+
 def _label_set(names: list[str], row: np.ndarray) -> str:
     return _csv_field("|".join(n for n, on in zip(names, row) if on))
 
@@ -167,6 +186,11 @@ def _plots(result: EvalResult, out: Path) -> None:
 
     matplotlib.use("Agg")
 
+    if result.sentences is not None:  # NER: the span-error table and the per-type F1 bars
+        _calibration_plot(result, out)
+        (out / "confusion_matrix.png").write_bytes(plots.span_errors(result.metrics["span_errors"]))
+        (out / "roc.png").write_bytes(plots.per_type_f1(result.metrics["per_class"], result.metrics["entity_micro_f1"]))
+        return
     top = top_classes(np.asarray(result.y_true), len(result.labels))
     names = [result.labels[i] for i in top]
     if "confusion_matrix" in result.metrics:

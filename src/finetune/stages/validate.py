@@ -29,7 +29,7 @@ from finetune.common.tokens import SPLITS
 from finetune.reporting.validation_summary import failure_message, render_summary
 from finetune.stages import StageFailed
 from finetune.tasks import task_for
-from finetune.tasks.ner_data import check_frame, check_tagged
+from finetune.tasks.ner_data import check_frame, check_tagged, given_splits
 from finetune.tasks.token import tag_names
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -315,7 +315,8 @@ def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateCo
     path = str(data_path)
     report: dict[str, Any] = {"data": path, "rules": [], "success": False}
     try:
-        data = check_tagged(read_tagged(path), path, data_cfg.tag_scheme, list(cfg.labels) or None, cfg.max_examples)
+        data = check_tagged(read_tagged(path, split_column=data_cfg.split_column), path, data_cfg.tag_scheme,
+                            list(cfg.labels) or None, cfg.max_examples)
     except (DataError, ValueError) as e:  # ValueError: data.tag_scheme names no scheme
         report["rules"] = [_rule(e.rule, None, False, e.message, e.rows, None, cfg.max_examples)
                            if isinstance(e, DataError) else _rule("tag_scheme", None, False, f"data.tag_scheme: {e}")]
@@ -325,7 +326,12 @@ def validate_tagged(data_path: str | Path, data_cfg: DataConfig, cfg: ValidateCo
     if not all(r["success"] for r in rules):
         report["rules"] = rules
         return ValidationResult(False, report)
-    splits = split_frame(frame, cfg, "token")  # stratified by each sentence's rarest entity type
+    splits, given = given_splits(frame, path, data_cfg.split_column)  # the file's split column, if any
+    rules += given
+    if not all(r["success"] for r in given):
+        report["rules"] = rules
+        return ValidationResult(False, report)
+    splits = splits or split_frame(frame, cfg, "token")  # else stratified by each sentence's rarest entity type
     labels = tag_names(data.types)
     report["labels"] = labels
     return _passed(report, rules, labels, splits, cfg, task_for("token"))

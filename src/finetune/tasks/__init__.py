@@ -81,6 +81,11 @@ evaluate / compress / register / predict / serve
         the stored decision thresholds evaluate scores with (None: the task's default rule)
     curves(y_true, probs, label_names, max_points: int = 1000, curves_for: Iterable[int] | None = None) -> dict
         per class, the curve named by CURVE_AXES and its area (only ``curves_for`` keep the points)
+    agreement(probs, reference, y_true, label_names) -> float
+        compress: the share of decisions two variants share (texts; token: words, i.e. first sub-tokens)
+    sentence_records(split: TokenizedSplit, probs, label_names, tok) -> list[dict] | None
+        evaluate's predictions.jsonl, one record per text (token: words, true and predicted tags and entities);
+        None: the task's predictions are one row per text in predictions.csv
 """
 
 from __future__ import annotations

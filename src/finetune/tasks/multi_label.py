@@ -359,3 +359,13 @@ def curves(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], max_po
         out[lab] = {"recall": recall[keep].tolist(), "precision": precision[keep].tolist(),
                     "threshold": scores_k[last][keep].tolist(), "ap": round(ap, 6)}
     return out
+
+
+def agreement(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray, label_names: list[str]) -> float:
+    """The share of texts given the same label set by ``probs`` and ``reference`` (compress's variants)."""
+    same = [a == b for a, b in zip(decide(probs, label_names), decide(reference, label_names))]
+    return float(np.mean(same)) if same else 1.0
+
+
+def sentence_records(split: Any, probs: np.ndarray, label_names: list[str], tok: Any) -> None:
+    """None: one prediction per text, written as predictions.csv rows (evaluate)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from finetune.common.token_files import TaggedSentence
+from finetune.common.tokens import SPLITS
 from finetune.tasks.ner_tags import check_sentence, detect_scheme, entity_types, split_tag, to_iob2
 
 NO_ENTITY = "(none)"
@@ -46,6 +47,8 @@ def check_tagged(sentences: list[TaggedSentence], path: str, scheme: str = "auto
     frame = pd.DataFrame({"tokens": [s.tokens for s in sentences],
                           "tags": [to_iob2(s.tags, scheme) if not violations else s.tags for s in sentences],
                           "line": [s.line for s in sentences], "text": [" ".join(s.tokens) for s in sentences]})
+    if any(s.split is not None for s in sentences):  # the user's split column (JSONL/Parquet)
+        frame["split"] = [s.split for s in sentences]
     return TaggedData(scheme, frame, entity_types(list(frame["tags"])), _group(violations, path, max_examples))
 
 
@@ -87,6 +90,30 @@ def _duplicate_rules(frame: pd.DataFrame, duplicates: str, path: str,
     return frame.drop(repeated.index), rules
 
 
+def _split_rules(frame: pd.DataFrame, path: str, max_examples: int) -> list[dict]:
+    """A user-given split: each value train, val or test, and no sentence in two splits (leakage), checked before
+    repeats are dropped."""
+    bad = frame[~frame["split"].isin(SPLITS)]
+    leak = list(frame["line"][frame["split"].groupby(frame["text"]).transform("nunique").gt(1)])
+    first = f"line {bad['line'].iloc[0]}: split {bad['split'].iloc[0]!r}" if len(bad) else ""
+    return [_rule("split_values", bad.empty, f"{path}: {first} is not one of {list(SPLITS)} ({len(bad)} row(s))"
+                  if len(bad) else "every split value is train, val or test", list(bad["line"]), max_examples),
+            _rule("text_in_one_split", not leak, f"{path}: lines {leak[:max_examples]}: the same sentence in more "
+                  f"than one split (train/test leakage)" if leak else "every sentence is in one split only", leak,
+                  max_examples)]
+
+
+def given_splits(frame: pd.DataFrame, path: str, column: str) -> tuple[dict[str, pd.DataFrame] | None, list[dict]]:
+    """The splits a JSONL/Parquet file's split column gives (values checked by check_frame), and the rule that each
+    is not empty; (None, []) when the file has no such column (validate then splits, seeded and stratified)."""
+    if "split" not in frame.columns:
+        return None, []
+    splits = {s: frame[frame["split"] == s].drop(columns="split") for s in SPLITS}
+    empty = [s for s, f in splits.items() if f.empty]
+    return splits, [_rule("splits_not_empty", not empty, f"{path}: no sentence in split(s) {empty} of column "
+                          f"'{column}'" if empty else f"train, val and test from column '{column}'")]
+
+
 def check_frame(data: TaggedData, path: str, duplicates: str, max_examples: int = 5) -> tuple[pd.DataFrame, list]:
     """Every rule of a tagged file as validate's report rules, and the de-duplicated frame (columns text, label =
     the IOB2 tag list, tokens, line). Failing rules carry their file and lines in the message."""
@@ -94,6 +121,10 @@ def check_frame(data: TaggedData, path: str, duplicates: str, max_examples: int 
     if rules:
         return data.frame, rules
     rules.append(_rule("tag_scheme", True, f"tag scheme {data.scheme.upper()}, converted to IOB2"))
+    if "split" in data.frame.columns:
+        rules += _split_rules(data.frame, path, max_examples)
+        if not all(r["success"] for r in rules):
+            return data.frame, rules
     frame, dup_rules = _duplicate_rules(data.frame, duplicates, path, max_examples)
     frame = frame.assign(label=frame["tags"]).drop(columns="tags")
     return frame, rules + dup_rules

@@ -237,3 +237,13 @@ def curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points:
         out[lab] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thr[keep].tolist(),
                     "auc": round(auc, 6)}
     return out
+
+
+def agreement(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray, label_names: list[str]) -> float:
+    """The share of texts given the same class by ``probs`` and ``reference`` (compress's variants)."""
+    same = [a == b for a, b in zip(decide(probs, label_names), decide(reference, label_names))]
+    return float(np.mean(same)) if same else 1.0
+
+
+def sentence_records(split: Any, probs: np.ndarray, label_names: list[str], tok: Any) -> None:
+    """None: one prediction per text, written as predictions.csv rows (evaluate)."""

@@ -20,6 +20,7 @@ from finetune.tasks import ner_decode, single_label
 from finetune.tasks.ner_align import IGNORE, align
 from finetune.tasks.ner_data import strata, type_counts
 from finetune.tasks.ner_metrics import entity_scores, span_errors
+from finetune.tasks.ner_tags import spans
 
 NAME = "token"
 PROBLEM_TYPE = "single_label_classification"  # softmax per token; transformers' token head reads no other type
@@ -184,9 +185,54 @@ def scores(y_true: np.ndarray, probs: np.ndarray, label_names: list[str], bins: 
     s = entity_scores(true, pred)
     loss = _token_nll(y_true, probs)
     metrics = {k: v for k, v in s.items() if k != "per_type"}
+    word_true, word_probs = _scored_words(y_true, probs)
+    word_metrics, calib = single_label.classification_metrics(word_true, word_probs, label_names, bins)
+    # accuracy / macro_f1 under the names the card, report, gate (min_macro_f1) and compare read: token accuracy
+    # and entity macro-F1; ece: the calibration of each word's tag probability
     metrics.update({"per_class": s["per_type"], "labels": sorted(s["per_type"]), "n": len(y_true),
-                    "loss": round(loss, 6), "accuracy": s["token_accuracy"], "span_errors": span_errors(true, pred)})
-    return metrics, []
+                    "loss": round(loss, 6), "accuracy": s["token_accuracy"], "macro_f1": s["entity_macro_f1"],
+                    "ece": word_metrics["ece"], "words": len(word_true), "span_errors": span_errors(true, pred)})
+    return metrics, calib
+
+
+def _scored_words(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The true tag id and the tag probabilities of every scored position (each word's first sub-token)."""
+    n = min(labels.shape[1], probs.shape[1]) if len(labels) else 0
+    mask = labels[:, :n] != IGNORE
+    return labels[:, :n][mask], probs[:, :n][mask]
+
+
+def agreement(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray, label_names: list[str]) -> float:
+    """The share of words (first sub-tokens) given the same tag by ``probs`` and ``reference``."""
+    _, a = _scored_words(y_true, probs)
+    _, b = _scored_words(y_true, reference)
+    return float((a.argmax(-1) == b.argmax(-1)).mean()) if len(a) else 1.0
+
+
+def sentence_records(split: TokenizedSplit, probs: np.ndarray, label_names: list[str], tok) -> list[dict[str, Any]]:
+    """Per test sentence: its words, true and predicted tags, and the true and predicted entities (type, words
+    [start, end) and their text) for evaluate's predictions.jsonl."""
+    true, pred = word_tags(split.labels, probs, label_names)
+    out = []
+    for w, t, p in zip(split_words(split, tok), true, pred):
+        ents = {k: [{"type": typ, "start": a, "end": b, "text": " ".join(w[a:b])} for typ, a, b in spans(tags)]
+                for k, tags in (("true_entities", t), ("predicted_entities", p))}
+        out.append({"words": w, "true": t, "predicted": p, **ents})
+    return out
+
+
+def split_words(split: TokenizedSplit, tok) -> list[list[str]]:
+    """Each sentence's words as the tokenizer reads them back (its first sub-token and the ones after it): the
+    test split keeps ids, not strings, so an uncased model gives lower-cased words and unknown characters
+    its unknown token."""
+    special = set(tok.all_special_ids) - {tok.unk_token_id}  # [CLS]/[SEP]/padding; an unknown word stays [UNK]
+    out = []
+    for i in range(len(split)):
+        ids, starts = split.sequence(i), np.flatnonzero(split.labels[i][:split.lengths[i]] != IGNORE)
+        bounds = [*starts[1:], len(ids)]
+        out.append([tok.convert_tokens_to_string(tok.convert_ids_to_tokens(
+            [int(t) for t in ids[a:b] if int(t) not in special])) for a, b in zip(starts, bounds)])
+    return out
 
 
 def decide(probs: np.ndarray, label_names: list[str], thresholds: np.ndarray | None = None) -> list:
