@@ -92,12 +92,23 @@ def test_held_out_reviews_are_no_drift_and_another_domain_is(registered, capsys)
     assert "DRIFT" in (project / "out" / "monitor" / "report.html").read_text()
 
 
+def test_word_shuffled_reviews_are_drift_by_the_bigram_test(registered, capsys):
+    project, _, uri = registered
+    batch = reviews(200, offset=2000)[["text"]]
+    rng = random.Random(0)
+    batch["text"] = [" ".join(rng.sample(t.split(), len(t.split()))) for t in batch["text"]]
+    code, err, result = monitor(project, uri, batch, capsys)
+    assert code == 3, err
+    assert "psi:bigram_seen_rate" in result["fired"] and "psi:char_length" not in result["fired"], result["fired"]
+    assert "psi:bigram_seen_rate" in (project / "out" / "monitor" / "report.html").read_text()
+
+
 def test_the_profile_is_stored_in_the_version_and_a_changed_one_is_refused(registered, capsys):
     from mlflow import MlflowClient
 
     project, reg, uri = registered
     tags = MlflowClient(uri).get_model_version(NAME, reg["version"]).tags
-    for f in ("profile.json", "embeddings.npy"):
+    for f in ("profile.json", "embeddings.npy", "bigrams.npy"):
         assert f"sha256/artifacts/reference_profile/{f}" in tags
     stored = next(p for p in project.rglob("reference_profile/profile.json") if "mlartifacts" in str(p)
                   or "artifacts" in p.parts[-4:])

@@ -32,7 +32,7 @@ def psi(reference: np.ndarray, batch: np.ndarray, bins: int = 10) -> float:
 def feature_tests(reference: dict[str, np.ndarray], batch: dict[str, np.ndarray], cfg: MonitorConfig
                   ) -> list[dict[str, Any]]:
     out = []
-    for name in TEXT_FEATURES:
+    for name in (n for n in TEXT_FEATURES if n in reference and n in batch):  # older profiles lack some
         value = psi(reference[name], batch[name])
         ks = stats.ks_2samp(reference[name], batch[name])
         out.append({"test": f"psi:{name}", "kind": "text", "statistic": round(value, 6), "threshold":

@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from finetune.monitoring.order import FEATURE as ORDER_FEATURE
+from finetune.monitoring.order import bigram_seen_rates, reference_bigrams
 from finetune.monitoring.tasks import task_of
 
 PROFILE_FOLDER = "reference_profile"  # its name inside the logged model: artifacts/reference_profile/
-TEXT_FEATURES = ("char_length", "token_count", "unk_rate", "truncated")
+TEXT_FEATURES = ("char_length", "token_count", "unk_rate", "truncated", ORDER_FEATURE)
 BATCH = 64
 
 
@@ -35,6 +37,7 @@ class Profile:
     probs: np.ndarray
     embeddings: np.ndarray  # float16, one pooled embedding per text
     labels: np.ndarray | None  # label ids when the texts came labelled
+    bigram_table: np.ndarray | None = None  # the reference's: packed bits of its word bigrams (order.py)
 
     def __len__(self) -> int:
         return len(self.probs)
@@ -91,16 +94,20 @@ def forward(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
     return probs, (emb if emb is not None else np.zeros((0, 1), dtype=np.float32))
 
 
-def profile_texts(encoder: Encoder, texts: list[str], label_ids: np.ndarray | None = None) -> Profile:
+def profile_texts(encoder: Encoder, texts: list[str], label_ids: np.ndarray | None = None,
+                  bigram_table: np.ndarray | None = None) -> Profile:
+    """The batch's profile; with the reference's ``bigram_table`` also each text's bigram seen rate."""
     task = task_of(encoder.task)
     probs, emb = forward(encoder, texts)
     features = {**text_features(encoder.tokenizer, texts, encoder.max_length), **task.prediction_features(probs)}
+    if bigram_table is not None:
+        features[ORDER_FEATURE] = bigram_seen_rates(texts, bigram_table)
     return Profile(features, probs, emb.astype(np.float16), label_ids)
 
 
 def save_reference(profile: Profile, encoder: Encoder, folder: str | Path, metrics: dict[str, Any]) -> Path:
-    """``folder``/profile.json (per-text features, label and prediction counts, the test metrics) and
-    embeddings.npy (float16)."""
+    """``folder``/profile.json (per-text features, label and prediction counts, the test metrics),
+    embeddings.npy (float16) and bigrams.npy (the packed bigram table, 128 KiB)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = task_of(encoder.task)
@@ -114,6 +121,9 @@ def save_reference(profile: Profile, encoder: Encoder, folder: str | Path, metri
     (folder / "profile.json").write_text(json.dumps(doc), encoding="utf-8")  # a temporary folder: logged whole
     with open(folder / "embeddings.npy", "wb") as fh:
         np.save(fh, profile.embeddings.astype(np.float16))
+    if profile.bigram_table is not None:
+        with open(folder / "bigrams.npy", "wb") as fh:
+            np.save(fh, profile.bigram_table)
     return folder
 
 
@@ -121,6 +131,8 @@ def load_reference(folder: str | Path) -> tuple[dict[str, Any], np.ndarray]:
     folder = Path(folder)
     doc = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
     doc["features"] = {k: np.asarray(v, dtype=np.float64) for k, v in doc["features"].items()}
+    # a version registered before the order feature has no table: its batches are profiled without it
+    doc["bigram_table"] = np.load(folder / "bigrams.npy") if (folder / "bigrams.npy").is_file() else None
     return doc, np.load(folder / "embeddings.npy").astype(np.float32)
 
 
@@ -134,4 +146,5 @@ def reference_profile(model_dir: str | Path, texts: list[str], labels: list[str]
     texts = [texts[i] for i in keep]
     ids = task.label_ids([labels[i] for i in keep], encoder.labels, "test split", [int(i) for i in keep])
     profile = profile_texts(encoder, texts, ids)
+    profile.features[ORDER_FEATURE], profile.bigram_table = reference_bigrams(texts)
     return save_reference(profile, encoder, folder, task.score(ids, profile.probs, encoder.labels))

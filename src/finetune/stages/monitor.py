@@ -35,7 +35,7 @@ def monitor_batch(cfg: Config, model_uri: str, tracking_uri: str, batch: str | P
         ref_doc, ref_emb = load_reference(tmp)
     encoder = encoder_from_pyfunc(model, ref_doc["task"])
     ids = task_of(ref_doc["task"]).label_ids(labels, encoder.labels, str(batch), rows) if labels is not None else None
-    profile = profile_texts(encoder, texts, ids)
+    profile = profile_texts(encoder, texts, ids, ref_doc["bigram_table"])
     result = compare_profiles(ref_doc, ref_emb, profile, cfg.monitor)
     result = {"model": name, "version": version, "input": str(batch), "rows_read": read, **result}
     return result, ref_doc, profile
