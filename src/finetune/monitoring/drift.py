@@ -115,10 +115,15 @@ def compare_profiles(ref_doc: dict[str, Any], ref_embeddings: np.ndarray, batch:
             ) -> dict[str, Any]:
     """Every test's outcome, and whether any fired."""
     task = ref_doc["task"]
-    tests = [*feature_tests(ref_doc["features"], batch.features, cfg),
-             embedding_test(ref_embeddings, batch.embeddings, cfg), *prediction_tests(ref_doc, batch, task, cfg)]
+    tests = feature_tests(ref_doc["features"], batch.features, cfg)
+    if len(batch.embeddings):  # a request log without texts has none
+        tests.append(embedding_test(ref_embeddings, batch.embeddings, cfg))
+    tests += prediction_tests(ref_doc, batch, task, cfg)
     if batch.labels is not None:
         tests += metric_tests(ref_doc, batch, task, cfg)
     fired = [t["test"] for t in tests if t["drifted"]]
+    ran = {t["test"] for t in tests}
+    skipped = [f"psi:{n}" for n in TEXT_FEATURES if f"psi:{n}" not in ran] + [
+        "mmd:embeddings"] * ("mmd:embeddings" not in ran)  # what this batch or an older reference could not give
     return {"drift": bool(fired), "fired": fired, "rows": len(batch), "reference_rows": int(ref_doc["n"]),
-            "labelled": batch.labels is not None, "tests": tests}
+            "labelled": batch.labels is not None, "tests": tests, "skipped": skipped}

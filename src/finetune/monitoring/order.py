@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from itertools import pairwise
 
 import numpy as np
 
@@ -22,7 +23,7 @@ FEATURE = "bigram_seen_rate"
 def bigram_slots(text: str) -> np.ndarray:
     """The table slot of each word bigram of ``text`` (with repeats)."""
     words = WORD.findall(text.lower())
-    return np.array([zlib.crc32(f"{a} {b}".encode()) % TABLE_BITS for a, b in zip(words, words[1:])],
+    return np.array([zlib.crc32(f"{a} {b}".encode()) % TABLE_BITS for a, b in pairwise(words)],
                     dtype=np.int64)
 
 
