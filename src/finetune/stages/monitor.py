@@ -77,7 +77,8 @@ def monitor_batch(cfg: Config, model_uri: str, tracking_uri: str, batch: str | P
     if texts_given:
         encoder = encoder_from_pyfunc(model, ref_doc["task"])
         task = task_of(ref_doc["task"])
-        ids = task.label_ids(labels, encoder.labels, str(batch), rows) if labels is not None else None
+        ids = (task.label_ids(labels, encoder.labels, str(batch), rows, cfg.data.label_separator)
+               if labels is not None else None)
         profile = profile_texts(encoder, texts, ids, ref_doc["bigram_table"])
     else:
         profile, read = _logged_predictions(cfg, Path(batch), ref_doc, start)
