@@ -14,12 +14,7 @@ from finetune.monitoring.order import FEATURE, TABLE_BITS, bigram_seen_rates, re
 
 def _shuffled(texts: list[str], seed: int) -> list[str]:
     rng = random.Random(seed)
-    out = []
-    for text in texts:
-        words = text.split()
-        rng.shuffle(words)
-        out.append(" ".join(words))
-    return out
+    return [" ".join(rng.sample(t.split(), len(t.split()))) for t in texts]
 
 
 def _order_test(reference: dict, texts: list[str], table: np.ndarray) -> dict:
