@@ -6,8 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from finetune.common.monitor_config import MonitorConfig
-from finetune.monitoring.drift import (compare_profiles, feature_tests, metric_tests, mmd_permutation,
-                                      prediction_tests, psi)
+from finetune.monitoring.drift import (
+    compare_profiles,
+    feature_tests,
+    metric_tests,
+    mmd_permutation,
+    prediction_tests,
+    psi,
+)
 from finetune.monitoring.profiling import Profile
 
 LABELS = ["fresh", "rotten"]
