@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--rows", type=int, default=500)
+    ap.add_argument("--shuffled-seeds", type=int, default=10)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)
@@ -71,17 +72,28 @@ def main() -> None:
 
     def check(texts, labels=None):
         ids = task.label_ids(labels, encoder.labels, "batch", list(range(len(labels)))) if labels else None
-        return compare_profiles(ref, emb, profile_texts(encoder, texts, ids), cfg.monitor)
+        return compare_profiles(ref, emb, profile_texts(encoder, texts, ids, ref["bigram_table"]), cfg.monitor)
 
     report = {"model": f"{name} v{version}", "reference_rows": ref["n"], "held_out": []}
     for seed in range(args.seeds):
         batch = val.sample(args.rows, random_state=seed)
         r = check(batch["text"].tolist())
+        tests = {t["test"]: t for t in r["tests"]}
         report["held_out"].append({"seed": seed, "drift": r["drift"], "fired": r["fired"],
-                                   "mmd_p": r["tests"][4]["p_value"]})
+                                   "mmd_p": tests["mmd:embeddings"]["p_value"],
+                                   "bigram_psi": tests.get("psi:bigram_seen_rate", {}).get("statistic")})
         print(f"held-out seed {seed}: drift={r['drift']} {r['fired']}", flush=True)
     alarms = sum(h["drift"] for h in report["held_out"])
     report["false_alarm_rate"] = alarms / max(args.seeds, 1)
+    report["shuffled"] = []
+    for seed in range(args.shuffled_seeds):  # other reviews each time, their words shuffled
+        r = check(shuffled(val.sample(args.rows, random_state=200 + seed)["text"].tolist(), seed))
+        tests = {t["test"]: t for t in r["tests"]}
+        report["shuffled"].append({"seed": seed, "drift": r["drift"], "fired": r["fired"],
+                                   "mmd_p": tests["mmd:embeddings"]["p_value"],
+                                   "bigram_psi": tests.get("psi:bigram_seen_rate", {}).get("statistic")})
+        print(f"shuffled seed {seed}: drift={r['drift']} {r['fired']}", flush=True)
+    report["shuffled_detection_rate"] = sum(h["drift"] for h in report["shuffled"]) / max(args.shuffled_seeds, 1)
     batch = val.sample(args.rows, random_state=100)
     flipped = batch["label"].tolist()
     rng = np.random.default_rng(0)
@@ -99,7 +111,7 @@ def main() -> None:
                                   for t in r["tests"]}}
         print(f"{case}: drift={r['drift']} {r['fired']}", flush=True)
     (args.work / "monitor_drift.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "held_out"}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("held_out", "shuffled")}, indent=1))
 
 
 if __name__ == "__main__":

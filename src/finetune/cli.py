@@ -157,6 +157,7 @@ def _add_monitor(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     s.add_argument("--input", required=True, help="the batch: a .csv/.jsonl/.parquet file or a request-log folder")
     s.add_argument("--out", default="out/monitor", help="output folder: metrics.json, report.html")
+    s.add_argument("--since", help="a request-log folder's records from this time on (ISO 8601, UTC by default)")
 
 
 def _add_compare(sub, common: argparse.ArgumentParser) -> None:
@@ -280,7 +281,7 @@ def _serve(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
 
 def _monitor(stage: ModuleType, args: argparse.Namespace, cfg: Config) -> None:
     uri, _ = tracking.configure(".")
-    if stage.run_monitor(cfg, args.model, args.input, args.out, uri)["drift"]:
+    if stage.run_monitor(cfg, args.model, args.input, args.out, uri, args.since)["drift"]:
         raise SystemExit(stage.DRIFT_EXIT)  # outputs and the MLflow run are written: only the status differs
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from finetune.common.monitor_config import MonitorConfig
-from finetune.monitoring.drift import compare_profiles, metric_tests, mmd_permutation, prediction_tests, psi
+from finetune.monitoring.drift import (
+    compare_profiles,
+    feature_tests,
+    metric_tests,
+    mmd_permutation,
+    prediction_tests,
+    psi,
+)
 from finetune.monitoring.profiling import Profile
 
 LABELS = ["fresh", "rotten"]
@@ -91,3 +98,11 @@ def test_a_confidence_drop_fires_without_a_label_shift():
     unsure.features["confidence"] = unsure.probs.max(1)
     fired = [t["test"] for t in prediction_tests(doc, unsure, "single_label", CFG) if t["drifted"]]
     assert fired == ["drop:confidence"]
+
+
+def test_a_rate_compares_equal_to_the_6_decimals_profile_json_stores():
+    """Rates like 1/3 are stored as 0.333333: the same texts' unrounded rates must land in the same PSI bins."""
+    rates = np.random.default_rng(5).choice([0.0, 1 / 3, 0.5, 2 / 3, 1.0], 1000)
+    stored = {"unk_rate": np.round(rates, 6)}
+    (test,) = feature_tests(stored, {"unk_rate": rates}, CFG)
+    assert test["statistic"] < 1e-6 and not test["drifted"], test

@@ -92,12 +92,23 @@ def test_held_out_reviews_are_no_drift_and_another_domain_is(registered, capsys)
     assert "DRIFT" in (project / "out" / "monitor" / "report.html").read_text()
 
 
+def test_word_shuffled_reviews_are_drift_by_the_bigram_test(registered, capsys):
+    project, _, uri = registered
+    batch = reviews(200, offset=2000)[["text"]]
+    rng = random.Random(0)
+    batch["text"] = [" ".join(rng.sample(t.split(), len(t.split()))) for t in batch["text"]]
+    code, err, result = monitor(project, uri, batch, capsys)
+    assert code == 3, err
+    assert "psi:bigram_seen_rate" in result["fired"] and "psi:char_length" not in result["fired"], result["fired"]
+    assert "psi:bigram_seen_rate" in (project / "out" / "monitor" / "report.html").read_text()
+
+
 def test_the_profile_is_stored_in_the_version_and_a_changed_one_is_refused(registered, capsys):
     from mlflow import MlflowClient
 
     project, reg, uri = registered
     tags = MlflowClient(uri).get_model_version(NAME, reg["version"]).tags
-    for f in ("profile.json", "embeddings.npy"):
+    for f in ("profile.json", "embeddings.npy", "bigrams.npy"):
         assert f"sha256/artifacts/reference_profile/{f}" in tags
     stored = next(p for p in project.rglob("reference_profile/profile.json") if "mlartifacts" in str(p)
                   or "artifacts" in p.parts[-4:])
@@ -167,3 +178,67 @@ def test_bad_config_exits_2(registered, capsys):
     project, _, uri = registered
     code, err, _ = monitor(project, uri, reviews(20)[["text"]], capsys, "--set", "monitor.alpha=0.7")
     assert code == 2 and "monitor.alpha" in err
+
+
+def test_a_request_log_without_texts_feeds_its_predictions_to_the_prediction_tests(registered, capsys):
+    """serve.log_text: sha256 keeps no text: the served probabilities alone are compared (predicted-label shares,
+    confidence); the text-feature and embedding tests are listed as skipped. A log of another model is refused."""
+    from finetune.serving.request_log import RequestLog
+
+    project, _, uri = registered
+    stored = next(p for p in project.rglob("reference_profile/profile.json") if "mlartifacts" in str(p))
+    counts = json.loads(stored.read_text())["predicted_counts"]
+    rare = ["fresh", "rotten"][counts.index(min(counts))]  # the class the version predicts less on its test split
+    log = RequestLog(project / "hashed", 1.0, "sha256", 1000)
+    one_class = {"label": rare, "probabilities": {"fresh": 0.98 if rare == "fresh" else 0.02,
+                                                  "rotten": 0.98 if rare == "rotten" else 0.02}}
+    log.add(NAME, "1", [f"text {i}" for i in range(80)], [one_class] * 80)
+    log.flush()
+    code, err, result = monitor(project, uri, project / "hashed", capsys)
+    assert code == 3, err
+    assert {t["test"] for t in result["tests"]} == {"chi2:predicted_labels", "drop:confidence"}
+    assert result["fired"] == ["chi2:predicted_labels"] and result["rows"] == 80
+    assert "mmd:embeddings" in result["skipped"] and "psi:bigram_seen_rate" in result["skipped"]
+    other = RequestLog(project / "other-model", 1.0, "sha256", 1000)
+    other.add("ner", "1", ["x"], [{"label": "PER", "probabilities": {"PER": 0.9, "ORG": 0.1}}])
+    other.flush()
+    code, err, _ = monitor(project, uri, project / "other-model", capsys, "--out", "out/other-model")
+    assert code == 1 and "record 1: probabilities over ['ORG', 'PER'], not the model's labels" in err, err
+    assert not (project / "out" / "other-model").exists()
+
+
+def test_since_keeps_the_request_logs_recent_records(registered, capsys):
+    from finetune.serving.request_log import RequestLog
+
+    project, _, uri = registered
+    log = RequestLog(project / "windowed", 1.0, "keep", 1000)
+    texts = reviews(60, offset=21)["text"].tolist()
+    log.add(NAME, "1", texts, [{"label": "fresh", "probabilities": {"fresh": 0.6, "rotten": 0.4}}] * len(texts))
+    log.flush()
+    old = [json.dumps({"ts": 1.0e9, "model": NAME, "version": "1", "text": t, "label": "fresh",
+                       "probabilities": {"fresh": 0.6, "rotten": 0.4}}) for t in OTHER_DOMAIN * 10]
+    _write(project / "windowed" / "requests-0-old.jsonl", "\n".join(old) + "\n")  # from 2001
+    code, err, result = monitor(project, uri, project / "windowed", capsys, "--since", "2026-01-01")
+    assert code in (0, 3) and result["rows_read"] == 60, err
+    code, err, result = monitor(project, uri, project / "windowed", capsys)
+    assert code == 3 and result["rows_read"] == 90 and "psi:char_length" in result["fired"], err
+    code, err, _ = monitor(project, uri, project / "windowed", capsys, "--since", "last tuesday")
+    assert code == 2 and "--since 'last tuesday': not an ISO 8601 date" in err
+    code, err, _ = monitor(project, uri, reviews(20)[["text"]], capsys, "--since", "2026-01-01")
+    assert code == 1 and "applies to a request-log folder, not a file" in err
+
+
+def test_the_int8_variant_is_refused_naming_the_fp32_uri(registered, capsys):
+    from mlflow import MlflowClient
+
+    project, reg, uri = registered
+    client = MlflowClient(uri)
+    client.create_registered_model(f"{NAME}-int8")
+    mv = client.create_model_version(f"{NAME}-int8", str(project), tags={"fp32_model": f"{NAME}/{reg['version']}"})
+    client.set_registered_model_alias(f"{NAME}-int8", "champion", mv.version)
+    for ref, fp32 in (("@champion", f"models:/{NAME}@champion"), (f"/{mv.version}", f"models:/{NAME}/{reg['version']}")):
+        code, err, _ = monitor(project, uri, reviews(20)[["text"]], capsys, "--model", f"models:/{NAME}-int8{ref}",
+                               "--out", "out/int8")
+        assert code == 1 and f"the int8 ONNX variant of {NAME}/{reg['version']}" in err, err
+        assert f"monitor the fp32 version instead: --model {fp32}" in err
+        assert not (project / "out" / "int8").exists()

@@ -1,11 +1,13 @@
 """Reading a batch to monitor: a CSV, JSONL or Parquet file of texts (labels optional), or a folder of the model
-server's request log (``requests-*.jsonl``: records with ``text`` and the served ``label``). Streamed in chunks and
-reservoir-sampled down to ``max_rows``, so a batch larger than memory is read with memory bounded by ``max_rows``."""
+server's request log (``requests-*.jsonl``: records with ``ts``, ``text`` and the served ``label`` and
+``probabilities``; optionally only the records since a time). Streamed in chunks and reservoir-sampled down to
+``max_rows``, so a batch larger than memory is read with memory bounded by ``max_rows``. A request log written
+without texts (``serve.log_text: sha256`` or ``drop``) is read as its logged predictions only."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,53 +34,118 @@ def _chunks(path: Path) -> Iterator[pd.DataFrame]:
         raise MonitorInputError(f"{path}: not a .csv, .jsonl or .parquet file, nor a request-log folder")
 
 
-def _request_log_chunks(folder: Path) -> Iterator[pd.DataFrame]:
-    """Records of the request log's files; ``label`` there is what the model served, not feedback: dropped."""
+def _log_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("requests-*.jsonl"))
     if not files:
         raise MonitorInputError(f"{folder}: no requests-*.jsonl files (the model server's request log) in it")
-    for f in files:
+    return files
+
+
+def _log_records(folder: Path, with_text: bool, since: float | None) -> Iterator[tuple[Path, dict]]:
+    """Each record of the request log (at or after ``since``, epoch seconds), with its file; every record must
+    hold a text or none may (a log switched between ``log_text`` modes is two batches, not one)."""
+    for f in _log_files(folder):
         with f.open(encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        if rows and "text" not in rows[0]:
-            raise MonitorInputError(f"{f}: its records hold no text (serve.log_text is sha256 or drop); the monitor "
-                                    f"needs serve.log_text: keep")
-        yield pd.DataFrame({"text": [r.get("text") for r in rows]})
+            for line in fh:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if ("text" in record) != with_text:
+                    raise MonitorInputError(f"{f}: its records {'hold no' if with_text else 'hold a'} text, unlike "
+                                            f"the log's first file: monitor each serve.log_text mode apart")
+                if since is None or float(record.get("ts", 0)) >= since:
+                    yield f, record
 
 
-def read_batch(path: str | Path, text_column: str, label_column: str, max_rows: int, seed: int = 0
-               ) -> tuple[list[str], list[object] | None, list[int], int]:
+def log_has_texts(folder: str | Path) -> bool:
+    """Whether a request-log folder was written with ``serve.log_text: keep`` (by its first record)."""
+    for f in _log_files(Path(folder)):
+        with f.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    return "text" in json.loads(line)
+    raise MonitorInputError(f"{folder}: the batch is empty (no rows to monitor)")
+
+
+def _request_log_chunks(folder: Path, since: float | None) -> Iterator[pd.DataFrame]:
+    """Records of the request log's files; ``label`` there is what the model served, not feedback: dropped."""
+    texts: list[object] = []
+    for _, record in _log_records(folder, True, since):
+        texts.append(record.get("text"))
+        if len(texts) == CHUNK:
+            yield pd.DataFrame({"text": texts})
+            texts = []
+    if texts:
+        yield pd.DataFrame({"text": texts})
+
+
+def _reservoir(items: Iterable[tuple], max_rows: int, seed: int) -> tuple[list[tuple], int]:
+    """(a uniform sample of at most ``max_rows`` items, in their order, items seen); item[0] is its row."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple] = []
+    seen = 0
+    for item in items:
+        seen += 1
+        if len(kept) < max_rows:
+            kept.append(item)
+        elif (j := int(rng.integers(0, seen))) < max_rows:
+            kept[j] = item
+    kept.sort(key=lambda r: r[0])
+    return kept, seen
+
+
+def read_logged_predictions(folder: str | Path, labels: list[str], max_rows: int, seed: int = 0,
+                            since: float | None = None) -> tuple[np.ndarray, int]:
+    """(the served probabilities in the version's label order, records read) of a request log without texts."""
+    folder = Path(folder)
+    kept, seen = _reservoir(((i, f, r) for i, (f, r) in enumerate(_log_records(folder, False, since), 1)),
+                            max_rows, seed)
+    if not kept:
+        raise MonitorInputError(f"{folder}: the batch is empty (no rows to monitor)")
+    probs = np.empty((len(kept), len(labels)))
+    for n, (row, f, record) in enumerate(kept):
+        served = record.get("probabilities")
+        if not isinstance(served, dict) or sorted(served) != sorted(labels):
+            raise MonitorInputError(f"{f}: record {row}: probabilities over {sorted(served or {})[:10]}, not the "
+                                    f"model's labels {labels} (another model's log?)")
+        probs[n] = [float(served[lab]) for lab in labels]
+    return probs, seen
+
+
+def read_batch(path: str | Path, text_column: str, label_column: str, max_rows: int, seed: int = 0,
+               since: float | None = None) -> tuple[list[str], list[object] | None, list[int], int]:
     """(texts, labels or None, their 1-based rows, rows read): every row when there are at most ``max_rows``,
     else a uniform sample of ``max_rows`` (reservoir sampling over the stream)."""
     path = Path(path)
     if not path.exists():
         raise MonitorInputError(f"{path}: no such file or folder")
-    chunks = _request_log_chunks(path) if path.is_dir() else _chunks(path)
-    rng = np.random.default_rng(seed)
-    kept: list[tuple[int, object, object]] = []
-    seen, has_labels = 0, None
-    try:
+    if since is not None and not path.is_dir():
+        raise MonitorInputError(f"{path}: a time window (--since) applies to a request-log folder, not a file")
+    chunks = _request_log_chunks(path, since) if path.is_dir() else _chunks(path)
+    has_labels: list[bool] = []
+
+    def rows_of(chunks: Iterator[pd.DataFrame]) -> Iterator[tuple[int, object, object]]:
+        row = 0
         for chunk in chunks:
             if text_column not in chunk.columns:
                 raise MonitorInputError(f"{path}: no '{text_column}' column (found {list(chunk.columns)[:10]})")
-            has_labels = label_column in chunk.columns if has_labels is None else has_labels
-            labels = chunk[label_column].tolist() if has_labels else [None] * len(chunk)
+            has_labels.append(label_column in chunk.columns if not has_labels else has_labels[0])
+            labels = chunk[label_column].tolist() if has_labels[0] else [None] * len(chunk)
             for text, label in zip(chunk[text_column].tolist(), labels):
-                seen += 1
-                if len(kept) < max_rows:
-                    kept.append((seen, text, label))
-                elif (j := int(rng.integers(0, seen))) < max_rows:
-                    kept[j] = (seen, text, label)
+                row += 1
+                yield row, text, label
+
+    try:
+        kept, seen = _reservoir(rows_of(chunks), max_rows, seed)
     except (ValueError, OSError) as exc:
         if isinstance(exc, MonitorInputError):
             raise
         raise MonitorInputError(f"{path}: cannot be read as a table: {str(exc).splitlines()[0][:200]}") from None
     if not kept:
         raise MonitorInputError(f"{path}: the batch is empty (no rows to monitor)")
-    kept.sort(key=lambda r: r[0])
     _check_texts(path, kept)
     rows = [r[0] for r in kept]
-    return [r[1] for r in kept], ([r[2] for r in kept] if has_labels else None), rows, seen
+    return [r[1] for r in kept], ([r[2] for r in kept] if has_labels[0] else None), rows, seen
 
 
 def _check_texts(path: Path, kept: list[tuple[int, object, object]]) -> None:

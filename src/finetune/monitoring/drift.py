@@ -32,12 +32,14 @@ def psi(reference: np.ndarray, batch: np.ndarray, bins: int = 10) -> float:
 def feature_tests(reference: dict[str, np.ndarray], batch: dict[str, np.ndarray], cfg: MonitorConfig
                   ) -> list[dict[str, Any]]:
     out = []
-    for name in TEXT_FEATURES:
-        value = psi(reference[name], batch[name])
-        ks = stats.ks_2samp(reference[name], batch[name])
+    for name in (n for n in TEXT_FEATURES if n in reference and n in batch):  # older profiles lack some
+        # profile.json stores 6 decimals: a batch's 1/3 must fall in the bin of the reference's 0.333333
+        ref, cur = np.round(reference[name], 6), np.round(batch[name], 6)
+        value = psi(ref, cur)
+        ks = stats.ks_2samp(ref, cur)
         out.append({"test": f"psi:{name}", "kind": "text", "statistic": round(value, 6), "threshold":
-                    cfg.psi_threshold, "ks_p_value": float(ks.pvalue), "reference_mean": float(reference[name].mean()),
-                    "batch_mean": float(batch[name].mean()), "drifted": value > cfg.psi_threshold})
+                    cfg.psi_threshold, "ks_p_value": float(ks.pvalue), "reference_mean": float(ref.mean()),
+                    "batch_mean": float(cur.mean()), "drifted": value > cfg.psi_threshold})
     return out
 
 
@@ -72,23 +74,58 @@ def embedding_test(reference: np.ndarray, batch: np.ndarray, cfg: MonitorConfig)
             "threshold": cfg.alpha, "rows": [len(reference), len(sample)], "drifted": p < cfg.alpha}
 
 
-def prediction_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: MonitorConfig
-                     ) -> list[dict[str, Any]]:
-    task = task_of(task_name)
-    k = len(ref_doc["labels"])
-    ref_counts = np.asarray(ref_doc["predicted_counts"], dtype=np.float64)
-    cur_counts = np.bincount(task.predicted(batch.probs), minlength=k).astype(np.float64)
+def _chi2_shift(name: str, ref_counts: np.ndarray, cur_counts: np.ndarray, names: list, cfg: MonitorConfig
+                ) -> dict[str, Any]:
+    """Chi-square of two count vectors over the same categories, with a total-variation floor."""
+    ref_counts, cur_counts = np.asarray(ref_counts, np.float64), np.asarray(cur_counts, np.float64)
     seen = (ref_counts + cur_counts) > 0
     p = float(stats.chi2_contingency(np.vstack([ref_counts[seen], cur_counts[seen]]))[1]) if seen.sum() > 1 else 1.0
     tvd = float(0.5 * np.abs(ref_counts / ref_counts.sum() - cur_counts / cur_counts.sum()).sum())
+    shares = {str(lab): round(float(c / cur_counts.sum()), 6) for lab, c in zip(names, cur_counts)}
+    return {"test": name, "kind": "prediction", "p_value": p, "statistic": round(tvd, 6), "threshold": cfg.alpha,
+            "min_effect": cfg.min_label_shift, "batch_shares": shares,
+            "drifted": p < cfg.alpha and tvd >= cfg.min_label_shift}
+
+
+def label_rate_test(name: str, ref_positive: np.ndarray, ref_n: int, cur_positive: np.ndarray, cur_n: int,
+                    labels: list[str], cfg: MonitorConfig) -> dict[str, Any]:
+    """Multi-label: each label's rate (texts with it / texts) against the reference's, a 2x2 chi-square per label
+    (Bonferroni over the labels) with a floor on the rate's change."""
+    ps, diffs = [], []
+    for ref_i, cur_i in zip(ref_positive, cur_positive):
+        table = np.array([[ref_i, ref_n - ref_i], [cur_i, cur_n - cur_i]], dtype=np.float64)
+        ps.append(float(stats.chi2_contingency(table)[1]) if (table.sum(0) > 0).all() else 1.0)
+        diffs.append(cur_i / cur_n - ref_i / ref_n)
+    ps = np.minimum(np.asarray(ps) * len(labels), 1.0)
+    fired = (ps < cfg.alpha) & (np.abs(diffs) >= cfg.min_label_shift)
+    return {"test": name, "kind": "prediction", "p_value": float(ps.min()), "statistic": round(float(np.abs(
+            diffs).max()), 6), "threshold": cfg.alpha, "min_effect": cfg.min_label_shift,
+            "batch_rates": {lab: round(float(c / cur_n), 6) for lab, c in zip(labels, cur_positive)},
+            "labels_shifted": [lab for lab, f in zip(labels, fired) if f], "drifted": bool(fired.any())}
+
+
+def prediction_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: MonitorConfig
+                     ) -> list[dict[str, Any]]:
+    task = task_of(task_name)
+    labels = ref_doc["labels"]
+    predicted = task.predicted(batch.probs, ref_doc.get("thresholds"))
+    if task_name == "multi_label":
+        sizes = np.bincount(predicted.sum(1), minlength=len(labels) + 1)
+        tests = [label_rate_test("rates:predicted_labels", np.asarray(ref_doc["predicted_counts"]), ref_doc["n"],
+                                 task.counts(predicted, len(labels)), len(batch), labels, cfg),
+                 _chi2_shift("chi2:predicted_label_set_size", ref_doc["predicted_set_sizes"], sizes,
+                             list(range(len(sizes))), cfg)]
+        if batch.labels is not None and ref_doc.get("label_counts") is not None:
+            tests.append(label_rate_test("rates:true_labels", np.asarray(ref_doc["label_counts"]), ref_doc["n"],
+                                         batch.labels.sum(0), len(batch), labels, cfg))
+    else:
+        tests = [_chi2_shift("chi2:predicted_labels", ref_doc["predicted_counts"],
+                             task.counts(predicted, len(labels)), labels, cfg)]
     ref_conf = float(ref_doc["features"]["confidence"].mean())
     drop = ref_conf - float(batch.features["confidence"].mean())
-    shares = {lab: round(float(c / cur_counts.sum()), 6) for lab, c in zip(ref_doc["labels"], cur_counts)}
-    return [{"test": "chi2:predicted_labels", "kind": "prediction", "p_value": p, "statistic": round(tvd, 6),
-             "threshold": cfg.alpha, "min_effect": cfg.min_label_shift, "batch_shares": shares,
-             "drifted": p < cfg.alpha and tvd >= cfg.min_label_shift},
-            {"test": "drop:confidence", "kind": "prediction", "statistic": round(drop, 6),
-             "threshold": cfg.confidence_drop, "reference_mean": ref_conf, "drifted": drop > cfg.confidence_drop}]
+    return [*tests, {"test": "drop:confidence", "kind": "prediction", "statistic": round(drop, 6),
+                     "threshold": cfg.confidence_drop, "reference_mean": ref_conf,
+                     "drifted": drop > cfg.confidence_drop}]
 
 
 def metric_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: MonitorConfig
@@ -96,11 +133,11 @@ def metric_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: M
     """The task's metrics on the labelled batch, a 95% percentile bootstrap interval, against the test metrics."""
     task = task_of(task_name)
     labels = ref_doc["labels"]
-    y_pred = task.predicted(batch.probs)
+    y_pred = task.predicted(batch.probs, ref_doc.get("thresholds"))
     rng = np.random.default_rng(cfg.seed)
     idx = rng.integers(0, len(batch), size=(cfg.bootstrap, len(batch)))
     resampled = task.resampled_scores(batch.labels, y_pred, len(labels), idx)
-    observed = task.score(batch.labels, batch.probs, labels)
+    observed = task.score(batch.labels, batch.probs, labels, ref_doc.get("thresholds"))
     out = []
     for name in task.metrics:
         low, high = np.quantile(resampled[name], [0.025, 0.975])
@@ -115,10 +152,15 @@ def compare_profiles(ref_doc: dict[str, Any], ref_embeddings: np.ndarray, batch:
             ) -> dict[str, Any]:
     """Every test's outcome, and whether any fired."""
     task = ref_doc["task"]
-    tests = [*feature_tests(ref_doc["features"], batch.features, cfg),
-             embedding_test(ref_embeddings, batch.embeddings, cfg), *prediction_tests(ref_doc, batch, task, cfg)]
+    tests = feature_tests(ref_doc["features"], batch.features, cfg)
+    if len(batch.embeddings):  # a request log without texts has none
+        tests.append(embedding_test(ref_embeddings, batch.embeddings, cfg))
+    tests += prediction_tests(ref_doc, batch, task, cfg)
     if batch.labels is not None:
         tests += metric_tests(ref_doc, batch, task, cfg)
     fired = [t["test"] for t in tests if t["drifted"]]
+    ran = {t["test"] for t in tests}
+    skipped = [f"psi:{n}" for n in TEXT_FEATURES if f"psi:{n}" not in ran] + [
+        "mmd:embeddings"] * ("mmd:embeddings" not in ran)  # what this batch or an older reference could not give
     return {"drift": bool(fired), "fired": fired, "rows": len(batch), "reference_rows": int(ref_doc["n"]),
-            "labelled": batch.labels is not None, "tests": tests}
+            "labelled": batch.labels is not None, "tests": tests, "skipped": skipped}

@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from finetune.monitoring.order import FEATURE as ORDER_FEATURE
+from finetune.monitoring.order import bigram_seen_rates, reference_bigrams
 from finetune.monitoring.tasks import task_of
 
 PROFILE_FOLDER = "reference_profile"  # its name inside the logged model: artifacts/reference_profile/
-TEXT_FEATURES = ("char_length", "token_count", "unk_rate", "truncated")
+TEXT_FEATURES = ("char_length", "token_count", "unk_rate", "truncated", ORDER_FEATURE)
 BATCH = 64
 
 
@@ -27,6 +29,7 @@ class Encoder:
     max_length: int
     labels: list[str]
     task: str = "single_label"
+    thresholds: list[float] | None = None  # multi-label: the model's per-label decision thresholds
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Profile:
     probs: np.ndarray
     embeddings: np.ndarray  # float16, one pooled embedding per text
     labels: np.ndarray | None  # label ids when the texts came labelled
+    bigram_table: np.ndarray | None = None  # the reference's: packed bits of its word bigrams (order.py)
 
     def __len__(self) -> int:
         return len(self.probs)
@@ -46,7 +50,13 @@ def encoder_from_folder(model_dir: str | Path, max_length: int, task: str = "sin
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
                                                                use_safetensors=True).eval()
-    return Encoder(model, tok, max_length, [model.config.id2label[i] for i in range(model.config.num_labels)], task)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    thresholds = None
+    if task == "multi_label":
+        from finetune.tasks.multi_label import read_thresholds
+
+        thresholds = [float(t) for t in read_thresholds(model_dir, labels)]
+    return Encoder(model, tok, max_length, labels, task, thresholds)
 
 
 def encoder_from_pyfunc(pyfunc: Any, task: str = "single_label") -> Encoder:
@@ -55,7 +65,8 @@ def encoder_from_pyfunc(pyfunc: Any, task: str = "single_label") -> Encoder:
     if not hasattr(inner, "model") or not hasattr(inner, "tokenizer"):
         raise TypeError("the monitor needs the fp32 PyTorch model version (not the int8 variant): it profiles the "
                         "model's pooled embeddings")
-    return Encoder(inner.model, inner.tokenizer, int(inner.max_length), list(inner.labels), task)
+    thresholds = list(inner.thresholds) if task == "multi_label" else None
+    return Encoder(inner.model, inner.tokenizer, int(inner.max_length), list(inner.labels), task, thresholds)
 
 
 def text_features(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -86,34 +97,43 @@ def forward(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
             pooled = (out.hidden_states[-1] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             if emb is None:
                 emb = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
-            probs[idx] = torch.softmax(out.logits.float(), dim=-1).numpy()
+            probs[idx] = task_of(encoder.task).probabilities(out.logits.float().numpy())
             emb[idx] = pooled.float().numpy()
     return probs, (emb if emb is not None else np.zeros((0, 1), dtype=np.float32))
 
 
-def profile_texts(encoder: Encoder, texts: list[str], label_ids: np.ndarray | None = None) -> Profile:
+def profile_texts(encoder: Encoder, texts: list[str], label_ids: np.ndarray | None = None,
+                  bigram_table: np.ndarray | None = None) -> Profile:
+    """The batch's profile; with the reference's ``bigram_table`` also each text's bigram seen rate."""
     task = task_of(encoder.task)
     probs, emb = forward(encoder, texts)
     features = {**text_features(encoder.tokenizer, texts, encoder.max_length), **task.prediction_features(probs)}
+    if bigram_table is not None:
+        features[ORDER_FEATURE] = bigram_seen_rates(texts, bigram_table)
     return Profile(features, probs, emb.astype(np.float16), label_ids)
 
 
 def save_reference(profile: Profile, encoder: Encoder, folder: str | Path, metrics: dict[str, Any]) -> Path:
-    """``folder``/profile.json (per-text features, label and prediction counts, the test metrics) and
-    embeddings.npy (float16)."""
+    """``folder``/profile.json (per-text features, label and prediction counts, the test metrics),
+    embeddings.npy (float16) and bigrams.npy (the packed bigram table, 128 KiB)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = task_of(encoder.task)
     k = len(encoder.labels)
+    predicted = task.predicted(profile.probs, encoder.thresholds)
     doc = {"task": encoder.task, "labels": encoder.labels, "n": len(profile), "max_length": encoder.max_length,
            "features": {name: np.round(v, 6).tolist() for name, v in profile.features.items()},
-           "predicted_counts": np.bincount(task.predicted(profile.probs), minlength=k).tolist(),
-           "label_counts": (np.bincount(profile.labels, minlength=k).tolist() if profile.labels is not None
-                            else None),
-           "metrics": metrics}
+           "predicted_counts": task.counts(predicted, k).tolist(),
+           "label_counts": task.counts(profile.labels, k).tolist() if profile.labels is not None else None,
+           "thresholds": encoder.thresholds, "metrics": metrics}
+    if predicted.ndim == 2:  # multi-label: texts by how many labels they were given
+        doc["predicted_set_sizes"] = np.bincount(predicted.sum(1), minlength=k + 1).tolist()
     (folder / "profile.json").write_text(json.dumps(doc), encoding="utf-8")  # a temporary folder: logged whole
     with open(folder / "embeddings.npy", "wb") as fh:
         np.save(fh, profile.embeddings.astype(np.float16))
+    if profile.bigram_table is not None:
+        with open(folder / "bigrams.npy", "wb") as fh:
+            np.save(fh, profile.bigram_table)
     return folder
 
 
@@ -121,17 +141,23 @@ def load_reference(folder: str | Path) -> tuple[dict[str, Any], np.ndarray]:
     folder = Path(folder)
     doc = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
     doc["features"] = {k: np.asarray(v, dtype=np.float64) for k, v in doc["features"].items()}
+    # a version registered before the order feature has no table: its batches are profiled without it
+    doc["bigram_table"] = np.load(folder / "bigrams.npy") if (folder / "bigrams.npy").is_file() else None
     return doc, np.load(folder / "embeddings.npy").astype(np.float32)
 
 
 def reference_profile(model_dir: str | Path, texts: list[str], labels: list[str], max_length: int, rows: int,
-                      folder: str | Path, seed: int = 0) -> Path:
+                      folder: str | Path, seed: int = 0, task_name: str = "single_label") -> Path:
     """The reference profile of ``model_dir`` on (a sample of at most ``rows`` of) its test split, saved in
     ``folder``; its test metrics are measured on the same rows."""
-    encoder = encoder_from_folder(model_dir, max_length)
+    from finetune.tasks.multi_label import JOIN  # how the splits join a row's labels
+
+    encoder = encoder_from_folder(model_dir, max_length, task_name)
     task = task_of(encoder.task)
     keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:rows])
     texts = [texts[i] for i in keep]
-    ids = task.label_ids([labels[i] for i in keep], encoder.labels, "test split", [int(i) for i in keep])
+    ids = task.label_ids([labels[i] for i in keep], encoder.labels, "test split", [int(i) for i in keep], JOIN)
     profile = profile_texts(encoder, texts, ids)
-    return save_reference(profile, encoder, folder, task.score(ids, profile.probs, encoder.labels))
+    profile.features[ORDER_FEATURE], profile.bigram_table = reference_bigrams(texts)
+    metrics = task.score(ids, profile.probs, encoder.labels, encoder.thresholds)
+    return save_reference(profile, encoder, folder, metrics)

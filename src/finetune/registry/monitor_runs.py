@@ -13,6 +13,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from finetune.common.redact import redact_text, redact_uri
+from finetune.registry.loading import pinned_version
 from finetune.registry.request import RegistryError, experiment_id
 
 
@@ -45,3 +46,13 @@ def log_monitor_run(tracking_uri: str, experiment: str, model_name: str, version
     except (MlflowException, OSError) as exc:
         raise RegistryError(redact_text(f"cannot log the monitor run to {redact_uri(tracking_uri)}: {exc}")) from None
 
+
+
+def int8_parent(model_uri: str, tracking_uri: str) -> str | None:
+    """``<name>/<version>`` of the fp32 version whose int8 variant ``model_uri`` names (its ``fp32_model`` tag), or
+    None for any other version."""
+    name, version = pinned_version(model_uri, tracking_uri)
+    try:
+        return (MlflowClient(tracking_uri).get_model_version(name, version).tags or {}).get("fp32_model")
+    except MlflowException as exc:
+        raise RegistryError(redact_text(f"cannot read {model_uri} in {redact_uri(tracking_uri)}: {exc}")) from None

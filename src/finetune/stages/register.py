@@ -178,4 +178,4 @@ def _reference_profile(cfg: Config, model: str | Path, test: pd.DataFrame, out: 
                     ", ".join(MONITORED_TASKS), cfg.task)
         return None
     return reference_profile(model, test["text"].tolist(), test["label"].tolist(), cfg.tokenize.max_length,
-                             cfg.monitor.reference_rows, out, cfg.monitor.seed)
+                             cfg.monitor.reference_rows, out, cfg.monitor.seed, cfg.task)
