@@ -109,3 +109,17 @@ def search(trials: list[dict[str, Any]], importances: dict[str, float], metric: 
         ax.set_xlabel("importance (PED-ANOVA)")
         ax.set_title("parameter importance")
     return _png(fig)
+
+
+def serving_front(variants: dict[str, dict[str, Any]], chosen: str | None) -> bytes:
+    """Test accuracy against texts/s at the measured batch, one point per variant; the served one starred."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in variants.items():
+        served = name == chosen
+        ax.scatter(v["texts_per_s"], v["accuracy"], marker="*" if served else "o", s=160 if served else 40)
+        ax.annotate(name, (v["texts_per_s"], v["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("texts/s (higher is cheaper)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("serving variants: accuracy against throughput (star: served)")
+    return _png(fig)
