@@ -9,9 +9,9 @@ Linux (no ``/proc/self/clear_refs``) the figure is None, never a guess.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 

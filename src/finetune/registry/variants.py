@@ -32,12 +32,12 @@ from finetune.registry.request import (
     INT8_SUFFIX,
     ONNX_PYFUNC_CODE,
     ONNX_SUFFIX,
+    SERVING_TAG,
     STUDENT_SUFFIX,
     Registration,
     RegistrationRequest,
     RegistryError,
     RegistryUnavailable,
-    SERVING_TAG,
 )
 from finetune.registry.store import delete_version, stored_digests, with_retries
 

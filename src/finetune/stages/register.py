@@ -185,12 +185,15 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
     for key in ("roc", "calibration"):
         png = Path(evaluation) / f"{key}.png"
         images[key] = png.read_bytes() if png.is_file() else b""
+    if (compressed or {}).get("variants"):  # the front: accuracy against texts/s, the served variant starred
+        images["front"] = plots.serving_front(compressed["variants"], (compressed.get("serving") or {}).get("variant"))
     page = render_report(ReportData(reg, metrics, validation, (token_meta or {}).get("stats"), summary, params,
                                     images, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), compressed))
     (out / "report.html").write_text(page, encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="finetune-report-") as tmp:
         shutil.copy2(out / "report.html", tmp)
-        for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths")):
+        for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths"),
+                          ("serving_front.png", "front")):
             if images.get(key):
                 (Path(tmp) / name).write_bytes(images[key])
         upload_report(tracking_uri, reg["run_id"], tmp)
