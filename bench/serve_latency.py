@@ -22,14 +22,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from finetune.common.memory import peak_rss_growth
 from finetune.common.outputs import ONNX_FP32
+from finetune.reporting.plots import serving_front
 from finetune.stages.compress import (ServeBudget, compress, measure, onnx_runner, quantize_int8,
                                       variant_metrics, with_deltas)
 from finetune.common.config import CompressConfig  # noqa: E402
 from finetune.common.tokens import read_tokens  # noqa: E402
 
 COLUMNS = ("accuracy", "accuracy_delta", "macro_f1", "macro_f1_delta", "size_mb", "size_ratio", "latency_ms_p50",
-           "latency_ms_p95", "texts_per_s", "speedup")
+           "latency_ms_p95", "texts_per_s", "speedup", "peak_memory_mb")
 
 
 def smoke_inputs(tmp: Path) -> tuple[Path, Path]:
@@ -123,8 +125,10 @@ def main() -> None:
         pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
 
         def add(name: str, path: Path) -> None:
-            probs, timing = measure(onnx_runner(path, args.threads), test, pad_id, cfg.batch_size,
-                                    cfg.latency_requests)
+            run = onnx_runner(path, args.threads)
+            with peak_rss_growth() as peak:  # as compress measures it: above the loaded weights
+                probs, timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
+            timing["peak_memory_mb"] = peak["mb"]
             variants[name] = variant_metrics(probs, test, meta["labels"], timing, path.stat().st_size,
                                              result.probs["pytorch_fp32"])
 
@@ -158,7 +162,7 @@ def main() -> None:
     for name, timing in sessions.items():
         print(f"session {name}: {timing}")
     if args.plot:
-        front_plot(variants, serving["variant"], args.plot)
+        Path(args.plot).write_bytes(serving_front(variants, serving["variant"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "load": os.getloadavg(), "variants": variants,
                                                "gate": result.message, "serving": serving,
@@ -201,25 +205,6 @@ def add_openvino(variants, name, path, test, meta, pad_id, cfg, threads, referen
     probs, timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
     variants[f"{name}_openvino"] = {**variant_metrics(probs, test, meta["labels"], timing, path.stat().st_size,
                                                       reference), "made_by": "the same ONNX file, OpenVINO CPU"}
-
-
-def front_plot(variants: dict[str, dict], chosen: str, path: str) -> None:
-    """Accuracy against texts/s, one point per variant; the served one marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, v in variants.items():
-        ax.scatter(v["texts_per_s"], v["accuracy"], marker="*" if name == chosen else "o",
-                   s=160 if name == chosen else 40)
-        ax.annotate(name, (v["texts_per_s"], v["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("texts/s at batch 32 (higher is cheaper)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("serving variants: accuracy against throughput (star: served)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -86,13 +86,24 @@ def register(model: Input[Model], evaluation: Input[Artifact], splits: Input[Dat
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def compress(model: Input[Model], tokens: Input[Dataset], params: dict, compressed: Output[Model],
-             metrics: Output[Metrics]):
-    """ONNX + int8 variants; a refused or unexportable variant is reported in metrics, never a failed run."""
+def distill(model: Input[Model], tokens: Input[Dataset], params: dict, student: Output[Model]):
+    """The student of the trained model; distill.enabled false (the default): only distill.json saying so, in
+    seconds (as the dvc stage), and compress measures the teacher's variants alone."""
+    from finetune.common.params import config_from_dict
+    from finetune.stages.distill import run_distill
+
+    run_distill(config_from_dict(params), model.path, tokens.path, student.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def compress(model: Input[Model], tokens: Input[Dataset], params: dict, student: Input[Model],
+             compressed: Output[Model], metrics: Output[Metrics]):
+    """ONNX + int8 variants (and the student's); a refused or unexportable variant is reported in metrics, never a
+    failed run; metrics.json ``serving``: the variant chosen to serve."""
     from finetune.common.params import config_from_dict
     from finetune.stages.compress import run_compress
 
-    result = run_compress(config_from_dict(params), model.path, tokens.path, compressed.path)
+    result = run_compress(config_from_dict(params), model.path, tokens.path, compressed.path, [student.path])
     metrics.log_metric("int8_passed", float(result["int8_passed"]))
     for key, value in result["variants"].get("onnx_int8", {}).items():  # KFP UI: the gated variant's figures
         metrics.log_metric(f"int8_{key}", value)

@@ -1,4 +1,5 @@
-"""The Kubeflow DAG: validate -> tokenize -> train -> evaluate, compress -> register; optional deploy. Wiring only.
+"""The Kubeflow DAG: validate -> tokenize -> train -> evaluate, distill -> compress -> register; optional deploy.
+Wiring only.
 
 Parameters: ``params``, the whole resolved config (params.yaml at compile time is its default; `finetune
 pipeline submit` sends it again with --set overrides applied), plus the values that exist only per run
@@ -18,8 +19,8 @@ from finetune.common.config import Config
 from finetune.common.params import as_params, drop_none, load_config
 from finetune.common.redact import redact_tree
 
-from components.finetune_components import (compress, deploy, evaluate, register, tokenize, train, validate,
-                                            validation_failed)
+from components.finetune_components import (compress, deploy, distill, evaluate, register, tokenize, train,
+                                            validate, validation_failed)
 from components import trainjob_component
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +77,16 @@ def build(cfg: Config | None = None, cluster: dict[str, Any] | None = None):
 
 
 def training_steps(cfg: Config, c: dict[str, Any], v, params, data_uri, data_md5, checkpoint_dir, git_rev):
-    """tokenize -> train -> evaluate, compress -> register on the splits of the validate task ``v``, with their
+    """tokenize -> train -> evaluate, distill -> compress -> register on the splits of the validate task ``v``, with their
     secrets, resources, retries and pod labels; returns the register task. The monitoring loop's retrain branch
     (pipelines/monitor_pipeline.py) wires the same steps with this."""
     retry = c["retries"]
     t = tokenize(splits=v.outputs["splits"], params=params)
     m = _train_step(cfg, c, t.outputs["tokens"], params, checkpoint_dir)
     e = evaluate(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
-    z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)
+    s = distill(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params)  # skips itself when disabled
+    s.after(e)  # the issue's order: a student only of a model that was evaluated
+    z = compress(model=m.outputs["model"], tokens=t.outputs["tokens"], params=params, student=s.outputs["student"])
     r = register(model=m.outputs["model"], evaluation=e.outputs["evaluation"], splits=v.outputs["splits"],
                  train_logs=m.outputs["train_logs"], tokens=t.outputs["tokens"],
                  compressed=z.outputs["compressed"], params=params,
@@ -92,9 +95,9 @@ def training_steps(cfg: Config, c: dict[str, Any], v, params, data_uri, data_md5
     r.set_caching_options(False)  # a side effect on the registry: never skipped as "cached"
     r.set_retry(num_retries=retry["register"], backoff_duration=retry["backoff"])
     _secrets(r, c, "s3", "mlflow")
-    for task in (t, e, r, z):
+    for task in (t, e, r, z, s):
         _resources(task, c["resources"]["cpu"], c["resources"]["memory"])
-    for task in (v, t, m, e, r, z):  # k8s/ network policies admit only labelled pods to MLflow and S3
+    for task in (v, t, m, e, r, z, s):  # k8s/ network policies admit only labelled pods to MLflow and S3
         kubernetes.add_pod_label(task, c["pod_label"]["key"], c["pod_label"]["value"])
     return r
 

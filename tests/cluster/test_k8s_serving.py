@@ -210,6 +210,20 @@ def test_deploy_points_the_service_at_a_promoted_champion(docs):
     assert not again.changed and len(api.patches) == 1  # already serving it: nothing to do
 
 
+def test_deploy_serves_the_variant_register_recorded(docs):
+    """compress chose a student, register recorded it (registration.json ``serving``): the service loads the
+    student's pinned version, digest-verified by `finetune serve` like any version; unrecorded: the fp32 one."""
+    student = {"model_name": "rotten-tomatoes-minilm-student", "version": "3", "recorded": True}
+    api = FakeCustomObjects(isvc(docs))
+    result = deploy_champion({**PROMOTED, "serving": student}, api, "finetune-champion", NAMESPACE)
+    assert result.model_uri == "models:/rotten-tomatoes-minilm-student/3" == served(api.obj)
+    assert api.obj["metadata"]["annotations"]["finetune/model-version"] == "rotten-tomatoes-minilm-student/3"
+    validator().validate(api.obj)
+    failed = deploy_champion({**PROMOTED, "serving": {**student, "recorded": False}}, api, "finetune-champion",
+                             NAMESPACE)
+    assert failed.model_uri == URI == served(api.obj)
+
+
 def test_deploy_leaves_the_service_alone_when_not_promoted(docs):
     api = FakeCustomObjects(isvc(docs))
     before = copy.deepcopy(api.obj)

@@ -34,18 +34,20 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     spec, platform = docs[0], docs[1]
     image = (REPO / "components" / "image.txt").read_text().strip()
     execs = spec["deploymentSpec"]["executors"]
-    assert all(e["container"]["image"] == image for e in execs.values()) and len(execs) == 8
+    assert all(e["container"]["image"] == image for e in execs.values()) and len(execs) == 9
     # the five stages live in the data-valid branch; dependencies form the chain
     branch = next(c for n, c in spec["components"].items() if n.startswith("comp-condition") and
                   "train" in c["dag"]["tasks"])
     tasks = branch["dag"]["tasks"]
     (deploy_gate,) = [n for n in tasks if n.startswith("condition-")]  # deploy_champion == true
-    assert set(tasks) == set(STAGES) - {"validate"} | {"compress", deploy_gate}
+    assert set(tasks) == set(STAGES) - {"validate"} | {"compress", "distill", deploy_gate}
     deps = {n: set(t.get("dependentTasks", [])) for n, t in tasks.items()}
     assert deps["tokenize"] == set() and deps["train"] == {"tokenize"}
     assert deps["evaluate"] == {"tokenize", "train"}
     assert deps["register"] == {"evaluate", "tokenize", "train", "compress"}  # it registers the int8 variant
-    assert deps["compress"] == {"tokenize", "train"} and deps[deploy_gate] == {"register"}
+    assert deps["compress"] == {"tokenize", "train", "distill"} and deps[deploy_gate] == {"register"}
+    assert deps["distill"] == {"tokenize", "train", "evaluate"}  # between evaluate and compress; skips itself
+    assert tasks["compress"]["inputs"]["artifacts"]["student"]["taskOutputArtifact"]["producerTask"] == "distill"
     # deploy runs only when enabled and register promoted: two nested conditions
     (promoted,) = spec["components"][f"comp-{deploy_gate}"]["dag"]["tasks"].values()
     assert "deploy_champion" in tasks[deploy_gate]["triggerPolicy"]["condition"]
@@ -80,7 +82,7 @@ def test_spec_has_five_stages_in_order_gpu_image_and_parameters():
     assert {s["secretName"] for s in k8s["exec-register"]["secretAsEnv"]} == {"finetune-s3", "finetune-mlflow"}
     # the network policies in k8s/ admit only pods with this label to MLflow and S3
     for name in ("exec-validate", "exec-tokenize", "exec-train", "exec-evaluate", "exec-register", "exec-compress",
-                 "exec-deploy"):
+                 "exec-distill", "exec-deploy"):
         assert k8s[name]["podMetadata"]["labels"] == {"finetune/pipeline-access": "true"}, name
 
 

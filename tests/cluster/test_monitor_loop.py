@@ -36,7 +36,7 @@ def test_checked_in_monitor_spec_is_up_to_date_and_retrains_only_in_its_branch(t
     conditions = {steps(dags[t["componentRef"]["name"]]).__contains__("register"): t["triggerPolicy"]["condition"]
                   for t in branches.values()}
     assert conditions[True] == "inputs.parameter_values['pipelinechannel--monitor-retrain'] == true"
-    assert steps(branches) == {"validate", "tokenize", "train", "evaluate", "compress", "register",
+    assert steps(branches) == {"validate", "tokenize", "train", "evaluate", "distill", "compress", "register",
                                "validation-failed", "no-retrain"}
 
 

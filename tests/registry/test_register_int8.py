@@ -125,7 +125,8 @@ def test_report_and_card_show_the_compress_figures(tiny_classifier_dir, compress
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["onnx_int8", f"{v['accuracy']:.4f}", f"{v['accuracy_delta']:.4f}", f"{v['macro_f1']:.4f}",
                      f"{v['macro_f1_delta']:.4f}", f"{v['size_mb']:.4f}", f"{v['latency_ms_p50']:.4f}",
-                     f"{v['latency_ms_p95']:.4f}", f"{v['texts_per_s']:.4f}"]
+                     f"{v['latency_ms_p95']:.4f}", f"{v['texts_per_s']:.4f}",
+                     "-" if v.get("peak_memory_mb") is None else f"{v['peak_memory_mb']:.4f}"]
     assert "texts/s (batch 32)" in card and "| pytorch_fp32 |" in card and "| onnx_fp32 |" in card
     assert f"registered as `{reg['int8']['model_uri']}` (@champion)" in card
     # the registry holds the same, final card (it is rewritten once the variant's outcome is known)

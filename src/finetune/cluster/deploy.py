@@ -1,8 +1,9 @@
 """deploy: point the KServe InferenceService at the newly promoted champion, and only then.
 
 The register stage decides promotion (registration.json ``promoted``); this module turns that decision into
-one merge patch of the custom predictor's container: its ``--model`` argument becomes the new champion's pinned
-registry URI (``models:/<name>/<version>``), which ``finetune serve`` verifies against the registry's digests
+one merge patch of the custom predictor's container: its ``--model`` argument becomes the pinned registry URI
+(``models:/<name>/<version>``) of what serves the new champion (the variant compress chose: registration.json
+``serving``; the fp32 version when none), which ``finetune serve`` verifies against the registry's digests
 before it answers. A registration that did not promote changes nothing. The Kubernetes client is passed in
 (CustomObjectsApi in the cluster, a fake in unit tests), so the logic has no cluster dependency.
 """
@@ -76,9 +77,19 @@ def served_uri(obj: dict[str, Any]) -> str | None:
     return args[i + 1] if i + 1 < len(args) else None
 
 
+def served_version(registration: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, version) that serves the registered version: the variant compress chose and register recorded
+    (registration.json ``serving``: a student, the int8 variant), else the fp32 version itself."""
+    serving = registration.get("serving") or {}
+    if serving.get("recorded") and serving.get("model_name") and serving.get("version"):
+        return serving["model_name"], serving["version"]
+    return registration.get("model_name"), registration.get("version")
+
+
 def deploy_champion(registration: dict[str, Any], api: CustomObjects, name: str, namespace: str) -> Deployment:
-    """Patch InferenceService ``name`` to serve the version ``registration`` promoted, when it promoted one."""
-    model, version = registration.get("model_name"), registration.get("version")
+    """Patch InferenceService ``name`` to serve the version ``registration`` promoted, when it promoted one: the
+    pinned URI of its serving variant (``served_version``)."""
+    model, version = served_version(registration)
     if not registration.get("promoted"):
         return Deployment(False, f"{model} version {version} was not promoted ({registration.get('alias')}): "
                                  f"InferenceService {namespace}/{name} left as it is")
@@ -108,7 +119,7 @@ def run_deploy(registration: str | Path, name: str, namespace: str, artifacts_de
         if not tracking_uri:
             raise DeployError("MLFLOW_TRACKING_URI is not set: the deploy step reads the registry's address from the "
                               "environment (the finetune-mlflow secret), not from registration.json (redacted)")
-        version_download_uri(tracking_uri, reg["model_name"], str(reg["version"]))  # raises if it is not there
+        version_download_uri(tracking_uri, *map(str, served_version(reg)))  # raises if it is not there
         if api is None:
             from kubernetes import client, config
 

@@ -12,7 +12,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from finetune.common.redact import redact_text
 from finetune.registry.lease import utc_text
-from finetune.registry.request import INT8_SUFFIX
+from finetune.registry.request import VARIANT_SUFFIXES
 from finetune.registry.store import delete_version
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ def reap_stale_runs(client, exp_id: str, model_name: str) -> list[str]:
     their uploaded artifacts. Returns the run ids it reaped."""
     now = time.time()
     reaped = []
-    # the fp32 run registers versions of model_name, the int8 run versions of model_name + INT8_SUFFIX
-    runs = [(run, name) for stage, name in (("register", model_name), ("register-int8", model_name + INT8_SUFFIX))
+    # the fp32 run registers versions of model_name, a variant's run (register-int8, register-student, ...)
+    # versions of model_name + its suffix
+    stages = [("register", model_name)] + [(f"register{sfx}", model_name + sfx) for sfx in VARIANT_SUFFIXES]
+    runs = [(run, name) for stage, name in stages
             for run in client.search_runs([exp_id], f"tags.{STAGE_TAG} = '{stage}' and attributes.status = 'RUNNING'")]
     for run, name in runs:
         beat = float(run.data.tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)

@@ -14,7 +14,7 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from finetune.common.redact import redact_text, redact_uri
 from finetune.registry import integrity
-from finetune.registry.request import RegistryError
+from finetune.registry.request import SERVING_SUFFIX, SERVING_TAG, RegistryError
 
 
 def _name_and_ref(model_uri: str, refusal: str) -> tuple[str, str, bool]:
@@ -29,6 +29,12 @@ def _name_and_ref(model_uri: str, refusal: str) -> tuple[str, str, bool]:
 
 
 def _model_version(client, name: str, ref: str, is_alias: bool):
+    """The version a URI names; ``<name>-serving`` (no registered model) names what serves ``<name>``'s version:
+    the variant recorded on it by register (record_serving), or the fp32 version itself when none is recorded."""
+    if name.endswith(SERVING_SUFFIX) and not client.search_registered_models(f"name = '{name}'"):
+        fp32 = _model_version(client, name.removesuffix(SERVING_SUFFIX), ref, is_alias)
+        served, _, version = (fp32.tags or {}).get(SERVING_TAG, "").rpartition("/")
+        return client.get_model_version(served, version) if served else fp32
     return client.get_model_version_by_alias(name, ref) if is_alias else client.get_model_version(name, ref)
 
 
@@ -45,6 +51,7 @@ def load_verified_version(model_uri: str, tracking_uri: str, keep: str | None = 
     name, ref, is_alias = _name_and_ref(model_uri, "only registered models can be verified and loaded")
     try:
         mv = _model_version(MlflowClient(tracking_uri), name, ref, is_alias)
+        name = mv.name  # <name>-serving resolves to another registered model's version
         # models:/ URIs resolve against the global tracking URI, whatever tracking_uri= says
         with tempfile.TemporaryDirectory(prefix="finetune-verified-") as tmp, _use_tracking_uri(tracking_uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
@@ -76,7 +83,7 @@ def pinned_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
     except MlflowException as exc:
         raise RegistryError(redact_text(f"cannot resolve {model_uri} in {redact_uri(tracking_uri)}: "
                                         f"{exc.message}")) from None
-    return name, str(mv.version)
+    return mv.name, str(mv.version)
 
 
 def load_local(folder: str):

@@ -29,6 +29,11 @@ def pyfunc_code_paths() -> list[str]:
 
 
 INT8_SUFFIX = "-int8"  # the int8 variant is a registered model of its own: <register.model_name>-int8
+STUDENT_SUFFIX = "-student"  # the serving choice when it is a student (or pruned) ONNX file: <name>-student
+ONNX_SUFFIX = "-onnx"  # the serving choice when it is the teacher's fp32 ONNX file
+VARIANT_SUFFIXES = (INT8_SUFFIX, STUDENT_SUFFIX, ONNX_SUFFIX)  # each a registered model whose aliases follow <name>'s
+SERVING_TAG = "serving_model"  # on the fp32 version: <model>/<version> of what serves it (itself when fp32 serves)
+SERVING_SUFFIX = "-serving"  # no registered model: models:/<name>-serving@champion resolves to what serves <name>@champion
 
 
 CHAMPION, CHALLENGER = "champion", "challenger"

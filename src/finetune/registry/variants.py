@@ -1,4 +1,8 @@
-"""The int8 variant: a registered model of its own whose champion follows the fp32 one."""
+"""The variants: each a registered model of its own whose champion follows the fp32 one. ``<name>-int8`` holds
+the teacher's int8 ONNX file (registered whenever compress passed it); ``<name>-student`` (or ``<name>-onnx``) the
+variant compress chose to serve when it is a student's (or the teacher's fp32) ONNX file. Which of them serves a
+version is recorded on the fp32 version (``record_serving``) and resolved by ``models:/<name>-serving@<alias>``
+(registry/loading.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from finetune.registry.request import (
     CHAMPION,
     INT8_SUFFIX,
     ONNX_PYFUNC_CODE,
+    ONNX_SUFFIX,
+    SERVING_TAG,
+    STUDENT_SUFFIX,
     Registration,
     RegistrationRequest,
     RegistryError,
@@ -38,16 +45,27 @@ from finetune.registry.store import delete_version, stored_digests, with_retries
 
 @dataclass(frozen=True)
 class VariantRequest:
-    """The int8 ONNX variant of the fp32 version ``parent`` (a Registration of ``fp32``): ``folder`` is the
-    compress stage's output, ``metrics`` its metrics.json."""
+    """The ONNX variant ``variant`` (compress's name; its file ``onnx_file``) of the fp32 version ``parent`` (a
+    Registration of ``fp32``): ``folder`` is the compress stage's output, ``metrics`` its metrics.json."""
     fp32: RegistrationRequest
     parent: Registration
     folder: Path
     metrics: dict[str, Any]
+    variant: str = "onnx_int8"
+    onnx_file: str = ONNX_INT8
+
+    @property
+    def suffix(self) -> str:
+        return variant_suffix(self.variant)
 
     @property
     def model_name(self) -> str:
-        return self.fp32.cfg.model_name + INT8_SUFFIX
+        return self.fp32.cfg.model_name + self.suffix
+
+
+def variant_suffix(variant: str) -> str:
+    """The registered model a compress variant goes to: the teacher's int8 and fp32 ONNX files, or a student."""
+    return {"onnx_int8": INT8_SUFFIX, "onnx_fp32": ONNX_SUFFIX}.get(variant, STUDENT_SUFFIX)
 
 
 def register_variant(vreq: VariantRequest) -> dict[str, Any]:
@@ -78,7 +96,8 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
     if version is None:
         version, run_id = _log_variant(client, vreq, exp_id)
     try:
-        client.set_model_version_tag(parent.model_name, parent.version, "int8_version", f"{name}/{version}")
+        client.set_model_version_tag(parent.model_name, parent.version, f"{vreq.suffix[1:]}_version",
+                                     f"{name}/{version}")
         # the alias is derived from the fp32 aliases as they are now, under the same lease as the fp32 move
         with alias_lock(client, parent.model_name, parent.run_id) as lease:
             aliases.sync_variant_aliases(client, parent.model_name, lease)
@@ -90,9 +109,10 @@ def _register_variant_once(vreq: VariantRequest) -> dict[str, Any]:
     alias = next((a for a in (CHAMPION, CHALLENGER) if a in (mv.aliases or [])), None)
     follows = (f"alias follows fp32 v{parent.version} (@{alias})" if alias else
                f"no alias: fp32 v{parent.version} holds neither @{CHAMPION} nor @{CHALLENGER} now")
-    return {"registered": True, "model_name": name, "version": version, "alias": alias,
-            "run_id": run_id or mv.run_id, "model_uri": f"models:/{name}/{version}",
-            "reason": f"{vreq.metrics.get('message', 'int8 variant passed')}; {follows}"}
+    why = (vreq.metrics.get("message", "int8 variant passed") if vreq.variant == "onnx_int8"
+           else (vreq.metrics.get("serving") or {}).get("reason", f"{vreq.variant} chosen to serve"))
+    return {"registered": True, "model_name": name, "version": version, "alias": alias, "variant": vreq.variant,
+            "run_id": run_id or mv.run_id, "model_uri": f"models:/{name}/{version}", "reason": f"{why}; {follows}"}
 
 
 def _variant_files(folder: Path, dst: Path, onnx_file: str = ONNX_INT8) -> Path:
@@ -112,19 +132,19 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
     req, parent, name = vreq.fp32, vreq.parent, vreq.model_name
     version, run_id = None, None
     try:
-        with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp:
-            files = _variant_files(Path(vreq.folder), Path(tmp) / "onnx")
+        with tempfile.TemporaryDirectory(prefix=f"finetune{vreq.suffix}-") as tmp:
+            files = _variant_files(Path(vreq.folder), Path(tmp) / "onnx", vreq.onnx_file)
             # what is logged is exactly what compress measured (checked on the copy, before any run starts)
             check_compress_files(files, vreq.metrics, only=tuple(sorted(p.name for p in files.iterdir())))
-            with mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: "register-int8",
+            with mlflow.start_run(experiment_id=exp_id, tags={STAGE_TAG: f"register{vreq.suffix}",
                                                               HEARTBEAT_TAG: str(time.time())}
                                   ) as run, heartbeat(req.tracking_uri, run.info.run_id):
                 run_id = run.info.run_id
-                variant = (vreq.metrics.get("variants") or {}).get("onnx_int8", {})
+                variant = (vreq.metrics.get("variants") or {}).get(vreq.variant, {})
                 mlflow.log_metrics({k: float(v) for k, v in variant.items() if isinstance(v, (int, float))})
                 mlflow.log_artifact(str(Path(vreq.folder) / "metrics.json"), "compress")
                 mlflow.set_tags({"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id})
-                model_config = pyfunc_model_config(files, ONNX_INT8, req.max_length)
+                model_config = pyfunc_model_config(files, vreq.onnx_file, req.max_length)
                 model_config["files_sha256"] = integrity.folder_digests(files)  # the pyfunc checks them at load
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(ONNX_PYFUNC_CODE), artifacts={"model": str(files)},
@@ -134,7 +154,9 @@ def _log_variant(client, vreq: VariantRequest, exp_id: str) -> tuple[str, str]:
                 tags = {"fp32_model": f"{parent.model_name}/{parent.version}", "fp32_run_id": parent.run_id,
                         "run_id": run_id, "task": req.kind.task, "labels": json.dumps(list(req.kind.labels)),
                         "onnx_sha256": model_config["onnx_sha256"], "test_data_hash": req.test_hash or ""}
-                tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta") if k in variant})
+                tags.update({k: str(variant[k]) for k in ("accuracy", "macro_f1", "accuracy_delta", "made_by")
+                             if k in variant})
+                tags["variant"] = vreq.variant  # lineage: compress's name for it, and how it was made (made_by)
                 version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
                 digests = stored_digests(f"models:/{name}/{version}", req.tracking_uri, files)
                 for key, digest in integrity.as_tags(digests).items():
@@ -166,3 +188,17 @@ def pyfunc_requirements() -> list[str]:
 def _file_sha256(path: str | Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def record_serving(req: RegistrationRequest, parent: Registration, served: str, variant: str, reason: str) -> None:
+    """Tag the fp32 version with what serves it (``served``: ``<model>/<version>``), compress's variant name and
+    why: ``models:/<name>-serving@<alias>`` resolves through this tag (registry/loading.py)."""
+    def tag() -> None:
+        try:
+            client = MlflowClient(req.tracking_uri)
+            for key, value in ((SERVING_TAG, served), ("serving_variant", variant), ("serving_reason", reason[:4000])):
+                client.set_model_version_tag(parent.model_name, parent.version, key, value)
+        except Exception as exc:
+            raise RegistryUnavailable(f"tagging {parent.model_name} v{parent.version} with its serving variant "
+                                      f"failed: {exc}") from exc
+    with_retries(req.cfg, req.tracking_uri, tag)

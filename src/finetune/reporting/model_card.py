@@ -37,7 +37,7 @@ def per_class_rows(metrics: dict[str, Any]) -> list[list[Any]]:
 
 
 COMPRESS_HEADER = ["variant", "accuracy", "accuracy delta", "macro-F1", "macro-F1 delta", "size MB",
-                   "p50 ms (batch 1)", "p95 ms (batch 1)", "texts/s (batch {batch})"]
+                   "p50 ms (batch 1)", "p95 ms (batch 1)", "texts/s (batch {batch})", "peak MB"]
 
 
 def compress_rows(compressed: dict[str, Any]) -> list[list[Any]]:
@@ -45,12 +45,23 @@ def compress_rows(compressed: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for name, v in (compressed.get("variants") or {}).items():
         rows.append([name, v["accuracy"], v.get("accuracy_delta", "-"), v["macro_f1"], v.get("macro_f1_delta", "-"),
-                     v["size_mb"], v["latency_ms_p50"], v["latency_ms_p95"], v["texts_per_s"]])
+                     v["size_mb"], v["latency_ms_p50"], v["latency_ms_p95"], v["texts_per_s"],
+                     "-" if v.get("peak_memory_mb") is None else v["peak_memory_mb"]])
     return rows
 
 
 def compress_header(compressed: dict[str, Any]) -> list[str]:
     return [h.format(batch=compressed.get("batch_size", "?")) for h in COMPRESS_HEADER]
+
+
+def serving_status(name: str, version: str, compressed: dict[str, Any]) -> str:
+    """One sentence: which variant compress chose to serve, why, and the URI that loads it (verified)."""
+    chosen = compressed.get("serving") or {}
+    if not chosen:
+        return "No serving choice was made (compress measured no variant): the fp32 model serves."
+    return (f"Served: {chosen['variant']} ({chosen.get('made_by') or 'the fp32 model'}): {chosen.get('reason')}. "
+            f"Load it with `models:/{name}-serving/{version}` (or `models:/{name}-serving@champion`). Peak MB: "
+            f"resident memory above the loaded weights while the variant ran (activations, ONNX Runtime's arena).")
 
 
 def int8_status(name: str, compressed: dict[str, Any], int8: dict[str, Any] | None) -> str:
@@ -119,7 +130,8 @@ def model_card(name: str, version: str, metrics: dict[str, Any], validation: dic
                 f"Measured on the same test split in one process ({compressed.get('threads') or 'default'} "
                 f"threads); deltas against the fp32 PyTorch model.", "",
                 _table(compress_header(compressed), compress_rows(compressed)), "",
-                int8_status(name, compressed, int8)]
+                int8_status(name, compressed, int8), "", serving_status(name, version, compressed),
+                "The front (accuracy against texts/s) is plotted in the run's report (report/report.html)."]
     out += ["", "## Limitations", ""]
     out += [f"- {item}" for item in _limitations(metrics, validation, params.get("tokenize.max_length", "?"),
                                                   token_stats)]

@@ -145,3 +145,17 @@ def span_errors(table: dict[str, dict[str, int]]) -> bytes:
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     ax.set_title("span errors per entity type (test split)")
     return _png(fig)
+
+
+def serving_front(variants: dict[str, dict[str, Any]], chosen: str | None) -> bytes:
+    """Test accuracy against texts/s at the measured batch, one point per variant; the served one starred."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, v in variants.items():
+        served = name == chosen
+        ax.scatter(v["texts_per_s"], v["accuracy"], marker="*" if served else "o", s=160 if served else 40)
+        ax.annotate(name, (v["texts_per_s"], v["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("texts/s (higher is cheaper)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("serving variants: accuracy against throughput (star: served)")
+    return _png(fig)

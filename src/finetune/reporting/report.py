@@ -23,6 +23,7 @@ from finetune.reporting.model_card import (
     confusion_subset,
     int8_status,
     per_class_rows,
+    serving_status,
     span_error_rows,
     tested,
     training_settings,
@@ -266,8 +267,11 @@ def _compress_section(d: ReportData) -> str:
     rows = [[row[0], *[v if isinstance(v, str) else _num(v, 4 if i < 4 else 2) for i, v in enumerate(row[1:])]]
             for row in compress_rows(c)]
     status = int8_status(r.get("model_name", "model"), c, r.get("int8"))
+    serves = serving_status(r.get("model_name", "model"), str(r.get("version", "?")), c)
     return ("<section id=compress><h2>Compressed variants</h2>" + _table(compress_header(c), rows)
-            + f"<p>{_e(status)}</p></section>")
+            + f"<p>{_e(status)}</p><p>{_e(serves)}</p>"
+            + _figure(d.images, "front", "the front: test accuracy against texts/s, the served variant starred", 640)
+            + "</section>")
 
 
 def _lineage_section(d: ReportData) -> str:

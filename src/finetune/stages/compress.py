@@ -36,6 +36,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from finetune.common.config import CompressConfig, Config
 from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, folder_digests, model_digest
 from finetune.common.files import write_json
+from finetune.common.memory import peak_rss_growth
 from finetune.common.outputs import (MARKER, METRICS, ONNX_FP32, ONNX_INT8, TEMP_MARKER, atomic_dir, check_output_dir,
                                      no_space_left)
 from finetune.common.tokens import TokenizedSplit, read_tokens
@@ -357,7 +358,9 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
                 made[variant] = how
         variants, probs = {}, {}
         for variant, (run, size) in runs.items():
-            probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests, task)
+            with peak_rss_growth() as peak:  # above the loaded weights: activations, ONNX Runtime's arena
+                probs[variant], timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests, task)
+            timing["peak_memory_mb"] = peak["mb"]
             variants[variant] = variant_metrics(probs[variant], test, labels, timing, size, probs.get("pytorch_fp32")
                                                 if variant != "pytorch_fp32" else None, task)
         with_deltas(variants, _shown(task))

@@ -27,7 +27,7 @@ from finetune.registry.binding import check_inputs
 from finetune.registry.cards import update_model_card, upload_report
 from finetune.registry.request import RegistrationRequest, RegistryError
 from finetune.registry.transaction import register
-from finetune.registry.variants import VariantRequest, register_variant
+from finetune.registry.variants import VariantRequest, record_serving, register_variant
 from finetune.reporting import plots
 from finetune.reporting.model_card import model_card
 from finetune.reporting.report import ReportData, render_report
@@ -79,13 +79,14 @@ def run_register(cfg: Config, model: str | Path, evaluation: str | Path, splits:
             model_card=card, reference_profile=profile)
         reg = register(request)
     int8.update(_register_int8(request, reg, compress, compressed))
+    serving = _register_serving(request, reg, compress, compressed, int8)
     final_card = card(reg.version, reg.run_id)
     if compressed is not None:  # the card registered with the version did not know the int8 outcome yet
         try:
             update_model_card(request, reg.version, reg.run_id, final_card)
         except RegistryError as exc:  # the version stands; out/register/model_card.md has the whole card
             log.error("%s", exc)
-    out_dict = {**asdict(reg), "int8": int8}
+    out_dict = {**asdict(reg), "int8": int8, "serving": serving}
     write_json(Path(out) / "registration.json", out_dict)
     (Path(out) / "model_card.md").write_text(final_card, encoding="utf-8")
     _write_report(out_dict, metrics, validation, token_meta, tokens, summary, history, params, evaluation,
@@ -140,6 +141,32 @@ def _register_int8(request, reg, folder: str | Path | None, compressed: dict[str
     return out
 
 
+def _register_serving(request, reg, folder: str | Path | None, compressed: dict[str, Any] | None,
+                      int8: dict[str, Any]) -> dict[str, Any]:
+    """What serves ``reg``: compress's choice (metrics.json ``serving``), registered when it is a student's or the
+    teacher's fp32 ONNX file (the teacher's int8 is the int8 variant above), else the fp32 version itself, and
+    recorded on the fp32 version, so ``models:/<name>-serving@champion`` loads it. Like the int8 variant, a registry
+    failure leaves the fp32 version standing (served, and said)."""
+    chosen = (compressed or {}).get("serving") or {}
+    variant, why = chosen.get("variant", "pytorch_fp32"), chosen.get("reason", "compress chose no variant")
+    served = {"model_name": reg.model_name, "version": reg.version, "variant": "pytorch_fp32"}
+    try:
+        if variant == "onnx_int8" and int8.get("registered"):
+            served = {k: int8[k] for k in ("model_name", "version")} | {"variant": variant}
+        elif variant == "onnx_int8":
+            why = f"{variant} was chosen but not registered ({int8.get('reason')}): the fp32 model serves"
+        elif variant != "pytorch_fp32":
+            got = register_variant(VariantRequest(request, reg, Path(folder), compressed, variant, chosen["file"]))
+            served = {k: got[k] for k in ("model_name", "version", "variant")}
+        record_serving(request, reg, f"{served['model_name']}/{served['version']}", served["variant"], why)
+    except RegistryError as exc:
+        log.error("the serving variant %s was not registered: %s", variant, exc)
+        return {**served, "recorded": False, "reason": f"{variant} not registered ({exc}): the fp32 model serves"}
+    log.info("serving %s v%s (%s): %s", served["model_name"], served["version"], served["variant"], why)
+    return {**served, "recorded": True, "reason": why,
+            "model_uri": f"models:/{reg.model_name}-serving/{reg.version}"}
+
+
 def _optional_json(path: Path) -> Any:
 
     return read_json(path) if path.is_file() else None
@@ -160,12 +187,15 @@ def _write_report(reg: dict[str, Any], metrics, validation, token_meta, tokens, 
     for key in ("roc", "calibration"):
         png = Path(evaluation) / f"{key}.png"
         images[key] = png.read_bytes() if png.is_file() else b""
+    if (compressed or {}).get("variants"):  # the front: accuracy against texts/s, the served variant starred
+        images["front"] = plots.serving_front(compressed["variants"], (compressed.get("serving") or {}).get("variant"))
     page = render_report(ReportData(reg, metrics, validation, (token_meta or {}).get("stats"), summary, params,
                                     images, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), compressed))
     (out / "report.html").write_text(page, encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="finetune-report-") as tmp:
         shutil.copy2(out / "report.html", tmp)
-        for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths")):
+        for name, key in (("training_curves.png", "training"), ("token_lengths.png", "lengths"),
+                          ("serving_front.png", "front")):
             if images.get(key):
                 (Path(tmp) / name).write_bytes(images[key])
         upload_report(tracking_uri, reg["run_id"], tmp)
