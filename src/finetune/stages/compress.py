@@ -1,18 +1,16 @@
 """compress: export the fine-tuned classifier to ONNX, quantize it to int8, and measure what that costs.
 
-Variants: ``pytorch_fp32`` (the baseline, the model as trained), ``onnx_fp32`` (torch's TorchScript-based
-exporter) and ``onnx_int8`` (ONNX Runtime dynamic quantization: int8 weights, activations quantized per
-batch at run time, so no calibration data is needed). Each is scored on the test split (accuracy, macro-F1,
-their delta to the baseline, label agreement) and timed in this same process: p50/p95 latency of one text
-per request, and texts/s at ``compress.batch_size``. The int8 variant passes the gate only if its accuracy
-drop stays within ``compress.max_accuracy_drop``; a model that cannot be exported yields no variant and a
-message naming the model and the operator, never a failed pipeline.
+Variants: ``pytorch_fp32`` (the baseline, as trained), ``onnx_fp32`` (torch's TorchScript-based exporter) and
+``onnx_int8`` (ONNX Runtime dynamic quantization: int8 weights, activations quantized per batch, no calibration
+data). Each is scored on the test split (the task's metrics, deltas to the baseline, label agreement) and timed in
+this process: p50/p95 latency of one text per request, texts/s at ``compress.batch_size``, peak memory. The int8
+variant passes the gate only if its drop stays within ``compress.max_accuracy_drop``; a model that cannot be
+exported yields no variant and a message naming the model and the operator, never a failed pipeline.
 
-Students (``finetune distill``, passed as ``students``) are exported and quantized the same way and measured in
-the same run, on the same split and threads: ``<student>_onnx_fp32`` and ``<student>_onnx_int8``. Of all the ONNX
-variants, the one with the most texts/s whose accuracy drop against the fp32 teacher stays within
-``serve.max_accuracy_drop`` (and whose p50 stays within ``serve.max_latency_ms`` when set) is the serving choice
-(metrics.json ``serving``); none within: the fp32 model is served, and ``serving.reason`` says why.
+Students (``finetune distill``, passed as ``students``) are exported, quantized and measured the same way, in the
+same run: ``<student>_onnx_fp32`` and ``<student>_onnx_int8``. The ONNX variant with the most texts/s whose drop
+against the fp32 teacher stays within ``serve.max_accuracy_drop`` (and p50 within ``serve.max_latency_ms`` when
+set) is the serving choice (metrics.json ``serving``); none within: fp32 is served and ``serving.reason`` says why.
 """
 
 from __future__ import annotations
