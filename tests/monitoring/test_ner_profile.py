@@ -10,6 +10,7 @@ import pytest
 
 from conftest import NER_MAX_LENGTH
 from finetune.common.monitor_config import MonitorConfig
+from finetune.monitoring.batch import read_batch
 from finetune.monitoring.drift import compare_profiles
 from finetune.monitoring.profiling import encoder_from_folder, load_reference, profile_texts, reference_profile
 from finetune.monitoring.tasks import TASKS, MonitorInputError
@@ -66,9 +67,14 @@ def _profile(encoder, doc, texts, tags=None):
     return profile_texts(encoder, texts, ids, doc["bigram_table"])
 
 
-def test_held_out_batch_is_quiet_and_other_entity_mixes_drift(reference):
+def test_held_out_batch_is_quiet_and_other_entity_mixes_drift(reference, tmp_path):
     encoder, doc, emb = reference
     texts, tags = sentences(200, seed=1, mix=MIX)
+    conll = tmp_path / "feedback.conll"  # labelled feedback in a format validate reads
+    conll.write_text("\n\n".join("\n".join(f"{w}\t{t}" for w, t in zip(x.split(" "), y)) for x, y in
+                                 zip(texts, tags)) + "\n", encoding="utf-8")
+    read_texts, read_tags, rows, seen = read_batch(conll, "text", "label", 10_000)
+    assert (read_texts, read_tags, seen) == (texts, tags, 200) and rows[1] == len(tags[0]) + 2
     quiet = compare_profiles(doc, emb, _profile(encoder, doc, texts, tags), CFG)
     assert {"rates:predicted_entity_types", "chi2:predicted_entity_count", "chi2:predicted_tags",
             "rates:true_entity_types", "bootstrap:entity_micro_f1"} <= {t["test"] for t in quiet["tests"]}
@@ -90,8 +96,18 @@ def test_mislabelled_feedback_fires_the_entity_f1_bootstrap(reference):
     assert f1["drifted"] and f1["interval"][1] < 0.9 and f1["reference"] == 1.0, f1
 
 
-def test_another_tasks_labels_are_refused_naming_the_row(reference):
+def test_another_tasks_labels_are_refused_naming_the_row(reference, tmp_path):
     encoder, _, _ = reference
+    reviews = tmp_path / "reviews.csv"  # a single-label batch: its labels are not tag lists
+    reviews.write_text("text,label\nzoe met jose,positive\nthe park,negative\n", encoding="utf-8")
+    texts, labels, rows, _ = read_batch(reviews, "text", "label", 100)
+    with pytest.raises(MonitorInputError, match=r"reviews.csv: row 1: label 'positive' is not one of the model's"):
+        TASKS["token"].label_ids(labels, encoder.labels, str(reviews), rows)
+    tagged = tmp_path / "tagged.conll"  # and a tagged batch against a single-label version
+    tagged.write_text("zoe\tB-PER\nmet\tO\n\nsao\tB-LOC\n", encoding="utf-8")
+    texts, labels, rows, _ = read_batch(tagged, "text", "label", 100)
+    with pytest.raises(MonitorInputError, match=r"tagged.conll: row 1: label \"\['B-PER', 'O'\]\" is not one of"):
+        TASKS["single_label"].label_ids(labels, ["negative", "positive"], str(tagged), rows)
     with pytest.raises(MonitorInputError, match=r"batch.csv: row 2: label 'positive' is not one of the model's tags"):
         TASKS["token"].label_ids([["O", "B-PER"], "positive"], encoder.labels, "batch.csv", [1, 2])
     with pytest.raises(MonitorInputError, match=r"row 1: label 'B-ORG' is not one of the model's tags"):
