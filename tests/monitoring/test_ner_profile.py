@@ -100,12 +100,12 @@ def test_another_tasks_labels_are_refused_naming_the_row(reference, tmp_path):
     encoder, _, _ = reference
     reviews = tmp_path / "reviews.csv"  # a single-label batch: its labels are not tag lists
     reviews.write_text("text,label\nzoe met jose,positive\nthe park,negative\n", encoding="utf-8")
-    texts, labels, rows, _ = read_batch(reviews, "text", "label", 100)
+    _, labels, rows, _ = read_batch(reviews, "text", "label", 100)
     with pytest.raises(MonitorInputError, match=r"reviews.csv: row 1: label 'positive' is not one of the model's"):
         TASKS["token"].label_ids(labels, encoder.labels, str(reviews), rows)
     tagged = tmp_path / "tagged.conll"  # and a tagged batch against a single-label version
     tagged.write_text("zoe\tB-PER\nmet\tO\n\nsao\tB-LOC\n", encoding="utf-8")
-    texts, labels, rows, _ = read_batch(tagged, "text", "label", 100)
+    _, labels, rows, _ = read_batch(tagged, "text", "label", 100)
     with pytest.raises(MonitorInputError, match=r"tagged.conll: row 1: label \"\['B-PER', 'O'\]\" is not one of"):
         TASKS["single_label"].label_ids(labels, ["negative", "positive"], str(tagged), rows)
     with pytest.raises(MonitorInputError, match=r"batch.csv: row 2: label 'positive' is not one of the model's tags"):
