@@ -162,9 +162,11 @@ def _check_texts(path: Path, kept: list[tuple[int, object, object]]) -> None:
 
 
 def _is_tagged(path: Path, text_column: str) -> bool:
-    """A NER batch with feedback: a CoNLL-style file, or a JSONL/Parquet table of token lists with no text column."""
+    """A NER batch with feedback: a CoNLL-style file, or a JSONL/Parquet table of token lists with no text column.
+    Not .txt (validate reads it as CoNLL for task token): the monitor does not know the task yet, and a .txt of
+    plain texts must stay refused as not a table."""
     if is_conll(path):
-        return True
+        return ".txt" not in [s.lower() for s in path.suffixes]
     if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
         return False
     try:
