@@ -108,6 +108,10 @@ def test_another_tasks_labels_are_refused_naming_the_row(reference, tmp_path):
     _, labels, rows, _ = read_batch(tagged, "text", "label", 100)
     with pytest.raises(MonitorInputError, match=r"tagged.conll: row 1: label \"\['B-PER', 'O'\]\" is not one of"):
         TASKS["single_label"].label_ids(labels, ["negative", "positive"], str(tagged), rows)
+    broken = tmp_path / "broken.conll"  # a token line without its tag: validate's rule, file and line named
+    broken.write_text("zoe\tB-PER\nmet\n", encoding="utf-8")
+    with pytest.raises(MonitorInputError, match=r"broken.conll: line 2 has no tag column"):
+        read_batch(broken, "text", "label", 100)
     with pytest.raises(MonitorInputError, match=r"batch.csv: row 2: label 'positive' is not one of the model's tags"):
         TASKS["token"].label_ids([["O", "B-PER"], "positive"], encoder.labels, "batch.csv", [1, 2])
     with pytest.raises(MonitorInputError, match=r"row 1: label 'B-ORG' is not one of the model's tags"):
