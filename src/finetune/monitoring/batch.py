@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from finetune.common.files import DataError
+from finetune.common.token_files import TOKEN_COLUMNS, is_conll, read_tagged
 from finetune.monitoring.tasks import MonitorInputError
 
 CHUNK = 5000
@@ -121,6 +123,8 @@ def read_batch(path: str | Path, text_column: str, label_column: str, max_rows: 
         raise MonitorInputError(f"{path}: no such file or folder")
     if since is not None and not path.is_dir():
         raise MonitorInputError(f"{path}: a time window (--since) applies to a request-log folder, not a file")
+    if not path.is_dir() and _is_tagged(path, text_column):
+        return read_tagged_batch(path, max_rows, seed)
     chunks = _request_log_chunks(path, since) if path.is_dir() else _chunks(path)
     has_labels: list[bool] = []
 
@@ -155,3 +159,37 @@ def _check_texts(path: Path, kept: list[tuple[int, object, object]]) -> None:
                                     f"not a string")
         if not text.strip():
             raise MonitorInputError(f"{path}: row {row}: the text is empty")
+
+
+def _is_tagged(path: Path, text_column: str) -> bool:
+    """A NER batch with feedback: a CoNLL-style file, or a JSONL/Parquet table of token lists with no text column.
+    Not .txt (validate reads it as CoNLL for task token): the monitor does not know the task yet, and a .txt of
+    plain texts must stay refused as not a table."""
+    if is_conll(path):
+        return ".txt" not in [s.lower() for s in path.suffixes]
+    if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        return False
+    try:
+        columns = next(iter(_chunks(path))).columns
+    except (StopIteration, ValueError, OSError):
+        return False  # read_batch says what is wrong with it
+    return text_column not in columns and any(c in columns for c in TOKEN_COLUMNS)
+
+
+def read_tagged_batch(path: Path, max_rows: int, seed: int = 0) -> tuple[list[str], list[object], list[int], int]:
+    """A tagged NER batch (the formats validate reads, common/token_files.py) as read_batch's (texts: tokens joined
+    by single spaces, as validate stores them; tag lists; each sentence's first line or row; sentences read).
+    Read whole (a tagged file is feedback, not the request stream), then sampled down to ``max_rows``."""
+    try:
+        sentences = read_tagged(path)
+    except DataError as exc:
+        raise MonitorInputError(str(exc)) from None
+    for s in sentences:
+        bad = next((t for t in s.tokens if not t.strip() or any(c.isspace() for c in t)), None)
+        if not s.tokens or bad is not None or len(s.tags) != len(s.tokens):
+            raise MonitorInputError(f"{path}: row {s.line}: a sentence needs one tag per token and tokens without "
+                                    f"whitespace (found {bad!r}, {len(s.tokens)} tokens, {len(s.tags)} tags)")
+    kept, seen = _reservoir(((s.line, " ".join(s.tokens), s.tags) for s in sentences), max_rows, seed)
+    if not kept:
+        raise MonitorInputError(f"{path}: the batch is empty (no rows to monitor)")
+    return [k[1] for k in kept], [k[2] for k in kept], [k[0] for k in kept], seen

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 from finetune.common.monitor_config import MonitorConfig
+from finetune.monitoring import ner
 from finetune.monitoring.profiling import TEXT_FEATURES, Profile
 from finetune.monitoring.tasks import task_of
 
@@ -104,6 +105,35 @@ def label_rate_test(name: str, ref_positive: np.ndarray, ref_n: int, cur_positiv
             "labels_shifted": [lab for lab, f in zip(labels, fired) if f], "drifted": bool(fired.any())}
 
 
+def _entity_rate_test(name: str, ref: dict[str, Any], cur: dict[str, Any], ref_n: int, cur_n: int,
+                      cfg: MonitorConfig) -> dict[str, Any]:
+    """Per entity type: the share of texts holding one of its entities, as the multi-label per-label rates; the
+    entities per text of each type reported beside it."""
+    test = label_rate_test(name, np.asarray(ref["texts_with_type"]), ref_n, np.asarray(cur["texts_with_type"]),
+                           cur_n, ref["types"], cfg)
+    return {**test, "entities_per_text": cur["entities_per_text"],
+            "reference_entities_per_text": ref["entities_per_text"]}
+
+
+def token_tests(ref_doc: dict[str, Any], batch: Profile, predicted: np.ndarray, cfg: MonitorConfig
+                ) -> list[dict[str, Any]]:
+    """NER: per-type entity rates, entities per text and the tag distribution (over words) of the predictions;
+    with labels also the true per-type rates."""
+    labels, n = ref_doc["labels"], len(batch)
+    cur = ner.entity_summary(predicted, labels)
+    ref = ref_doc["predicted_entities"]
+    bins = [f"{i}" for i in range(ner.COUNT_BINS - 1)] + [f"{ner.COUNT_BINS - 1}+"]
+    tests = [_entity_rate_test("rates:predicted_entity_types", ref, cur, ref_doc["n"], n, cfg),
+             _chi2_shift("chi2:predicted_entity_count", ref["entity_count_hist"], cur["entity_count_hist"], bins,
+                         cfg),
+             _chi2_shift("chi2:predicted_tags", ref_doc["predicted_counts"],
+                         task_of("token").counts(predicted, len(labels)), labels, cfg)]
+    if batch.labels is not None and ref_doc.get("true_entities") is not None:
+        tests.append(_entity_rate_test("rates:true_entity_types", ref_doc["true_entities"],
+                                       ner.entity_summary(batch.labels, labels), ref_doc["n"], n, cfg))
+    return tests
+
+
 def prediction_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cfg: MonitorConfig
                      ) -> list[dict[str, Any]]:
     task = task_of(task_name)
@@ -118,6 +148,8 @@ def prediction_tests(ref_doc: dict[str, Any], batch: Profile, task_name: str, cf
         if batch.labels is not None and ref_doc.get("label_counts") is not None:
             tests.append(label_rate_test("rates:true_labels", np.asarray(ref_doc["label_counts"]), ref_doc["n"],
                                          batch.labels.sum(0), len(batch), labels, cfg))
+    elif task_name == "token":
+        tests = token_tests(ref_doc, batch, predicted, cfg)
     else:
         tests = [_chi2_shift("chi2:predicted_labels", ref_doc["predicted_counts"],
                              task.counts(predicted, len(labels)), labels, cfg)]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.monitoring import ner
 from finetune.monitoring.order import FEATURE as ORDER_FEATURE
 from finetune.monitoring.order import bigram_seen_rates, reference_bigrams
 from finetune.monitoring.tasks import task_of
@@ -45,10 +46,11 @@ class Profile:
 
 
 def encoder_from_folder(model_dir: str | Path, max_length: int, task: str = "single_label") -> Encoder:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: only when profiling
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
+    auto = AutoModelForTokenClassification if task == "token" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(str(model_dir), local_files_only=True,
                                                                use_safetensors=True).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     thresholds = None
@@ -80,9 +82,14 @@ def text_features(tokenizer: Any, texts: list[str], max_length: int) -> dict[str
             "unk_rate": unks / np.maximum(counts - special, 1), "truncated": (counts > max_length).astype(np.float64)}
 
 
-def forward(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(class probabilities, mean-pooled last hidden states) of ``texts``, in batches of similar length."""
+def forward(encoder: Encoder, texts: list[str], tagged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities, mean-pooled last hidden states) of ``texts``, in batches of similar length; NER: tag
+    probabilities per word (``tagged``: the texts are tagged tokens joined by spaces; monitoring/ner.py)."""
     import torch
+
+    if encoder.task == "token":
+        return ner.tag_forward(encoder.model, encoder.tokenizer, encoder.max_length, ner.word_lists(texts, tagged),
+                               BATCH)
 
     order = np.argsort([len(t) for t in texts], kind="stable")
     probs = np.zeros((len(texts), len(encoder.labels)), dtype=np.float32)
@@ -106,7 +113,7 @@ def profile_texts(encoder: Encoder, texts: list[str], label_ids: np.ndarray | No
                   bigram_table: np.ndarray | None = None) -> Profile:
     """The batch's profile; with the reference's ``bigram_table`` also each text's bigram seen rate."""
     task = task_of(encoder.task)
-    probs, emb = forward(encoder, texts)
+    probs, emb = forward(encoder, texts, tagged=label_ids is not None)
     features = {**text_features(encoder.tokenizer, texts, encoder.max_length), **task.prediction_features(probs)}
     if bigram_table is not None:
         features[ORDER_FEATURE] = bigram_seen_rates(texts, bigram_table)
@@ -126,8 +133,11 @@ def save_reference(profile: Profile, encoder: Encoder, folder: str | Path, metri
            "predicted_counts": task.counts(predicted, k).tolist(),
            "label_counts": task.counts(profile.labels, k).tolist() if profile.labels is not None else None,
            "thresholds": encoder.thresholds, "metrics": metrics}
-    if predicted.ndim == 2:  # multi-label: texts by how many labels they were given
+    if encoder.task == "multi_label":  # texts by how many labels they were given
         doc["predicted_set_sizes"] = np.bincount(predicted.sum(1), minlength=k + 1).tolist()
+    if encoder.task == "token":  # per type: texts holding it, entities per text; entities per text
+        doc["predicted_entities"] = ner.entity_summary(predicted, encoder.labels)
+        doc["true_entities"] = ner.entity_summary(profile.labels, encoder.labels) if profile.labels is not None else None
     (folder / "profile.json").write_text(json.dumps(doc), encoding="utf-8")  # a temporary folder: logged whole
     with open(folder / "embeddings.npy", "wb") as fh:
         np.save(fh, profile.embeddings.astype(np.float16))

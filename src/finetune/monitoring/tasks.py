@@ -1,6 +1,6 @@
 """What the monitor needs to know about a task family, in one place: how a label column is read, which prediction
 features are profiled, which metrics are bootstrapped. Single-label and multi-label (per-label rates over the
-model's thresholds); NER is still to add (per-type rates)."""
+model's thresholds) and NER (per-type entity rates, tag distribution, entity micro-F1; monitoring/ner.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from finetune.monitoring import ner
 from finetune.tasks import multi_label
 from finetune.tasks.single_label import classification_metrics
 
@@ -118,10 +119,60 @@ class MultiLabelTask:
         return {"micro_f1": micro, "macro_f1": macro}
 
 
-TASKS = {"single_label": SingleLabelTask(), "multi_label": MultiLabelTask()}
+class TokenTask:
+    """NER: ``probs`` are tag probabilities per word, (texts, most words, tags) padded with all-zero rows; a
+    text's prediction is each word's argmax tag (-100 where there is no word) and the entities of those tags."""
+    name = "token"
+    metrics = ("entity_micro_f1",)
+
+    def label_ids(self, values: list[Any], labels: list[str], source: str, rows: list[int], separator: str = "|"
+                  ) -> np.ndarray:
+        """Each row's list of IOB2 tags as tag ids, padded with -100."""
+        try:
+            return ner.tag_ids(values, labels, source, rows)
+        except ValueError as exc:
+            raise MonitorInputError(str(exc)) from None
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return z / z.sum(axis=-1, keepdims=True)
+
+    def prediction_features(self, probs: np.ndarray) -> dict[str, np.ndarray]:
+        """Per text: the mean over its words of the top tag probability, their mean entropy, its entities."""
+        words = probs.sum(-1) > 0
+        n = np.maximum(words.sum(1), 1)
+        p = np.clip(probs, 1e-12, 1.0)
+        entropy = np.where(words, -(p * np.log(p)).sum(-1), 0.0)
+        counts = [len(s) for s in ner.entity_sets(self.predicted(probs), ner.generic_tags(probs.shape[-1]))]
+        return {"confidence": probs.max(-1).sum(1) / n, "entropy": entropy.sum(1) / n,
+                "entity_count": np.asarray(counts, dtype=np.float64)}
+
+    def predicted(self, probs: np.ndarray, thresholds: list[float] | None = None) -> np.ndarray:
+        return np.where(probs.sum(-1) > 0, probs.argmax(-1), ner.IGNORE)
+
+    def counts(self, ids: np.ndarray, k: int) -> np.ndarray:
+        """Words per tag (the tag distribution)."""
+        return np.bincount(ids[ids >= 0], minlength=k)
+
+    def score(self, y_true: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float] | None = None
+              ) -> dict[str, float]:
+        from finetune.tasks import token  # imports torch: only when scoring
+
+        metrics, _ = token.scores(y_true, probs, labels, bins=10)
+        return {k: float(metrics[k]) for k in self.metrics}
+
+    def resampled_scores(self, y_true: np.ndarray, y_pred: np.ndarray, k: int, idx: np.ndarray
+                         ) -> dict[str, np.ndarray]:
+        """Entity micro-F1 of each resample of texts, from each text's (exact matches, predicted, true) counts."""
+        per_text = ner.entity_match_counts(y_true, y_pred, ner.generic_tags(k))
+        tp, n_pred, n_true = (per_text[:, j][idx].sum(1) for j in range(3))
+        return {"entity_micro_f1": np.where(n_pred + n_true > 0, 2 * tp / np.maximum(n_pred + n_true, 1), 0.0)}
 
 
-def task_of(name: str) -> SingleLabelTask | MultiLabelTask:
+TASKS = {"single_label": SingleLabelTask(), "multi_label": MultiLabelTask(), "token": TokenTask()}
+
+
+def task_of(name: str) -> SingleLabelTask | MultiLabelTask | TokenTask:
     if name not in TASKS:
         raise MonitorInputError(f"the monitor does not know task {name!r} yet (known: {sorted(TASKS)})")
     return TASKS[name]
