@@ -227,7 +227,7 @@ def test_queued_experiment_registers_in_the_project_and_shows_in_exp_show(projec
     while "sweep-a" not in (status := sh(["dvc", "queue", "status"], project).stdout) or \
             any(s in status for s in ("Queued", "Running")):
         assert time.time() < deadline, status
-        time.sleep(2)
+        time.sleep(5)
     assert "Success" in status, sh(["dvc", "queue", "logs", "sweep-a"], project, check=False).stdout[-3000:]
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
     exps = [e for base in shown for e in (base.get("experiments") or []) if e.get("name") == "sweep-a"]
