@@ -93,6 +93,9 @@ class MlflowServer:
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
              "--artifacts-destination", (root / "artifacts").as_uri()],
+            # as the dev overlay's MLflow runs: no job runner, whose 7 huey consumers (each a Python importing
+            # MLflow) nothing here uses and which cost ~1/3 of the start-up on 2 busy cores
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self._ready = False
 
@@ -124,18 +127,42 @@ class MlflowServer:
         self.log.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def early_servers(request, tmp_path_factory):
+    """The MLflow server and the stack the collected tests use, started as the session starts, the stack in a
+    background thread: their start-up (~30 s each on 2 cores, mostly one process importing and migrating while
+    a core idles) overlaps with the tests before their first user instead of being waited for there. Nothing
+    starts for a selection that uses neither (``item.fixturenames`` is the closure, fixtures' fixtures too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    started: dict = {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-stack")
+    if "mlflow_server" in used:
+        started["mlflow_server"] = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    if "stack" in used:
+        started["stack"] = pool.submit(Stack(tmp_path_factory.mktemp("stack")).start)
+    yield started
+    pool.shutdown(wait=True)
+    if "mlflow_server" in started:  # started but never used (e.g. the session was interrupted before)
+        started.pop("mlflow_server").stop()
+    if "stack" in started and started["stack"].exception() is None:
+        started.pop("stack").result().stop()
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+def mlflow_server(early_servers, tmp_path_factory):
+    server = early_servers.pop("mlflow_server", None) or MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack(early_servers, tmp_path_factory):
     """The production stack (PostgreSQL, S3, bucket, MLflow server) started from the rendered dev overlay
     (tests/stack.py). Fails, never skips, when PostgreSQL is not installed."""
-    s = Stack(tmp_path_factory.mktemp("stack")).start()
+    starting = early_servers.pop("stack", None)
+    s = starting.result() if starting is not None else Stack(tmp_path_factory.mktemp("stack")).start()
     yield s
     s.stop()
 

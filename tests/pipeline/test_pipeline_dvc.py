@@ -26,7 +26,8 @@ def project(tmp_path_factory, real_reviews, mlflow_server):
     set_params(root, validate={"val_fraction": 0.15, "test_fraction": 0.2},
                tokenize={"max_length": 48},
                train={"max_steps": 40, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 10, "threads": 2},
-               register={"model_name": MODEL, "floor": 0.0})
+               register={"model_name": MODEL, "floor": 0.0},
+               compress={"latency_requests": 10})  # the gate is on accuracy; 10 timed texts per variant suffice
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-qm", "fixture"], root)
     return root
@@ -102,8 +103,9 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_downstream(projec
     assert "Running stage" not in again.stdout, again.stdout
     first = json.loads((project / "out" / "evaluate" / "metrics.json").read_text())
 
-    # learning_rate ~0 (0 itself is refused): the classification head stays random, a worse model
-    set_params(project, train={"learning_rate": 1e-12})
+    # learning_rate ~0 (0 itself is refused): the classification head stays random, a worse model, whatever the
+    # number of steps (8: a short rerun)
+    set_params(project, train={"learning_rate": 1e-12, "max_steps": 8})
     rerun = sh(["dvc", "repro"], project).stdout
     ran = {s for s in ("validate", "tokenize", "train", "evaluate", "register") if f"Running stage '{s}'" in rerun}
     assert ran == {"train", "evaluate", "register"}, rerun

@@ -110,7 +110,7 @@ def dvc_project(tmp_path_factory, real_reviews, stack):
     sh(["dvc", "remote", "modify", "stack", "endpointurl", stack.client_env["AWS_ENDPOINT_URL"]], root, env)
     set_params(root, validate={"val_fraction": 0.15, "test_fraction": 0.2}, tokenize={"max_length": 32},
                train={"max_steps": 20, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 10, "threads": 2},
-               register={"model_name": DVC_MODEL, **NO_GATE})
+               register={"model_name": DVC_MODEL, **NO_GATE}, compress={"latency_requests": 10})
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "fixture"], root, env)
     sh(["dvc", "repro", "evaluate"], root, env)  # no registry needed up to here: MLflow warms up meanwhile
@@ -163,6 +163,7 @@ def test_kfp_pipeline_reads_s3_data_and_registers_on_the_stack(stack, real_revie
     params["tokenize"]["max_length"] = 32
     params["train"].update(threads=2, checkpoint_every=0, max_steps=8, batch_size=16, learning_rate=1e-4)
     params["register"].update(NO_GATE, model_name=KFP_MODEL)
+    params["compress"]["latency_requests"] = 10  # what lands in the registry is tested here, not latency
     for name, value in stack.client_env.items():  # exactly what the two secrets give the steps on a cluster
         monkeypatch.setenv(name, value)
     stack.url
@@ -175,7 +176,7 @@ def test_kfp_pipeline_reads_s3_data_and_registers_on_the_stack(stack, real_revie
     predicts_through_the_server(stack, KFP_MODEL)
 
 
-def test_s3_down_at_register_time_then_rerun_registers_exactly_once(stack, tiny_classifier_dir):
+def test_s3_down_at_register_time_then_rerun_registers_exactly_once(stack, tiny_classifier_dir, monkeypatch):
     """The artifact store goes down: bounded retries, a clear error, no version, no alias; once it is back, a
     rerun of the same registration registers exactly one version."""
     from mlflow import MlflowClient
@@ -191,8 +192,12 @@ def test_s3_down_at_register_time_then_rerun_registers_exactly_once(stack, tiny_
     client = MlflowClient(url)
     stack.kill("s3")
     try:
-        with pytest.raises(RegistryError, match="giving up after 2 attempt"):
-            register(RegistrationRequest.for_model(tiny_classifier_dir, metrics, cfg, url, test_hash="t"))
+        with monkeypatch.context() as outage:
+            # Our retries (register.retries) are what is tested: MLflow's own HTTP retries of each failing upload
+            # and cleanup request (the server's S3 client waits ~10 s per request) would only repeat them.
+            outage.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            with pytest.raises(RegistryError, match="giving up after 2 attempt"):
+                register(RegistrationRequest.for_model(tiny_classifier_dir, metrics, cfg, url, test_hash="t"))
         assert client.search_model_versions("name = 'outage'") == []
     finally:
         stack.restart("s3")
