@@ -236,10 +236,10 @@ def test_rescoring_uses_evaluate_metrics():
 
     truth = ["a", "a", "a", "b"]
     pred = ["a", "a", "b", "b"]
-    assert score_predictions("accuracy", truth, pred, ["a", "b"]) == 0.75
+    assert score_predictions("accuracy", ["t"] * 4, truth, pred, ["a", "b"]) == 0.75
     # F1(a) = 2*1*(2/3)/(1+2/3) = 0.8, F1(b) = 2*0.5*1/1.5 = 2/3: macro 0.733333
-    assert score_predictions("macro_f1", truth, pred, ["a", "b"]) == pytest.approx(0.733333, abs=1e-6)
-    assert score_predictions("accuracy", ["a", "c"], ["a", "a"], ["a", "b"]) == 0.5  # a label the model lacks
+    assert score_predictions("macro_f1", ["t"] * 4, truth, pred, ["a", "b"]) == pytest.approx(0.733333, abs=1e-6)
+    assert score_predictions("accuracy", ["t"] * 2, ["a", "c"], ["a", "a"], ["a", "b"]) == 0.5  # a label the model lacks
 
 
 def test_kind_from_config_keeps_the_output_order():

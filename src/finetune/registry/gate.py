@@ -8,11 +8,8 @@ on what "accuracy" or "macro-F1" means.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
-import pandas as pd
 
 from finetune.common.config import RegisterConfig
 from finetune.tasks import task_for
@@ -21,9 +18,9 @@ from finetune.tasks import task_for
 # (models saved before problem_type was set are single-label), and the finetune task that scores it.
 TASK = "text-classification/single-label"
 KINDS = {"single_label_classification": TASK, "multi_label_classification": "text-classification/multi-label"}
-TASK_OF_KIND = {TASK: "single_label", "text-classification/multi-label": "multi_label"}
 # a token head keeps problem_type single_label_classification (softmax per token): its architecture tells it apart
 NER = "token-classification/ner"
+TASK_OF_KIND = {TASK: "single_label", "text-classification/multi-label": "multi_label", NER: "token"}
 
 
 class LineageMismatch(ValueError):
@@ -80,18 +77,11 @@ def same_lineage(ours: ModelKind, champion: ModelKind | None, champion_version: 
         f"'{cfg.model_name}' (the old champion then loses @champion, which the registration records).")
 
 
-def score_predictions(metric: str, y_true: Sequence[str], y_pred: Sequence, labels: Sequence[str],
-                      kind: str = TASK) -> float:
-    """``metric`` of predicted labels (a name per text, or a list of names for multi-label), computed by the
-    task's own metric function (evaluate's)."""
-    task = task_for(TASK_OF_KIND.get(kind, "single_label"))
-    seen = task.label_counts(pd.Series(list(y_true), dtype=object)).index
-    names = list(labels) + sorted(set(seen) - set(labels))  # a test label the model lacks counts as missed
-    truth = task.encode_labels(list(y_true), names)
-    hard = task.encode_labels(list(y_pred), names)
-    probs = hard.astype(np.float64) if hard.ndim == 2 else np.eye(len(names))[hard]  # decisions as probabilities
-    metrics, _ = task.scores(truth, probs, names, bins=1)
-    return float(metrics[metric])
+def score_predictions(metric: str, texts: Sequence[str], y_true: Sequence, y_pred: Sequence,
+                      labels: Sequence[str], kind: str = TASK) -> float:
+    """``metric`` of a pyfunc's predictions on ``texts`` (a name per text, a list of names for multi-label,
+    entity records for NER), computed by the task's own metric function (evaluate's)."""
+    return task_for(TASK_OF_KIND.get(kind, "single_label")).score_decisions(metric, texts, y_true, y_pred, labels)
 
 
 def kind_from_config(config: dict) -> ModelKind:

@@ -23,7 +23,7 @@ from mlflow.entities import Metric
 
 from finetune.common.redact import redact_uri, redact_values
 from finetune.registry import aliases, integrity
-from finetune.registry.gate import NER, Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
+from finetune.registry.gate import Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, reap_stale_runs, remove_artifacts
 from finetune.registry.lease import alias_lock
 from finetune.registry.loading import load_verified
@@ -149,14 +149,10 @@ def _champion_score(client, req: RegistrationRequest, mv) -> tuple[dict[str, Any
     if req.test is None:
         raise RegistryError(f"champion v{mv.version} was evaluated on other test data and no test split was "
                             f"given to re-score it")
-    if req.kind.task == NER:  # its pyfunc answers entities, not a tag per word: nothing to score them with yet
-        raise RegistryError(f"champion v{mv.version} ({NER}) was evaluated on other test data and a NER champion "
-                            f"cannot be re-scored yet: keep its test split, or set register.new_lineage: true")
     texts, labels = req.test
     preds = load_verified(f"models:/{cfg.model_name}/{mv.version}", req.tracking_uri).predict(list(texts))
     info.update(source="re-scored on this run's test data",
-                value=score_predictions(cfg.metric, labels, [p if isinstance(p, list) else str(p) for p in preds],
-                                        req.kind.labels, req.kind.task))
+                value=score_predictions(cfg.metric, texts, labels, preds, req.kind.labels, req.kind.task))
     return info, info["value"]
 
 

@@ -73,6 +73,10 @@ evaluate / compress / register / predict / serve
         rows; ``thresholds``: per-label decision thresholds where the task has them (None = the default rule)
     decide(probs: numpy.ndarray, label_names: list[str], thresholds: numpy.ndarray | None = None) -> list
         one prediction per row as predict and the server return it (single-label: the label name)
+    score_decisions(metric: str, texts: Sequence[str], y_true: Sequence, predictions: Sequence,
+                    labels: Sequence[str]) -> float
+        ``metric`` of a registered pyfunc's predictions on validate's test texts (label names, label lists, entity
+        records) against the true labels: how register re-scores a champion evaluated on other test data
     decision_files(val_logits: Callable[[], numpy.ndarray], val_labels: numpy.ndarray | None,
                    label_names: list[str]) -> dict[str, Any]
         JSON files train writes into the model folder beside the weights (multi-label: thresholds.json tuned on

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from finetune.common.coercion import ConfigError
 from finetune.common.config import TrainConfig, ValidateConfig
+from finetune.tasks import single_label
 
 NAME = "multi_label"
 PROBLEM_TYPE = "multi_label_classification"
@@ -369,3 +371,11 @@ def agreement(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray, labe
 
 def sentence_records(split: Any, probs: np.ndarray, label_names: list[str], tok: Any) -> None:
     """None: one prediction per text, written as predictions.csv rows (evaluate)."""
+
+
+def score_decisions(metric: str, texts: Sequence[str], y_true: Sequence, predictions: Sequence,
+                    labels: Sequence[str]) -> float:
+    """``metric`` of a pyfunc's predictions (a list of label names per text) against the true label lists."""
+    return single_label.score_hard_decisions(sys.modules[__name__], metric, y_true,
+                                             [list(p) for p in predictions], labels)
+

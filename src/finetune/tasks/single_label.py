@@ -4,6 +4,7 @@ accuracy / macro-F1 / per-class scores / calibration measure it. Exports the con
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,22 @@ def agreement(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray, labe
 
 def sentence_records(split: Any, probs: np.ndarray, label_names: list[str], tok: Any) -> None:
     """None: one prediction per text, written as predictions.csv rows (evaluate)."""
+
+
+def score_hard_decisions(task: Any, metric: str, y_true: Sequence, y_pred: Sequence, labels: Sequence[str]) -> float:
+    """``metric`` of decided label values (no probabilities: each decision as a one-hot / multi-hot row), computed
+    by ``task``'s own ``scores`` (evaluate's); a true label the model lacks counts as missed."""
+    seen = task.label_counts(pd.Series(list(y_true), dtype=object)).index
+    names = list(labels) + sorted(set(seen) - set(labels))
+    truth = task.encode_labels(list(y_true), names)
+    hard = task.encode_labels(list(y_pred), names)
+    probs = hard.astype(np.float64) if hard.ndim == 2 else np.eye(len(names))[hard]
+    metrics, _ = task.scores(truth, probs, names, bins=1)
+    return float(metrics[metric])
+
+
+def score_decisions(metric: str, texts: Sequence[str], y_true: Sequence, predictions: Sequence,
+                    labels: Sequence[str]) -> float:
+    """``metric`` of a pyfunc's predictions (a class name per text) against the true labels."""
+    return score_hard_decisions(sys.modules[__name__], metric, y_true, [str(p) for p in predictions], labels)
+

@@ -257,3 +257,24 @@ def read_thresholds(model_dir: Any, label_names: list[str]) -> None:
 def curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], max_points: int = 1000,
            curves_for: Any = None) -> dict[str, dict[str, Any]]:
     return {}
+
+
+def predicted_word_tags(text: str, entities: Sequence[dict]) -> list[str]:
+    """IOB2 tags of ``text``'s words (validate's: single spaces between them) from predicted entities with
+    character offsets: a word inside an entity's span takes its type, B- on the first."""
+    starts = np.cumsum([0] + [len(w) + 1 for w in text.split(" ")[:-1]])
+    tags = ["O"] * len(starts)
+    for e in sorted(entities, key=lambda e: e["start"]):
+        inside = [i for i, s0 in enumerate(starts) if e["start"] <= s0 < e["end"]]
+        for n, i in enumerate(inside):
+            tags[i] = f"{'I' if n else 'B'}-{e['type']}"
+    return tags
+
+
+def score_decisions(metric: str, texts: Sequence[str], y_true: Sequence, predictions: Sequence,
+                    labels: Sequence[str]) -> float:
+    """``metric`` (entity micro/macro-F1, token accuracy: seqeval, as evaluate) of a pyfunc's entity records on
+    validate's texts against their true tag lists: how register re-scores a champion on new test data."""
+    pred = [predicted_word_tags(t, p["entities"]) for t, p in zip(texts, predictions)]
+    return float(entity_scores([list(t) for t in y_true], pred)[metric])
+
