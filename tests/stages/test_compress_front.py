@@ -59,3 +59,21 @@ def test_students_are_measured_on_the_same_split_and_their_files_digested(tiny_c
     assert {"student_L1.onnx", "student_L1.int8.onnx"} <= set(on_disk["files_sha256"])
     assert on_disk["serving"]["variant"] in v and on_disk["serving"]["variant"] != "pytorch_fp32"
     assert (tmp_path / "out" / on_disk["serving"]["file"]).is_file()
+
+
+def test_the_choice_reads_the_tasks_primary_metric_and_never_a_variant_the_int8_gate_refused():
+    """NER: token accuracy barely moves when int8 loses whole entities; the choice reads entity micro-F1 (the
+    task's primary metric, the int8 gate's), and a variant the gate refused is never served."""
+    front = {"pytorch_fp32": {"accuracy": 0.97, "entity_micro_f1": 0.96, "texts_per_s": 20.0, "latency_ms_p50": 9.0},
+             "onnx_fp32": {"accuracy": 0.97, "entity_micro_f1": 0.96, "texts_per_s": 40.0, "latency_ms_p50": 5.0},
+             "onnx_int8": {"accuracy": 0.965, "entity_micro_f1": 0.91, "texts_per_s": 90.0, "latency_ms_p50": 2.0}}
+    assert choose_serving(front, ServeBudget(0.01))["variant"] == "onnx_int8"  # on token accuracy it would pass
+    on_entities = choose_serving(front, ServeBudget(0.01), "entity_micro_f1")
+    assert on_entities["variant"] == "onnx_fp32" and "its entity_micro_f1 drop 0.0000" in on_entities["reason"]
+    none = choose_serving({k: v for k, v in front.items() if k != "onnx_fp32"}, ServeBudget(0.01), "entity_micro_f1")
+    assert none["variant"] == "pytorch_fp32" and "onnx_int8: entity_micro_f1 drop 0.0500" in none["reason"]
+    gated = choose_serving(front, ServeBudget(1.0), "entity_micro_f1", refused_by_gate=("onnx_int8",))
+    assert gated["variant"] == "onnx_fp32"
+    only_int8 = {k: v for k, v in front.items() if k != "onnx_fp32"}
+    refused = choose_serving(only_int8, ServeBudget(1.0), "entity_micro_f1", refused_by_gate=("onnx_int8",))
+    assert refused["variant"] == "pytorch_fp32" and "onnx_int8: refused by compress.max_accuracy_drop" in refused["reason"]

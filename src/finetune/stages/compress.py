@@ -35,9 +35,18 @@ from finetune.common.config import CompressConfig, Config
 from finetune.common.digests import FILE_DIGESTS, MODEL_DIGEST, folder_digests, model_digest
 from finetune.common.files import write_json
 from finetune.common.memory import peak_rss_growth
-from finetune.common.outputs import (MARKER, METRICS, ONNX_FP32, ONNX_INT8, TEMP_MARKER, atomic_dir, check_output_dir,
-                                     no_space_left)
+from finetune.common.outputs import (
+    MARKER,
+    METRICS,
+    ONNX_FP32,
+    ONNX_INT8,
+    TEMP_MARKER,
+    atomic_dir,
+    check_output_dir,
+    no_space_left,
+)
 from finetune.common.tokens import TokenizedSplit, read_tokens
+from finetune.stages.serving_front import ServeBudget, choose_serving, variant_file
 from finetune.tasks import task_for
 from finetune.training.batches import collate
 from finetune.training.model import MismatchError, load_classifier
@@ -233,52 +242,6 @@ def variant_metrics(probs: np.ndarray, split: TokenizedSplit, labels: list[str],
     return out
 
 
-@dataclass(frozen=True)
-class ServeBudget:
-    """What the served variant may cost in accuracy (and take per text): params.yaml serve."""
-    max_accuracy_drop: float = 0.01
-    max_latency_ms: float = 0.0  # p50 at batch 1; 0: no target
-
-
-FALLBACK = "pytorch_fp32"
-
-
-def choose_serving(variants: dict[str, dict[str, Any]], budget: ServeBudget) -> dict[str, Any]:
-    """The cheapest variant (most texts/s at the measured batch) within ``budget``; none: the fp32 model, and why."""
-    base = variants[FALLBACK]
-    fits, refused = [], []
-    for name, v in variants.items():
-        if name == FALLBACK:
-            continue
-        drop = base["accuracy"] - v["accuracy"]
-        if drop > budget.max_accuracy_drop + 1e-12:
-            refused.append(f"{name}: accuracy drop {drop:.4f} > serve.max_accuracy_drop {budget.max_accuracy_drop}")
-        elif budget.max_latency_ms and v["latency_ms_p50"] > budget.max_latency_ms:
-            refused.append(f"{name}: p50 {v['latency_ms_p50']} ms > serve.max_latency_ms {budget.max_latency_ms}")
-        else:
-            fits.append(name)
-    if not fits:
-        return {"variant": FALLBACK, "file": None, "made_by": base.get("made_by", "the teacher as trained"),
-                "reason": "no variant within the budget, the fp32 model is served: " + "; ".join(refused)}
-    best = max(fits, key=lambda n: variants[n]["texts_per_s"])
-    v = variants[best]
-    return {"variant": best, "file": variant_file(best), "made_by": v.get("made_by", ""),
-            "reason": (f"{best}: the most texts/s ({v['texts_per_s']}, {v.get('speedup')}x fp32 PyTorch) of the "
-                       f"{len(fits)} variant(s) within serve.max_accuracy_drop {budget.max_accuracy_drop} "
-                       f"(its drop {base['accuracy'] - v['accuracy']:.4f})"
-                       + (f" and serve.max_latency_ms {budget.max_latency_ms}" if budget.max_latency_ms else ""))}
-
-
-def variant_file(variant: str) -> str:
-    """The ONNX file of a variant inside the compress folder."""
-    if variant == "onnx_fp32":
-        return ONNX_FP32
-    if variant == "onnx_int8":
-        return ONNX_INT8
-    student, kind = variant.rsplit("_onnx_", 1)
-    return f"{student}.onnx" if kind == "fp32" else f"{student}.int8.onnx"
-
-
 def export_student(folder: Path, tmp: Path, cfg: CompressConfig, labels: list[str]) -> dict[str, tuple[str, str]]:
     """A student's fp32 and int8 ONNX files in ``tmp``: variant -> (file, how it was made)."""
     model = load_classifier(folder)
@@ -366,7 +329,7 @@ def compress(model_dir: str | Path, test: TokenizedSplit, meta: dict[str, Any], 
             variants[variant]["made_by"] = how
         passed, message = variant_gate(variants["pytorch_fp32"], variants[GATED], cfg.max_accuracy_drop,
                                        task.GATE_METRICS[0])
-        serving = choose_serving(variants, budget or ServeBudget())
+        serving = choose_serving(variants, budget or ServeBudget(), task.GATE_METRICS[0], () if passed else (GATED,))
         metrics = {**common, "exported": True, "int8_passed": passed, "message": message, "variants": variants,
                    "serving": serving,
                    FILE_DIGESTS: {k: v for k, v in folder_digests(tmp).items()
