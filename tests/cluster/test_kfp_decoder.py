@@ -43,7 +43,7 @@ def test_decoder_base_runs_the_whole_dag_registers_with_its_architecture_and_pre
         "tokenize.max_length=24", "train.max_steps=40", "train.batch_size=8", "train.learning_rate=2e-2",
         "train.threads=2", "train.checkpoint_every=0", "train.lora.enabled=true", "train.lora.dropout=0.0",
         "train.lora.target_modules=[auto]", f"register.model_name={MODEL}", "register.floor=0.0",
-        "register.min_macro_f1=0.0", "compress.max_accuracy_drop=1.0"]))
+        "register.min_macro_f1=0.0", "compress.max_accuracy_drop=1.0", "compress.latency_requests=10"]))
     build()(data_uri=str(data), params=params)
 
     client = MlflowClient(mlflow_server.url)

@@ -68,7 +68,8 @@ def test_drifted_labelled_batch_is_monitored_retrained_and_registered(mlflow_ser
     params = as_params(load_config(REPO / "params.yaml", [
         f"model.base={tiny_model_dir}", "tokenize.max_length=32", "train.max_steps=2", "train.batch_size=16",
         "train.threads=1", "train.checkpoint_every=0", "validate.min_rows_per_class=2", "register.model_name=loop-it",
-        "register.floor=0.0", "register.min_macro_f1=0.0", "compress.max_accuracy_drop=1.0"]))
+        "register.floor=0.0", "register.min_macro_f1=0.0", "compress.max_accuracy_drop=1.0",
+        "compress.latency_requests=10"]))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     build_monitor()(data_uri=str(data), model_uri="models:/loop-it@champion", params=params)
 

@@ -27,7 +27,7 @@ def project(tmp_path_factory, tiny_llama_dir):
                train={"max_steps": 100, "batch_size": 8, "learning_rate": 2e-2, "checkpoint_every": 0, "threads": 2,
                       "pack_tokens": 128, "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0,
                                                    "target_modules": ["auto"]}},
-               register={"model_name": MODEL, "floor": 0.0})
+               register={"model_name": MODEL, "floor": 0.0}, compress={"latency_requests": 10})
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-qm", "fixture"], root)
     sh(["dvc", "repro"], root)
