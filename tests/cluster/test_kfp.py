@@ -279,9 +279,9 @@ def test_whole_dag_registers_a_model_that_loads_and_predicts(kfp_local, mlflow_s
 
     assert {k for k in run.data.tags if k.startswith("lineage.")} == {f"lineage.{k}" for k in LINEAGE_KEYS}
     assert run.data.tags["lineage.data_md5"] == file_md5(data) and run.data.tags["lineage.data_dvc_md5"] == "None"
-    # register got the tokenize output: the report has the token-length plot like the local one (4 images)
+    # register got the tokenize output: the report has the token-length plot like the local one (4 images + the front)
     page = next(run_dir.joinpath("register").rglob("report.html")).read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 5  # evaluate's four plots and compress's front
     out = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]
     scalars = out["metrics"]["artifacts"][0]["metadata"]
     assert set(scalars) == {"accuracy", "macro_f1", "loss", "ece"} and 0 <= scalars["accuracy"] <= 1

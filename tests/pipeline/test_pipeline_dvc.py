@@ -200,7 +200,9 @@ def test_data_uri_of_a_dvc_tracked_path_at_a_git_revision(project, tmp_path):
 def test_repro_writes_report_card_and_dvc_plots(project, first_run):
     reg = json.loads((project / "out" / "register" / "registration.json").read_text())
     page = (project / "out" / "register" / "report.html").read_text(encoding="utf-8")
-    assert f"{MODEL} v{reg['version']}" in page and page.count('src="data:image/png;base64,') == 4
+    # four evaluate plots and compress's front (accuracy against texts/s, the served variant starred)
+    assert f"{MODEL} v{reg['version']}" in page and page.count('src="data:image/png;base64,') == 5
+    assert 'alt="the front: test accuracy against texts/s, the served variant starred"' in page
     assert f"# {MODEL}, version {reg['version']}" in (project / "out" / "register" / "model_card.md").read_text()
     plots = json.loads(sh(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     roc = plots["out/evaluate/roc.csv"][0]["content"]
