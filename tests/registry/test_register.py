@@ -542,3 +542,17 @@ def test_a_store_locked_too_long_ends_in_one_line_naming_it_and_its_holder(tiny_
     assert msg.startswith(f"the MLflow store {db} stayed locked for 1 s: PID {holder.pid} (") and "\n" not in msg
     assert "holds a write on it; this registration did not complete" in msg
     assert "sqlalchemy" not in msg.lower() and "OperationalError" not in msg
+
+
+def test_a_card_longer_than_the_registrys_description_limit_is_cut_at_a_line_with_a_note():
+    """PostgreSQL refuses a version description over MLflow's VARCHAR(5000) (SQLite does not check): the
+    description is the card cut at its last whole line, pointing at the run's model_card.md."""
+    from finetune.registry.cards import DESCRIPTION_LIMIT, card_description
+
+    short = "# card\n\nall of it\n"
+    assert card_description(short) == short
+    card = "".join(f"| row {i} | {'x' * 60} |\n" for i in range(120))  # 8,000+ characters
+    desc = card_description(card)
+    assert len(desc) <= DESCRIPTION_LIMIT and desc.startswith(card[:4000])
+    body, note = desc.split("\n\n*(cut at", 1)
+    assert card.startswith(body + "\n") and "model_card.md" in note  # whole lines only, then the pointer

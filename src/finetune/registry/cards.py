@@ -11,6 +11,21 @@ from finetune.registry.request import RegistrationRequest, RegistryError, Regist
 from finetune.registry.store import with_retries
 
 
+# model_versions.description is VARCHAR(5000) in MLflow's SQL schema: PostgreSQL and MySQL refuse a longer one
+# (SQLite does not check); the whole card is always the run's model_card.md artifact
+DESCRIPTION_LIMIT = 5000
+
+
+def card_description(card: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The card as a version description: whole when it fits, else cut at the last line that fits, with a note
+    pointing at the run's model_card.md (which holds it whole)."""
+    if len(card) <= limit:
+        return card
+    note = "\n\n*(cut at the registry's 5,000-character description limit: the whole card is the run's model_card.md)*\n"
+    head = card[:limit - len(note)]
+    return head[:head.rfind("\n") + 1 or len(head)].rstrip() + note
+
+
 def update_model_card(req: RegistrationRequest, version: str, run_id: str, card: str) -> None:
     """Replace the card of a registered version (its description and the run's model_card.md): the card written
     at registration cannot know yet what became of the int8 variant."""
@@ -18,7 +33,7 @@ def update_model_card(req: RegistrationRequest, version: str, run_id: str, card:
     def once() -> None:
         try:
             client = MlflowClient(req.tracking_uri)
-            client.update_model_version(req.cfg.model_name, version, description=card)
+            client.update_model_version(req.cfg.model_name, version, description=card_description(card))
             client.log_text(run_id, card, "model_card.md")
         except Exception as exc:
             raise RegistryUnavailable(f"updating the model card of {req.cfg.model_name} v{version} failed: {exc}") \

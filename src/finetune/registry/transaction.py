@@ -23,6 +23,7 @@ from mlflow.entities import Metric
 
 from finetune.common.redact import redact_uri, redact_values
 from finetune.registry import aliases, integrity
+from finetune.registry.cards import card_description
 from finetune.registry.gate import Decision, LineageMismatch, ModelKind, gate, same_lineage, score_predictions
 from finetune.registry.hygiene import HEARTBEAT_TAG, STAGE_TAG, heartbeat, reap_stale_runs, remove_artifacts
 from finetune.registry.lease import alias_lock
@@ -238,7 +239,7 @@ def _log_and_register(client, req: RegistrationRequest, exp_id: str, run_key: st
             if req.model_card is not None:
                 card = req.model_card(version, run_id)
                 mlflow.log_text(card, "model_card.md")
-                client.update_model_version(cfg.model_name, version, description=card)
+                client.update_model_version(cfg.model_name, version, description=card_description(card))
             client.set_model_version_tag(cfg.model_name, version, "complete", "true")
             return version, run_id
     except Exception as exc:
