@@ -94,7 +94,7 @@ def _ids(image: dict) -> tuple[int, int]:
 
 def run_pipeline(image: dict, work: Path, values: dict[str, Any], overrides: list[str] | None = None,
                  env: dict[str, str] | None = None, netns: str | None = None, spec_path: Path = SPEC) -> Run:
-    """validate -> tokenize -> train -> evaluate -> compress -> register in the image, with the pipeline's
+    """validate -> tokenize -> train -> evaluate -> distill -> compress -> register in the image, with the pipeline's
     parameter defaults from the spec: per-run ``values`` (``data_uri`` as seen inside the sandbox, under
     /tmp/pipeline) and ``overrides`` (``section.key=value``, as `finetune pipeline submit --set` applies them to
     the ``params`` struct)."""
@@ -113,7 +113,9 @@ def run_pipeline(image: dict, work: Path, values: dict[str, Any], overrides: lis
     run.step(spec, "tokenize", {"splits": "@validate.splits", "params": params})
     run.step(spec, "train", {"tokens": "@tokenize.tokens", "params": params, "checkpoint_dir": p["checkpoint_dir"]})
     run.step(spec, "evaluate", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": params})
-    run.step(spec, "compress", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": params})
+    run.step(spec, "distill", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": params})
+    run.step(spec, "compress", {"model": "@train.model", "tokens": "@tokenize.tokens", "params": params,
+                                "student": "@distill.student"})
     run.step(spec, "register", {
         "model": "@train.model", "evaluation": "@evaluate.evaluation", "splits": "@validate.splits",
         "train_logs": "@train.train_logs", "tokens": "@tokenize.tokens", "compressed": "@compress.compressed",
