@@ -59,10 +59,9 @@ def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluati
     from finetune.stages.evaluate import run_evaluate
 
     result = run_evaluate(config_from_dict(params), model.path, tokens.path, evaluation.path)
-    for key in ("accuracy", "macro_f1", "loss", "ece", "micro_f1", "samples_f1", "hamming_loss",  # the task's
-                "entity_micro_f1", "entity_macro_f1", "token_accuracy"):
-        if key in result:  # KFP UI: scalar metrics + confusion matrix (single-label: a class x class matrix)
-            metrics.log_metric(key, result[key])
+    for key, value in result.items():  # KFP UI: the task's scalar scores (floats; counts and tables are not)
+        if isinstance(value, float):
+            metrics.log_metric(key, value)
     if "confusion_matrix" in result:
         confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
 

@@ -93,6 +93,44 @@ def test_student_learns_from_the_teacher_not_only_the_labels(teacher, tmp_path):
     assert distilled > alone, (distilled, alone)
 
 
+def _hidden_gap(teacher_dir, student, layers, split) -> float:
+    """Mean squared gap between the student's blocks and the teacher blocks they came from, on ``split``."""
+    import torch
+
+    from finetune.training.batches import collate
+    from finetune.training.distill import LiveTeacher
+
+    live = LiveTeacher(load_classifier(teacher_dir), student.eval(), layers)
+    batch = collate(split, np.arange(len(split)), 0)
+    with torch.no_grad():
+        student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        live.logits(batch)
+        gap = float(live.hidden_gap(batch).mean())
+    live.close()
+    return gap
+
+
+def test_hidden_state_transfer_pulls_the_students_block_towards_the_teachers(teacher, tmp_path):
+    """Student = the teacher's top block alone: trained with hidden-state transfer, its block's output comes
+    closer to the teacher's top block than when it learns from the soft targets alone."""
+    from finetune.training.distill import build_student
+
+    out, toks, meta = teacher
+    runs = {}
+    for weight in (0.0, 1.0):
+        dcfg = DistillConfig(layers=[3], temperature=4.0, alpha=0.5, hidden_weight=weight, epochs=6,
+                             learning_rate=5e-3, patience=0, eval_every=0)
+        res, info = distill(toks, meta, out, _cfg(), dcfg, tmp_path / f"s{weight}", tmp_path / f"ck{weight}")
+        runs[weight] = (res, info, _hidden_gap(out, load_classifier(tmp_path / f"s{weight}"), [3], toks["test"]))
+    untrained = _hidden_gap(out, build_student(load_classifier(out), [3]), [3], toks["test"])
+    soft_only, hidden = runs[0.0][2], runs[1.0][2]
+    assert hidden < 0.5 * untrained and hidden < soft_only, (untrained, soft_only, hidden)
+    assert runs[1.0][0].val_accuracy >= 0.8 and runs[1.0][1]["hidden_weight"] == 1.0
+    # the teacher ran live: no cached logits; without hidden transfer they were cached
+    assert not list((tmp_path / "ck1.0").glob("teacher_logits-*.npy"))
+    assert len(list((tmp_path / "ck0.0").glob("teacher_logits-*.npy"))) == 1
+
+
 def test_unsupported_task_and_bad_layers_are_refused():
     assert "single_label" in SUPPORTED_TASKS
     with pytest.raises(TrainingError, match="task 'token' is not supported"):

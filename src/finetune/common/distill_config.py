@@ -19,6 +19,9 @@ class DistillConfig:
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the soft targets"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the soft-target KL; 1 - alpha: hard-label CE"})
     epochs: float = field(default=0.5, metadata={"help": "student training epochs"})
+    hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state transfer (MSE between "
+                                                                "each student block and the teacher block it came "
+                                                                "from); > 0 runs the teacher live every step"})
     learning_rate: float = field(default=1.0e-4, metadata={"help": "student AdamW learning rate"})
     patience: int = field(default=1, metadata={"help": "early stop after N evaluations without val improvement"})
     eval_every: int = field(default=100, metadata={"help": "validation every N steps (0 = each epoch end)"})
@@ -28,6 +31,7 @@ class DistillConfig:
              len(set(self.layers)) == len(self.layers), "distinct layer indices >= 0")
         rule(self, "temperature", self.temperature > 0, "> 0")
         rule(self, "alpha", 0 <= self.alpha <= 1, "in [0, 1]")
+        rule(self, "hidden_weight", self.hidden_weight >= 0, ">= 0")
         rule(self, "epochs", self.epochs > 0, "> 0")
         rule(self, "learning_rate", self.learning_rate > 0, "> 0")
         rule(self, "patience", self.patience >= 0, ">= 0")

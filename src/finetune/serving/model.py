@@ -47,15 +47,9 @@ class ServedModel:
     def multi_label(self) -> bool:
         return bool(getattr(self.impl, "multi_label", False))
 
-    @property
-    def token_level(self) -> bool:
-        """A token-classification (NER) model: it answers entity records, not a probability row per text."""
-        return bool(getattr(self.impl, "token_level", False))
-
     def predict_batch(self, texts: list[str]) -> np.ndarray | list[dict[str, Any]]:
-        """What the batcher slices per request, in the order given: entity records (token models) or
-        probability rows."""
-        return self.impl.predict_records(texts) if self.token_level else self.predict_proba(texts)
+        """What the batcher slices per request, in the order given: one probability row per text."""
+        return self.predict_proba(texts)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """One row per text, in the order given: the model is called on length-sorted chunks (less padding)."""
@@ -70,45 +64,56 @@ class ServedModel:
 
     def records(self, out: np.ndarray | list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One answer per text: the model's own decision rule (multi-label: its stored per-label thresholds,
-        ``labels`` a list; token: the entity records as they come) with every label's probability."""
-        if self.token_level:
-            return list(out)
+        ``labels`` a list) with every label's probability."""
         if self.multi_label:
             return self.impl._decide(out, True)
         return protocol.records(self.labels, out)
 
     def predicted_labels(self, records: list[dict[str, Any]]) -> list[str]:
-        """The labels the answers name, for the per-label counter (token: each entity's type)."""
-        if self.token_level:
-            return [e["type"] for r in records for e in r["entities"]]
+        """The labels the answers name, for the per-label counter."""
         return [lab for r in records for lab in r.get("labels", [r.get("label")])]
 
     def v2_response(self, out: np.ndarray | list[dict[str, Any]], req_id: str | None) -> dict[str, Any]:
-        if self.token_level:
-            return protocol.v2_entities_response(self.name, self.version, list(out), req_id)
         decided = ["|".join(r["labels"]) for r in self.records(out)] if self.multi_label else None
         return protocol.v2_response(self.name, self.version, self.labels, out, req_id, decided)
 
     def v2_outputs(self) -> list[dict[str, Any]]:
         """The outputs the v2 metadata route lists."""
-        if self.token_level:
-            return protocol.V2_ENTITY_OUTPUTS
         return [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(self.labels)]}]
 
     def warm_up(self) -> None:
         """One inference before the server says it is ready: first-call costs (allocations, ONNX Runtime's
         graph setup) land here, and a model that loads but cannot predict never becomes ready."""
-        if self.token_level:
-            out = self.impl.predict_records([WARMUP_TEXT])
-            if len(out) != 1 or not isinstance(out[0].get("entities"), list):
-                raise ServeError(f"{self.version_tag}: the warm-up inference returned {out!r:.200}, expected one "
-                                 f"record with an entities list")
-            return
         probs = self.predict_proba([WARMUP_TEXT])
         if probs.shape != (1, len(self.labels)) or not np.isfinite(probs).all():
             raise ServeError(f"{self.version_tag}: the warm-up inference returned {probs.shape} values, "
                              f"expected one finite row of {len(self.labels)} probabilities")
+
+
+class EntityServedModel(ServedModel):
+    """A token-classification (NER) model: it answers entity records per text, not a probability row."""
+
+    def predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
+        return self.impl.predict_records(texts)
+
+    def records(self, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(out)
+
+    def predicted_labels(self, records: list[dict[str, Any]]) -> list[str]:
+        return [e["type"] for r in records for e in r["entities"]]
+
+    def v2_response(self, out: list[dict[str, Any]], req_id: str | None) -> dict[str, Any]:
+        return protocol.v2_entities_response(self.name, self.version, list(out), req_id)
+
+    def v2_outputs(self) -> list[dict[str, Any]]:
+        return protocol.V2_ENTITY_OUTPUTS
+
+    def warm_up(self) -> None:
+        out = self.impl.predict_records([WARMUP_TEXT])
+        if len(out) != 1 or not isinstance(out[0].get("entities"), list):
+            raise ServeError(f"{self.version_tag}: the warm-up inference returned {out!r:.200}, expected one "
+                             f"record with an entities list")
 
 
 def init_torch_threads(threads: int) -> None:
@@ -151,4 +156,5 @@ def _wrap(pyfunc, name: str, version: str) -> ServedModel:
         raise ServeError(f"{name} version {version}: not a finetune text classifier (its pyfunc has no "
                          f"predict_proba/labels); registered before probabilities were supported?")
     variant = "int8" if hasattr(impl, "session") else "fp32"
-    return ServedModel(name=name, version=version, variant=variant, labels=list(impl.labels), impl=impl)
+    kind = EntityServedModel if getattr(impl, "token_level", False) else ServedModel
+    return kind(name=name, version=version, variant=variant, labels=list(impl.labels), impl=impl)

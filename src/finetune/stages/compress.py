@@ -249,7 +249,7 @@ def export_student(folder: Path, tmp: Path, cfg: CompressConfig, labels: list[st
         raise MismatchError(f"student {folder} predicts other labels than the test data's {labels}")
     info = json.loads((folder / "distill.json").read_text()) if (folder / "distill.json").is_file() else {}
     # alpha 0: the teacher's layers fine-tuned on the labels alone (layer-drop pruning, distillation's baseline)
-    kind = "pruned" if info.get("alpha") == 0 else "student"
+    kind = "pruned" if info.get("alpha") == 0 and not info.get("hidden_weight") else "student"
     name = f"{kind}_L{model.config.num_hidden_layers}"
     how = info.get("made_by", f"{kind} {folder.name}")
     fp32, int8 = f"{name}.onnx", f"{name}.int8.onnx"

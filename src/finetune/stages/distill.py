@@ -39,8 +39,7 @@ def run_distill(cfg: Config, model: str | Path, tokens: str | Path, out: str | P
     summary = {**info, "teacher": str(model), "seconds": result.seconds, "steps": result.steps,
                "stop_reason": result.stop_reason, "val_accuracy": result.val_accuracy,
                "val_macro_f1": result.val_macro_f1, "exported_step": result.exported_step,
-               "made_by": (f"{'layer drop, labels only' if cfg.distill.alpha == 0 else 'distilled'}: teacher layers {info['student_layers']} of {info['teacher_layers']}, "
-                           f"T={cfg.distill.temperature}, alpha={cfg.distill.alpha}")}
+               "made_by": made_by(cfg.distill, info)}
     write_json(Path(out) / SUMMARY, summary)
     log.info("distill: student of %d layers (%d of the teacher's %d parameters) trained %d steps in %.1fs; "
              "soft-target loss %.4f -> %.4f; %s; val accuracy %.4f", len(info["student_layers"]),
@@ -48,6 +47,14 @@ def run_distill(cfg: Config, model: str | Path, tokens: str | Path, out: str | P
              info["soft_loss_first"] or 0.0, info["soft_loss_last"] or 0.0, result.stop_reason,
              result.val_accuracy)
     return summary
+
+
+def made_by(dcfg, info: dict[str, Any]) -> str:
+    """How the student was made, in one line (its lineage in the registry)."""
+    labels_only = dcfg.alpha == 0 and dcfg.hidden_weight == 0
+    hidden = f", hidden-state transfer weight {dcfg.hidden_weight:g}" if dcfg.hidden_weight > 0 else ""
+    return (f"{'layer drop, labels only' if labels_only else 'distilled'}: teacher layers {info['student_layers']} "
+            f"of {info['teacher_layers']}, T={dcfg.temperature:g}, alpha={dcfg.alpha:g}{hidden}")
 
 
 def skip_reason(cfg: Config) -> str | None:

@@ -3,7 +3,10 @@ teacher's soft targets through the same loop as train (``loop.py``: checkpoints,
 early stopping), by its loss hook. The teacher's logits on the train split are computed once and cached.
 
 Loss per row: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)`` (Hinton et al., 2015:
-the T^2 keeps the soft term's gradient scale independent of T).
+the T^2 keeps the soft term's gradient scale independent of T), plus ``hidden_weight`` times the mean squared gap
+between each student block's output and the output of the teacher block it was copied from, over real tokens
+(hidden-state transfer, as in patient KD / TinyBERT). Hidden states are too large to cache (rows x tokens x width
+per layer), so with ``hidden_weight`` > 0 the teacher runs live on each micro-batch and gives the logits too.
 """
 
 from __future__ import annotations
@@ -81,23 +84,70 @@ def _parent_name(model, stack) -> str:
     raise TrainingError("distill: encoder layer stack not found")
 
 
+class BlockOutputs:
+    """The outputs of some encoder blocks, kept by forward hooks each time the model runs."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        self.out: list[torch.Tensor | None] = [None] * len(blocks)
+        self.handles = [b.register_forward_hook(self._keeper(i)) for i, b in enumerate(blocks)]
+
+    def _keeper(self, i: int):
+        def keep(module, args, output):
+            self.out[i] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class LiveTeacher:
+    """The teacher run on each micro-batch: its logits, and the hidden-state gap per row of the student's blocks
+    (captured while the student ran) to the teacher blocks they were copied from."""
+
+    def __init__(self, teacher, student, layers: list[int]):
+        self.model = teacher.eval().requires_grad_(False)
+        self.teacher_blocks = BlockOutputs([encoder_layers(teacher)[i] for i in layers])
+        self.student_blocks = BlockOutputs(list(encoder_layers(student)))
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    def hidden_gap(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row: mean over blocks, real tokens and width of the squared student - teacher difference."""
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        gaps = [(((s.float() - t.float()) ** 2) * mask).sum((1, 2)) / (mask.sum((1, 2)) * s.shape[-1])
+                for s, t in zip(self.student_blocks.out, self.teacher_blocks.out)]
+        return torch.stack(gaps).mean(0)
+
+    def close(self) -> None:
+        self.teacher_blocks.remove()
+        self.student_blocks.remove()
+
+
 class SoftTargetLoss:
     """The loop's loss hook: rows are found in the cached teacher logits by the batch's ``index``. Keeps the
     soft-target (KL) term per step on the device, read once after training (``soft_history``)."""
 
-    def __init__(self, teacher_logits: torch.Tensor, temperature: float, alpha: float):
+    def __init__(self, teacher_logits: torch.Tensor | None, temperature: float, alpha: float,
+                 live: LiveTeacher | None = None, hidden_weight: float = 0.0):
         self.teacher, self.t, self.alpha = teacher_logits, temperature, alpha
+        self.live, self.hidden_weight = live, hidden_weight
         self.soft: list[tuple[torch.Tensor, int]] = []
 
     def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "index" not in batch:
             raise TrainingError("distill needs padded batches (train.pack_tokens 0): packed rows carry no index")
-        target = self.teacher[batch["index"]]
+        target = self.live.logits(batch) if self.live is not None else self.teacher[batch["index"]]
         kl = torch.nn.functional.kl_div(torch.log_softmax(logits / self.t, -1), torch.log_softmax(target / self.t, -1),
                                         log_target=True, reduction="none").sum(-1) * self.t ** 2
         ce = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
         self.soft.append((kl.detach().sum(), len(kl)))
-        return (self.alpha * kl + (1 - self.alpha) * ce).sum()
+        loss = self.alpha * kl + (1 - self.alpha) * ce
+        if self.live is not None and self.hidden_weight > 0:
+            loss = loss + self.hidden_weight * self.live.hidden_gap(batch)
+        return loss.sum()
 
     def soft_history(self) -> list[float]:
         """Mean soft-target loss of each micro-batch, in training order."""
@@ -152,20 +202,34 @@ def distill(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], teacher_dir
     # a checkpoint resumes only the same student and loss (train's identity check covers the rest)
     own = hashlib.sha256(json.dumps(dataclasses.asdict(dcfg), sort_keys=True).encode()).hexdigest()[:8]
     ckpt = Path(checkpoint_dir) / f"L{'-'.join(map(str, layers))}-{own}" if checkpoint_dir else None
-    pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
-    cached = teacher_logits(teacher_dir, tokens["train"], pad_id, Path(checkpoint_dir) if checkpoint_dir else None)
     run = setup_run(tokens, meta, teacher_dir, cfg, reshape=lambda m: build_student(m, layers))
-    hook = SoftTargetLoss(torch.from_numpy(cached).to(run.dist.device), dcfg.temperature, dcfg.alpha)
+    hook, live = _soft_targets(run, teacher_dir, tokens["train"], meta, dcfg, layers, checkpoint_dir)
     run.loss_fn = hook
     state = resume_run(run, meta, ckpt)
-    train_loop(run, state)
+    try:
+        train_loop(run, state)
+    finally:
+        if live is not None:
+            live.close()  # the student is exported without its hooks
     result = export_run(run, state, model_out)
     soft = hook.soft_history()
     info = {"teacher_layers": n_teacher, "student_layers": layers, "temperature": dcfg.temperature,
-            "alpha": dcfg.alpha, "teacher_parameters": _parameters(teacher_dir),
+            "alpha": dcfg.alpha, "hidden_weight": dcfg.hidden_weight, "teacher_parameters": _parameters(teacher_dir),
             "student_parameters": result.parameters, "soft_loss_first": soft[0] if soft else None,
             "soft_loss_last": float(np.mean(soft[-max(1, len(soft) // 10):])) if soft else None}
     return result, info
+
+
+def _soft_targets(run, teacher_dir: Path, train_split: TokenizedSplit, meta: dict[str, Any], dcfg: DistillConfig,
+                  layers: list[int], checkpoint_dir: str | Path | None) -> tuple[SoftTargetLoss, LiveTeacher | None]:
+    """The loss hook: with hidden-state transfer the teacher runs live beside the student; without, its logits on
+    the train split are computed once and cached next to the checkpoints."""
+    if dcfg.hidden_weight > 0:
+        live = LiveTeacher(load_classifier(teacher_dir, run.dist.device), run.model, layers)
+        return SoftTargetLoss(None, dcfg.temperature, dcfg.alpha, live, dcfg.hidden_weight), live
+    pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
+    cached = teacher_logits(teacher_dir, train_split, pad_id, Path(checkpoint_dir) if checkpoint_dir else None)
+    return SoftTargetLoss(torch.from_numpy(cached).to(run.dist.device), dcfg.temperature, dcfg.alpha), None
 
 
 def _parameters(model_dir: Path) -> int:
