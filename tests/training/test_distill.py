@@ -62,8 +62,8 @@ def _noisy(split: TokenizedSplit, share: float) -> TokenizedSplit:
 def _student(teacher, tmp_path, alpha, train_split=None):
     out, toks, meta = teacher
     toks = {**toks, "train": train_split if train_split is not None else toks["train"]}
-    dcfg = DistillConfig(layers=[0], temperature=4.0, alpha=alpha, epochs=6, learning_rate=5e-3, patience=0,
-                         eval_every=0)
+    dcfg = DistillConfig(layers=[0], temperature=4.0, alpha=alpha, hidden_weight=0.0, epochs=6, learning_rate=5e-3,
+                         patience=0, eval_every=0)
     return distill(toks, meta, out, _cfg(), dcfg, tmp_path / f"student-{alpha}", tmp_path / "ckpt")
 
 
@@ -131,12 +131,49 @@ def test_hidden_state_transfer_pulls_the_students_block_towards_the_teachers(tea
     assert len(list((tmp_path / "ck0.0").glob("teacher_logits-*.npy"))) == 1
 
 
+def test_masking_augments_what_the_student_trains_on_and_the_teacher_labels_the_same_text(teacher, tmp_path):
+    import torch
+
+    from finetune.training.batches import collate
+    from finetune.training.distill import LiveTeacher, TokenMasking, build_student
+
+    out, toks, meta = teacher
+    model = load_classifier(out)
+    student = build_student(model, [0])
+    special = [0, 101, 102]
+    masking = TokenMasking(student, 0.5, 103, special, seed=0)
+    live = LiveTeacher(load_classifier(out), student, [0], masking)
+    batch = collate(toks["train"], np.arange(32), 0)
+    ids = batch["input_ids"]
+    student.train()
+    student(input_ids=ids, attention_mask=batch["attention_mask"])
+    seen = masking.last
+    masked = seen != ids
+    ordinary = ~torch.isin(ids, torch.tensor(special))
+    assert (seen[masked] == 103).all() and not masked[~ordinary].any()  # never [CLS], [SEP] or padding
+    assert 0.35 < masked.sum() / ordinary.sum() < 0.65
+    expected = model.eval()(input_ids=seen, attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(live.logits(batch), expected, atol=1e-5)  # the teacher labels the masked text
+    student(input_ids=ids, attention_mask=batch["attention_mask"])
+    assert not torch.equal(masking.last, seen)  # afresh every step
+    student.eval()
+    student(input_ids=ids, attention_mask=batch["attention_mask"])
+    assert masking.last is None  # validation sees the text as it is
+    live.close()
+
+    dcfg = DistillConfig(layers=[3], temperature=4.0, alpha=0.5, hidden_weight=0.0, mask_rate=0.15, epochs=6,
+                         learning_rate=5e-3, patience=0, eval_every=0)
+    res, info = distill(toks, meta, out, _cfg(), dcfg, tmp_path / "masked", tmp_path / "ck")
+    assert info["mask_rate"] == 0.15 and res.val_accuracy >= 0.8
+    assert not list((tmp_path / "ck").glob("teacher_logits-*.npy"))  # live teacher: nothing cached
+
+
 def test_unsupported_task_and_bad_layers_are_refused():
     assert "single_label" in SUPPORTED_TASKS
     with pytest.raises(TrainingError, match="task 'token' is not supported"):
         check_distillable_task("token")
-    assert student_layers(6, []) == [1, 3, 5]
-    assert student_layers(4, []) == [1, 3]
+    assert student_layers(6, []) == [0, 2, 3, 5]
+    assert student_layers(4, []) == [0, 2, 3]
     with pytest.raises(TrainingError, match="fewer than the teacher's 6 layers"):
         student_layers(6, [0, 6])
 

@@ -15,15 +15,18 @@ class DistillConfig:
     enabled: bool = field(default=False, metadata={"help": "train a student (off: the stage writes only why, and "
                                                            "compress measures the teacher's variants)"})
     layers: list[int] = field(default_factory=list, metadata={"help": "teacher encoder layers the student keeps "
-                                                                      "(0-based); [] = every other one, top kept"})
+                                                                      "(0-based); [] = two of every three, the first kept"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the soft targets"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the soft-target KL; 1 - alpha: hard-label CE"})
-    epochs: float = field(default=0.5, metadata={"help": "student training epochs"})
-    hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state transfer (MSE between "
+    epochs: float = field(default=2.0, metadata={"help": "student training epochs"})
+    hidden_weight: float = field(default=1.0, metadata={"help": "weight of the hidden-state transfer (MSE between "
                                                                 "each student block and the teacher block it came "
                                                                 "from); > 0 runs the teacher live every step"})
+    mask_rate: float = field(default=0.0, metadata={"help": "augmentation: share of each train row's tokens the "
+                                                           "student sees masked (afresh each step), the live teacher "
+                                                           "labelling the same text; 0 = off"})
     learning_rate: float = field(default=1.0e-4, metadata={"help": "student AdamW learning rate"})
-    patience: int = field(default=1, metadata={"help": "early stop after N evaluations without val improvement"})
+    patience: int = field(default=2, metadata={"help": "early stop after N evaluations without val improvement"})
     eval_every: int = field(default=100, metadata={"help": "validation every N steps (0 = each epoch end)"})
 
     def __post_init__(self) -> None:
@@ -32,6 +35,7 @@ class DistillConfig:
         rule(self, "temperature", self.temperature > 0, "> 0")
         rule(self, "alpha", 0 <= self.alpha <= 1, "in [0, 1]")
         rule(self, "hidden_weight", self.hidden_weight >= 0, ">= 0")
+        rule(self, "mask_rate", 0 <= self.mask_rate < 1, "in [0, 1)")
         rule(self, "epochs", self.epochs > 0, "> 0")
         rule(self, "learning_rate", self.learning_rate > 0, "> 0")
         rule(self, "patience", self.patience >= 0, ">= 0")

@@ -2,9 +2,9 @@
 
 A stage of its own, between evaluate and compress, not a step inside compress: it trains (minutes, checkpoints,
 resume) while compress measures (seconds), so DVC reruns neither for the other's settings, and a failed or killed
-student never costs the measured variants. The student keeps ``distill.layers`` of the teacher's encoder (every
-other one by default), its embeddings and head, and learns on the train split from the teacher's soft targets
-(``training/distill.py``) through train's loop; the best validation weights are exported.
+student never costs the measured variants. The student keeps ``distill.layers`` of the teacher's encoder (two
+of every three by default), its embeddings and head, and learns on the train split from the teacher's soft targets
+and hidden states (``training/distill.py``) through train's loop; the best validation weights are exported.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def run_distill(cfg: Config, model: str | Path, tokens: str | Path, out: str | P
     summary = {**info, "teacher": str(model), "seconds": result.seconds, "steps": result.steps,
                "stop_reason": result.stop_reason, "val_accuracy": result.val_accuracy,
                "val_macro_f1": result.val_macro_f1, "exported_step": result.exported_step,
+               "val_history": result.val_history,
                "made_by": made_by(cfg.distill, info)}
     write_json(Path(out) / SUMMARY, summary)
     log.info("distill: student of %d layers (%d of the teacher's %d parameters) trained %d steps in %.1fs; "

@@ -7,6 +7,10 @@ the T^2 keeps the soft term's gradient scale independent of T), plus ``hidden_we
 between each student block's output and the output of the teacher block it was copied from, over real tokens
 (hidden-state transfer, as in patient KD / TinyBERT). Hidden states are too large to cache (rows x tokens x width
 per layer), so with ``hidden_weight`` > 0 the teacher runs live on each micro-batch and gives the logits too.
+
+``mask_rate`` > 0 augments the train split (TinyBERT's lesson: a student learns more of the teacher from more
+inputs than the labelled ones): while the student trains, that share of each row's tokens becomes the mask token,
+afresh every step, and the live teacher labels the same masked text.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def encoder_layers(model) -> torch.nn.ModuleList:
 
 
 def student_layers(n_teacher: int, chosen: list[int]) -> list[int]:
-    """The teacher layers the student keeps: ``chosen``, or every other one with the top layer kept."""
-    layers = sorted(chosen) if chosen else list(range(n_teacher - 1, -1, -2))[::-1]
+    """The teacher layers the student keeps: ``chosen``, or two of every three, the first kept (6 -> 0, 2, 3, 5:
+    on MiniLM-L6 the pair whose removal cost least before any retraining, bench/layer_drop.py)."""
+    layers = sorted(chosen) if chosen else [i for i in range(n_teacher) if i % 3 != 1]
     bad = [i for i in layers if i >= n_teacher]
     if bad or len(layers) >= n_teacher:
         raise TrainingError(f"distill.layers = {chosen}: must pick fewer than the teacher's {n_teacher} layers, "
@@ -101,18 +106,48 @@ class BlockOutputs:
             h.remove()
 
 
-class LiveTeacher:
-    """The teacher run on each micro-batch: its logits, and the hidden-state gap per row of the student's blocks
-    (captured while the student ran) to the teacher blocks they were copied from."""
+class TokenMasking:
+    """While the student trains, ``rate`` of each row's tokens (never special tokens or padding) become the mask
+    token, by a forward pre-hook on its word embeddings; ``last`` keeps the ids the student saw, for the teacher.
+    Validation (eval mode) sees the text as it is."""
 
-    def __init__(self, teacher, student, layers: list[int]):
+    def __init__(self, student, rate: float, mask_id: int, special_ids: list[int], seed: int):
+        self.rate, self.mask_id = rate, mask_id
+        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.last: torch.Tensor | None = None
+        self.handle = student.get_input_embeddings().register_forward_pre_hook(self._mask)
+
+    def _mask(self, module, args):
+        if not module.training:
+            self.last = None
+            return None
+        ids = args[0]
+        pick = torch.rand(ids.shape, generator=self.gen).to(ids.device) < self.rate
+        pick &= ~torch.isin(ids, self.special.to(ids.device))
+        self.last = torch.where(pick, torch.full_like(ids, self.mask_id), ids)
+        return (self.last, *args[1:])
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class LiveTeacher:
+    """The teacher run on each micro-batch (on the text the student saw, masked or not): its logits, and the
+    hidden-state gap per row of the student's blocks (captured while the student ran) to the teacher blocks they
+    were copied from."""
+
+    def __init__(self, teacher, student, layers: list[int], masking: TokenMasking | None = None):
         self.model = teacher.eval().requires_grad_(False)
         self.teacher_blocks = BlockOutputs([encoder_layers(teacher)[i] for i in layers])
         self.student_blocks = BlockOutputs(list(encoder_layers(student)))
+        self.masking = masking
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen = self.masking.last if self.masking is not None and self.masking.last is not None else None
+        ids = seen if seen is not None else batch["input_ids"]
         with torch.no_grad():
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            return self.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.float()
 
     def hidden_gap(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per row: mean over blocks, real tokens and width of the squared student - teacher difference."""
@@ -124,6 +159,8 @@ class LiveTeacher:
     def close(self) -> None:
         self.teacher_blocks.remove()
         self.student_blocks.remove()
+        if self.masking is not None:
+            self.masking.remove()
 
 
 class SoftTargetLoss:
@@ -214,7 +251,8 @@ def distill(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], teacher_dir
     result = export_run(run, state, model_out)
     soft = hook.soft_history()
     info = {"teacher_layers": n_teacher, "student_layers": layers, "temperature": dcfg.temperature,
-            "alpha": dcfg.alpha, "hidden_weight": dcfg.hidden_weight, "teacher_parameters": _parameters(teacher_dir),
+            "alpha": dcfg.alpha, "hidden_weight": dcfg.hidden_weight, "mask_rate": dcfg.mask_rate,
+            "teacher_parameters": _parameters(teacher_dir),
             "student_parameters": result.parameters, "soft_loss_first": soft[0] if soft else None,
             "soft_loss_last": float(np.mean(soft[-max(1, len(soft) // 10):])) if soft else None}
     return result, info
@@ -222,14 +260,24 @@ def distill(tokens: dict[str, TokenizedSplit], meta: dict[str, Any], teacher_dir
 
 def _soft_targets(run, teacher_dir: Path, train_split: TokenizedSplit, meta: dict[str, Any], dcfg: DistillConfig,
                   layers: list[int], checkpoint_dir: str | Path | None) -> tuple[SoftTargetLoss, LiveTeacher | None]:
-    """The loss hook: with hidden-state transfer the teacher runs live beside the student; without, its logits on
-    the train split are computed once and cached next to the checkpoints."""
-    if dcfg.hidden_weight > 0:
-        live = LiveTeacher(load_classifier(teacher_dir, run.dist.device), run.model, layers)
+    """The loss hook: with hidden-state transfer or masking the teacher runs live beside the student; without,
+    its logits on the train split are computed once and cached next to the checkpoints."""
+    if dcfg.hidden_weight > 0 or dcfg.mask_rate > 0:
+        masking = _masking(run, dcfg) if dcfg.mask_rate > 0 else None
+        live = LiveTeacher(load_classifier(teacher_dir, run.dist.device), run.model, layers, masking)
         return SoftTargetLoss(None, dcfg.temperature, dcfg.alpha, live, dcfg.hidden_weight), live
     pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
     cached = teacher_logits(teacher_dir, train_split, pad_id, Path(checkpoint_dir) if checkpoint_dir else None)
     return SoftTargetLoss(torch.from_numpy(cached).to(run.dist.device), dcfg.temperature, dcfg.alpha), None
+
+
+def _masking(run, dcfg: DistillConfig) -> TokenMasking:
+    """Masking with the teacher's own tokenizer's mask token; its special tokens are never masked."""
+    if getattr(run.tok, "mask_token_id", None) is None:
+        raise TrainingError(f"distill.mask_rate = {dcfg.mask_rate}: the teacher's tokenizer has no mask token; "
+                            f"set distill.mask_rate to 0")
+    return TokenMasking(run.model, dcfg.mask_rate, int(run.tok.mask_token_id), list(run.tok.all_special_ids),
+                        run.cfg.seed)
 
 
 def _parameters(model_dir: Path) -> int:
