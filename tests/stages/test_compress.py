@@ -254,7 +254,7 @@ def test_serving_benchmark_smoke_runs_every_variant(tmp_path):
 
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "serve_latency.py"),
-                           "--smoke", "--threads", "1", "--latency-requests", "5", "--json", str(out)],
+                           "--smoke", "--threads", "1", "--latency-requests", "5", "--rounds", "3", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
@@ -262,6 +262,8 @@ def test_serving_benchmark_smoke_runs_every_variant(tmp_path):
     assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_per_tensor"}
     for name, v in variants.items():
         assert v["texts_per_s"] > 0 and 0 <= v["accuracy"] <= 1, name
+        # timed in three interleaved rounds, the median reported
+        assert len(v["texts_per_s_rounds"]) == 3 and v["texts_per_s"] == sorted(v["texts_per_s_rounds"])[1], name
     assert variants["onnx_fp32"]["label_agreement"] == 1.0
     assert "| onnx_int8 |" in proc.stdout and "| onnx_int8_per_tensor |" in proc.stdout
 
