@@ -62,8 +62,8 @@ def _noisy(split: TokenizedSplit, share: float) -> TokenizedSplit:
 def _student(teacher, tmp_path, alpha, train_split=None):
     out, toks, meta = teacher
     toks = {**toks, "train": train_split if train_split is not None else toks["train"]}
-    dcfg = DistillConfig(layers=[0], temperature=4.0, alpha=alpha, hidden_weight=0.0, epochs=6, learning_rate=5e-3,
-                         patience=0, eval_every=0)
+    dcfg = DistillConfig(layers=[0], temperature=4.0, alpha=alpha, hidden_weight=0.0, mask_rate=0.0, epochs=6,
+                         learning_rate=5e-3, patience=0, eval_every=0)
     return distill(toks, meta, out, _cfg(), dcfg, tmp_path / f"student-{alpha}", tmp_path / "ckpt")
 
 
@@ -118,7 +118,7 @@ def test_hidden_state_transfer_pulls_the_students_block_towards_the_teachers(tea
     out, toks, meta = teacher
     runs = {}
     for weight in (0.0, 1.0):
-        dcfg = DistillConfig(layers=[3], temperature=4.0, alpha=0.5, hidden_weight=weight, epochs=6,
+        dcfg = DistillConfig(layers=[3], temperature=4.0, alpha=0.5, hidden_weight=weight, mask_rate=0.0, epochs=6,
                              learning_rate=5e-3, patience=0, eval_every=0)
         res, info = distill(toks, meta, out, _cfg(), dcfg, tmp_path / f"s{weight}", tmp_path / f"ck{weight}")
         runs[weight] = (res, info, _hidden_gap(out, load_classifier(tmp_path / f"s{weight}"), [3], toks["test"]))

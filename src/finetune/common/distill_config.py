@@ -22,7 +22,7 @@ class DistillConfig:
     hidden_weight: float = field(default=1.0, metadata={"help": "weight of the hidden-state transfer (MSE between "
                                                                 "each student block and the teacher block it came "
                                                                 "from); > 0 runs the teacher live every step"})
-    mask_rate: float = field(default=0.0, metadata={"help": "augmentation: share of each train row's tokens the "
+    mask_rate: float = field(default=0.15, metadata={"help": "augmentation: share of each train row's tokens the "
                                                            "student sees masked (afresh each step), the live teacher "
                                                            "labelling the same text; 0 = off"})
     learning_rate: float = field(default=1.0e-4, metadata={"help": "student AdamW learning rate"})
