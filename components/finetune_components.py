@@ -56,12 +56,11 @@ def train(tokens: Input[Dataset], params: dict, checkpoint_dir: str, model: Outp
 def evaluate(model: Input[Model], tokens: Input[Dataset], params: dict, evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
     from finetune.common.params import config_from_dict
-    from finetune.stages.evaluate import run_evaluate
+    from finetune.stages.evaluate import run_evaluate, scalar_scores
 
     result = run_evaluate(config_from_dict(params), model.path, tokens.path, evaluation.path)
-    for key, value in result.items():  # KFP UI: the task's scalar scores (floats; counts and tables are not)
-        if isinstance(value, float):
-            metrics.log_metric(key, value)
+    for key, value in scalar_scores(result).items():  # KFP UI: the task's scores + the confusion matrix
+        metrics.log_metric(key, value)
     if "confusion_matrix" in result:
         confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
 

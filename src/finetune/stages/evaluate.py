@@ -253,6 +253,12 @@ def _curves_plot(result: EvalResult, out: Path) -> None:
     plt.close(fig)
 
 
+def scalar_scores(result: dict[str, Any]) -> dict[str, float]:
+    """The task's single-number scores in ``result`` (metrics.json), for a dashboard: its floats; counts, tables
+    and per-class blocks are not single scores."""
+    return {key: value for key, value in result.items() if isinstance(value, float)}
+
+
 def run_evaluate(cfg: Config, model: str | Path, tokens: str | Path, out: str | Path) -> dict[str, Any]:
 
     check_output_dir(out, [model, tokens])  # before the work, not after it
