@@ -49,6 +49,7 @@ from finetune.common.tokens import TokenizedSplit, read_tokens
 from finetune.stages.serving_front import ServeBudget, choose_serving, variant_file
 from finetune.tasks import task_for
 from finetune.training.batches import collate
+from finetune.training.distill import labels_only
 from finetune.training.model import MismatchError, load_classifier
 
 log = logging.getLogger("finetune")  # the stage's own lines: "INFO finetune: ..."
@@ -249,7 +250,7 @@ def export_student(folder: Path, tmp: Path, cfg: CompressConfig, labels: list[st
         raise MismatchError(f"student {folder} predicts other labels than the test data's {labels}")
     info = json.loads((folder / "distill.json").read_text()) if (folder / "distill.json").is_file() else {}
     # alpha 0: the teacher's layers fine-tuned on the labels alone (layer-drop pruning, distillation's baseline)
-    kind = "pruned" if info.get("alpha") == 0 and not info.get("hidden_weight") else "student"
+    kind = "pruned" if labels_only(info.get("alpha"), info.get("hidden_weight", 0)) else "student"
     name = f"{kind}_L{model.config.num_hidden_layers}"
     how = info.get("made_by", f"{kind} {folder.name}")
     fp32, int8 = f"{name}.onnx", f"{name}.int8.onnx"

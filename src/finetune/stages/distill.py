@@ -17,7 +17,7 @@ from finetune.common.config import Config
 from finetune.common.files import write_json
 from finetune.common.outputs import atomic_dir, check_output_dir
 from finetune.common.tokens import read_tokens
-from finetune.training.distill import SUPPORTED_TASKS, distill
+from finetune.training.distill import SUPPORTED_TASKS, distill, labels_only
 
 log = logging.getLogger("finetune")
 
@@ -52,9 +52,9 @@ def run_distill(cfg: Config, model: str | Path, tokens: str | Path, out: str | P
 
 def made_by(dcfg, info: dict[str, Any]) -> str:
     """How the student was made, in one line (its lineage in the registry)."""
-    labels_only = dcfg.alpha == 0 and dcfg.hidden_weight == 0
     hidden = f", hidden-state transfer weight {dcfg.hidden_weight:g}" if dcfg.hidden_weight > 0 else ""
-    return (f"{'layer drop, labels only' if labels_only else 'distilled'}: teacher layers {info['student_layers']} "
+    kind = "layer drop, labels only" if labels_only(dcfg.alpha, dcfg.hidden_weight) else "distilled"
+    return (f"{kind}: teacher layers {info['student_layers']} "
             f"of {info['teacher_layers']}, T={dcfg.temperature:g}, alpha={dcfg.alpha:g}{hidden}")
 
 

@@ -56,6 +56,11 @@ def encoder_layers(model) -> torch.nn.ModuleList:
                         f"{getattr(model.config, 'model_type', '?')!r}")
 
 
+def labels_only(alpha: float, hidden_weight: float) -> bool:
+    """A student that learned nothing from the teacher: layer-drop pruning, distillation's baseline."""
+    return alpha == 0 and not hidden_weight
+
+
 def student_layers(n_teacher: int, chosen: list[int]) -> list[int]:
     """The teacher layers the student keeps: ``chosen``, or two of every three, the first kept (6 -> 0, 2, 3, 5:
     on MiniLM-L6 the pair whose removal cost least before any retraining, bench/layer_drop.py)."""
@@ -140,7 +145,7 @@ class LiveTeacher:
     def __init__(self, teacher, student, layers: list[int], masking: TokenMasking | None = None):
         self.model = teacher.eval().requires_grad_(False)
         self.teacher_blocks = BlockOutputs([encoder_layers(teacher)[i] for i in layers])
-        self.student_blocks = BlockOutputs(list(encoder_layers(student)))
+        self.student_blocks = BlockOutputs(list(encoder_layers(student)) if layers else [])
         self.masking = masking
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -264,7 +269,9 @@ def _soft_targets(run, teacher_dir: Path, train_split: TokenizedSplit, meta: dic
     its logits on the train split are computed once and cached next to the checkpoints."""
     if dcfg.hidden_weight > 0 or dcfg.mask_rate > 0:
         masking = _masking(run, dcfg) if dcfg.mask_rate > 0 else None
-        live = LiveTeacher(load_classifier(teacher_dir, run.dist.device), run.model, layers, masking)
+        # block outputs are kept only when the hidden-state term reads them
+        live = LiveTeacher(load_classifier(teacher_dir, run.dist.device), run.model,
+                           layers if dcfg.hidden_weight > 0 else [], masking)
         return SoftTargetLoss(None, dcfg.temperature, dcfg.alpha, live, dcfg.hidden_weight), live
     pad_id = int(meta["tokenizer"].get("pad_token_id") or 0)
     cached = teacher_logits(teacher_dir, train_split, pad_id, Path(checkpoint_dir) if checkpoint_dir else None)
