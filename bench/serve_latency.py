@@ -8,7 +8,10 @@ int8 with the other weight granularity (per tensor by default), on the tokenized
     python bench/serve_latency.py --students out/student S2 ...    # + students (finetune distill), the front
 
 Per variant: accuracy / macro-F1 (and the delta to PyTorch fp32), size on disk, p50/p95 latency of one text
-per request, texts/s at batch 32 (requests in test-split order, padded per batch). See docs/benchmarks.md.
+per request, texts/s at batch 32 (requests in test-split order, padded per batch). The ONNX variants run as the
+stage runs and the ONNX pyfunc models serve them (common/row_parallel.py: a batch's rows spread over
+single-threaded calls); ``pytorch_fp32_row_parallel`` gives fp32 PyTorch the same lever, and
+``--session-options`` times the served file as one call on intra-op threads instead. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import os
 import platform
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from finetune.common.memory import peak_rss_growth
+from finetune.common.row_parallel import available_cpus
 from finetune.common.outputs import ONNX_FP32
 from finetune.reporting.plots import serving_front
 from finetune.stages.compress import (ServeBudget, compress, measure, onnx_runner, quantize_int8, torch_runner,
@@ -136,13 +141,16 @@ def main() -> None:
 
         def add(name: str, path: Path) -> None:
             extra_files[name] = path
-            run = onnx_runner(path, args.threads)
+            timed(name, onnx_runner(path, args.threads), path.stat().st_size)
+
+        def timed(name: str, run, size: int) -> None:
             with peak_rss_growth() as peak:  # as compress measures it: above the loaded weights
                 probs, timing = measure(run, test, pad_id, cfg.batch_size, cfg.latency_requests)
             timing["peak_memory_mb"] = peak["mb"]
-            variants[name] = variant_metrics(probs, test, meta["labels"], timing, path.stat().st_size,
-                                             result.probs["pytorch_fp32"])
+            variants[name] = variant_metrics(probs, test, meta["labels"], timing, size, result.probs["pytorch_fp32"])
 
+        rows = "pytorch_fp32_row_parallel"  # the baseline with the ONNX files' lever: its best on these threads
+        timed(rows, torch_rows_runner(model, args.threads), int(variants["pytorch_fp32"]["size_mb"] * 2 ** 20))
         # the other int8 granularity than the stage's (compress.per_channel): measured here only, to compare
         other = not cfg.per_channel
         quantize_int8(tmp / "compress" / ONNX_FP32, tmp / "other.onnx", per_channel=other)
@@ -153,7 +161,8 @@ def main() -> None:
         with_deltas(variants)
         serving = result.metrics["serving"]  # the stage's choice, among the variants it makes
         if args.rounds > 1:
-            runners = {"pytorch_fp32": lambda: torch_runner(load_classifier(model), args.threads),
+            runners = {"pytorch_fp32": lambda: torch_runner(load_classifier(model), args.threads or available_cpus()),
+                       rows: lambda: torch_rows_runner(model, args.threads),
                        **{n: (lambda p=p: onnx_runner(p, args.threads)) for n, p in {**result.files, **extra_files}.items()}}
             timed_rounds(variants, runners, args.rounds - 1, test, pad_id, cfg)
             with_deltas(variants)
@@ -204,8 +213,30 @@ def timed_rounds(variants: dict[str, dict], runners: dict, more: int, test, pad_
             variants[name][f"{k}_rounds"] = values
 
 
+def torch_rows_runner(model_dir: Path, threads: int):
+    """fp32 PyTorch with the lever the ONNX variants use: the batch's rows spread over single-threaded calls
+    (torch releases the GIL in its operators). torch's intra-op threads are process-wide: the plain PyTorch
+    runner sets them back."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_classifier(model_dir).eval()
+    n = threads or available_cpus()
+    pool = ThreadPoolExecutor(n)
+
+    def one(ids, mask):
+        with torch.inference_mode():
+            return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+    def run(ids, mask):
+        parts = np.array_split(np.arange(len(ids)), min(n, len(ids)))
+        return np.concatenate(list(pool.map(lambda p: one(ids[p], mask[p]), parts)))
+    return run
+
+
 def session_options(path: Path, test, pad_id: int, cfg: CompressConfig) -> dict[str, dict]:
-    """Timings of one ONNX file under graph optimization levels x intra-op thread counts (same split)."""
+    """Timings of one ONNX file as ONE call per batch (no row_parallel) under graph optimization levels x intra-op
+    thread counts (same split)."""
     import onnxruntime as ort
 
     levels = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -76,11 +76,17 @@ def fp32(project):
 
 
 def _direct(project: Path, uri: str, texts: list[str]) -> np.ndarray:
+    """The registered model's own answers, its texts in the order the server hands them over (length-sorted,
+    serving/model.py): dynamic int8 quantizes activations per ONNX call, and the ONNX pyfunc spreads a batch's
+    rows over calls (row_parallel.py), so the same texts grouped otherwise differ in the 5th decimal."""
     from finetune.registry.loading import load_verified
 
     model = load_verified(uri, f"sqlite:///{project / 'mlflow.db'}")
-    return np.array([[r["probabilities"]["fresh"], r["probabilities"]["rotten"]]
-                     for r in model.predict(texts, params={"probabilities": True})])
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    records = model.predict([texts[i] for i in order], params={"probabilities": True})
+    probs = np.empty((len(texts), 2))
+    probs[order] = [[r["probabilities"]["fresh"], r["probabilities"]["rotten"]] for r in records]
+    return probs
 
 
 def _check_both_protocols(server: Server, name: str, expected: np.ndarray) -> None:

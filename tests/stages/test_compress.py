@@ -199,6 +199,7 @@ def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path
     import mlflow
     from transformers import AutoTokenizer
 
+    from finetune.registry.request import pyfunc_code_paths
     from finetune.registry.variants import pyfunc_model_config, pyfunc_requirements
 
     out, _ = compressed
@@ -210,6 +211,7 @@ def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(finetune_src / "registry" / "onnx_pyfunc_model.py"),
                 artifacts={"model": str(out)}, model_config=pyfunc_model_config(out, ONNX_INT8, 32),
+                code_paths=pyfunc_code_paths(),
                 input_example=(["An example review."], {"probabilities": False}),
                 pip_requirements=pyfunc_requirements())
         loaded = mlflow.pyfunc.load_model(info.model_uri)
@@ -219,7 +221,9 @@ def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path
         mlflow.set_tracking_uri(None)
     enc = AutoTokenizer.from_pretrained(str(out)).__call__(texts, truncation=True, max_length=32, padding=True,
                                                            return_tensors="np")
-    logits = onnx_runner(out / ONNX_INT8, 1)(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+    # the session compress measures, on the pyfunc's threads (0: the CPUs available): dynamic int8 quantizes the
+    # activations per call, so the same rows split differently would differ in the 5th decimal
+    logits = onnx_runner(out / ONNX_INT8, 0)(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     expected = [["fresh", "rotten"][i] for i in probs.argmax(1)]
@@ -232,12 +236,14 @@ def test_onnx_pyfunc_logged_and_loaded_back_matches_session(compressed, tmp_path
 def test_onnx_pyfunc_refuses_modified_onnx_file(compressed, tmp_path):
     import mlflow
 
+    from finetune.registry.request import pyfunc_code_paths
     from finetune.registry.variants import pyfunc_model_config
 
     out, _ = compressed
     saved = tmp_path / "saved"
     mlflow.pyfunc.save_model(str(saved), python_model=str(finetune_src / "registry" / "onnx_pyfunc_model.py"),
                              artifacts={"model": str(out)}, model_config=pyfunc_model_config(out),
+                             code_paths=pyfunc_code_paths(),
                              pip_requirements=["onnxruntime"])
     onnx_copy = next(saved.rglob(ONNX_INT8))
     data = bytearray(onnx_copy.read_bytes())
@@ -258,13 +264,16 @@ def test_serving_benchmark_smoke_runs_every_variant(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
-    # the stage's variant (per channel, params.yaml's default) and the other granularity beside it
-    assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_per_tensor"}
+    # the stage's variant (per channel, params.yaml's default), the other granularity beside it, and fp32 PyTorch
+    # with the rows of a batch spread over threads as the ONNX variants run them
+    assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_per_tensor",
+                             "pytorch_fp32_row_parallel"}
     for name, v in variants.items():
         assert v["texts_per_s"] > 0 and 0 <= v["accuracy"] <= 1, name
         # timed in three interleaved rounds, the median reported
         assert len(v["texts_per_s_rounds"]) == 3 and v["texts_per_s"] == sorted(v["texts_per_s_rounds"])[1], name
     assert variants["onnx_fp32"]["label_agreement"] == 1.0
+    assert variants["pytorch_fp32_row_parallel"]["max_probability_diff"] < 1e-5  # the same fp32 model, split rows
     assert "| onnx_int8 |" in proc.stdout and "| onnx_int8_per_tensor |" in proc.stdout
 
 
@@ -288,21 +297,24 @@ def test_cli_compress_writes_the_stage_output(tiny_classifier_dir, tmp_path):
 
 
 def test_onnx_pyfunc_serves_without_torch(compressed, tmp_path):
-    """Loaded and run in a process where importing torch or transformers fails."""
+    """Loaded and run in a process where importing torch, transformers or finetune fails: the pyfunc and the
+    files logged beside it (row_parallel.py) are self-contained."""
     import subprocess
     import sys
 
     import mlflow
 
+    from finetune.registry.request import pyfunc_code_paths
     from finetune.registry.variants import pyfunc_model_config
 
     out, _ = compressed
     saved = tmp_path / "saved"
     mlflow.pyfunc.save_model(str(saved), python_model=str(finetune_src / "registry" / "onnx_pyfunc_model.py"),
                              artifacts={"model": str(out)}, model_config=pyfunc_model_config(out),
+                             code_paths=pyfunc_code_paths(),
                              input_example=(["An example review."], {"probabilities": False}),
                              pip_requirements=["onnxruntime"])
-    script = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; sys.modules['finetune'] = None\n"
               "import json, mlflow.pyfunc\n"
               f"m = mlflow.pyfunc.load_model({str(saved)!r})\n"
               "print(json.dumps(m.predict(['a wonderful film'], params={'probabilities': True})))\n")

@@ -93,9 +93,15 @@ def test_packing_is_refused_for_multi_label(ml_tokens, tiny_model_dir, tmp_path)
 
 
 def _pyfunc(module_file: str, folder, **conf):
-    """The self-contained pyfunc class of ``module_file``, loaded on ``folder`` as MLflow would."""
+    """The self-contained pyfunc class of ``module_file``, loaded on ``folder`` as MLflow would (the files the
+    registry logs beside it, code_paths, importable by their own names)."""
     import importlib.util
+    import sys
     import types
+
+    from finetune.common import row_parallel
+
+    sys.modules.setdefault("row_parallel", row_parallel)
 
     spec = importlib.util.spec_from_file_location(f"pyfunc_{module_file}", SRC / "registry" / module_file)
     mod = importlib.util.module_from_spec(spec)

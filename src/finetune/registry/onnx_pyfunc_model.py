@@ -2,7 +2,8 @@
 
 Serving it needs mlflow, onnxruntime and tokenizers only: no torch, no transformers, no finetune package
 (MLflow stores this file's source with the model; keep it self-contained). Same contract as
-pyfunc_model.TextClassifier. The artifact "model" is the compress stage's folder (ONNX files, tokenizer.json,
+pyfunc_model.TextClassifier. The session is the one compress measured: row_parallel.py, logged beside this file
+(model_config ``threads``; 0 = the CPUs available). The artifact "model" is the compress stage's folder (ONNX files, tokenizer.json,
 config.json); model_config names the ONNX file to run (``onnx_file``) and its ``onnx_sha256``, checked before
 the file is handed to ONNX Runtime.
 """
@@ -33,7 +34,7 @@ class OnnxTextClassifier(PythonModel):
         import json
         import os
 
-        import onnxruntime as ort
+        import row_parallel  # logged beside this file (code_paths): the session compress measured
         from tokenizers import Tokenizer
 
         conf = context.model_config or {}
@@ -54,9 +55,7 @@ class OnnxTextClassifier(PythonModel):
         self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         self.tokenizer.enable_truncation(int(conf.get("max_length", 512)))
         self.tokenizer.enable_padding(pad_id=int(conf.get("pad_token_id", 0)), pad_token=conf.get("pad_token", "[PAD]"))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(conf.get("threads", 0))
-        self.session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        self.run_logits = row_parallel.RowParallelSession(onnx_path, int(conf.get("threads", 0)))
         self.token_level = any(a.endswith("ForTokenClassification") for a in config.get("architectures") or [])
         if self.token_level:
             import ner_decode  # logged beside this file (code_paths): words, windows, entities with offsets
@@ -129,7 +128,7 @@ class OnnxTextClassifier(PythonModel):
             enc = self.tokenizer.encode_batch([str(t) for t in texts[i:i + self.batch_size]])
             ids = np.array([e.ids for e in enc], dtype=np.int64)
             mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-            logits = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float64)
+            logits = self.run_logits({"input_ids": ids, "attention_mask": mask}).astype(np.float64)
             if self.multi_label:
                 out.append(1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60))))
                 continue
@@ -140,10 +139,8 @@ class OnnxTextClassifier(PythonModel):
     def predict_records(self, texts: list[str]) -> list[dict]:
         """Token models: ``{"entities", "windows"}`` per text; the windows of all texts run in length-sorted
         session runs of 32 windows (ner_decode.decode_many)."""
-        def logits(batch):
-            return self.session.run(["logits"], batch)[0]
-
-        return self.ner.decode_many([str(t) for t in texts], self.windowed, logits, self.labels, self.pad_id)
+        return self.ner.decode_many([str(t) for t in texts], self.windowed, self.run_logits, self.labels,
+                                    self.pad_id)
 
     # `-> list`: list[str] by default, list[dict] with probabilities (MLflow logs the output schema as "any")
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list:

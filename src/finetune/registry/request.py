@@ -9,6 +9,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.common import row_parallel
 from finetune.common.config import RegisterConfig
 from finetune.common.outputs import MARKER
 from finetune.registry import integrity
@@ -22,10 +23,12 @@ ONNX_PYFUNC_CODE = Path(__file__).with_name("onnx_pyfunc_model.py")
 
 
 def pyfunc_code_paths() -> list[str]:
-    """What the pyfunc models may import besides their own file (MLflow code_paths): every task's PYFUNC_CODE.
-    All of them, whatever the model: the pyfunc picks what its model needs (config.json's architecture), so a
-    version never lacks a file because its task was recorded wrongly; they are a few kB."""
-    return sorted({path for name, module in TASKS.items() if module for path in task_for(name).PYFUNC_CODE})
+    """What the pyfunc models may import besides their own file (MLflow code_paths): every task's PYFUNC_CODE and
+    the ONNX session (row_parallel.py). All of them, whatever the model: the pyfunc picks what its model needs
+    (config.json's architecture), so a version never lacks a file because its task was recorded wrongly; they are
+    a few kB."""
+    tasks = {path for name, module in TASKS.items() if module for path in task_for(name).PYFUNC_CODE}
+    return sorted(tasks | {row_parallel.__file__})
 
 
 INT8_SUFFIX = "-int8"  # the int8 variant is a registered model of its own: <register.model_name>-int8

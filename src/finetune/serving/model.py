@@ -155,6 +155,7 @@ def _wrap(pyfunc, name: str, version: str) -> ServedModel:
     if not hasattr(impl, "predict_proba") or not getattr(impl, "labels", None):
         raise ServeError(f"{name} version {version}: not a finetune text classifier (its pyfunc has no "
                          f"predict_proba/labels); registered before probabilities were supported?")
-    variant = "int8" if hasattr(impl, "session") else "fp32"
+    # ONNX pyfuncs: run_logits (row_parallel.py); versions registered before it hold a bare session
+    variant = "int8" if hasattr(impl, "run_logits") or hasattr(impl, "session") else "fp32"
     kind = EntityServedModel if getattr(impl, "token_level", False) else ServedModel
     return kind(name=name, version=version, variant=variant, labels=list(impl.labels), impl=impl)

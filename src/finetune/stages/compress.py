@@ -27,7 +27,6 @@ from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -45,6 +44,7 @@ from finetune.common.outputs import (
     check_output_dir,
     no_space_left,
 )
+from finetune.common.row_parallel import RowParallelSession
 from finetune.common.tokens import TokenizedSplit, read_tokens
 from finetune.stages.serving_front import ServeBudget, choose_serving, variant_file
 from finetune.tasks import task_for
@@ -166,14 +166,11 @@ def torch_runner(model, threads: int) -> Runner:
 
 
 def onnx_runner(path: str | Path, threads: int) -> Runner:
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """The ONNX file in the session the ONNX pyfunc models serve with (row_parallel; 0 threads: the CPUs available)."""
+    session = RowParallelSession(str(path), threads)
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return session({"input_ids": ids, "attention_mask": mask})
     return run
 
 
