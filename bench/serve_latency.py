@@ -9,9 +9,10 @@ int8 with the other weight granularity (per tensor by default), on the tokenized
 
 Per variant: accuracy / macro-F1 (and the delta to PyTorch fp32), size on disk, p50/p95 latency of one text
 per request, texts/s at batch 32 (requests in test-split order, padded per batch). The ONNX variants run as the
-stage runs and the ONNX pyfunc models serve them (common/row_parallel.py: a batch's rows spread over
-single-threaded calls); ``pytorch_fp32_row_parallel`` gives fp32 PyTorch the same lever, and
-``--session-options`` times the served file as one call on intra-op threads instead. See docs/benchmarks.md.
+stage runs and the ONNX pyfunc models serve them (common/row_parallel.py: a batch's rows in groups of similar
+length, one single-threaded call per group at once); ``pytorch_fp32_row_parallel`` gives fp32 PyTorch the same
+lever, and ``--session-options`` times the served file as one call on intra-op threads instead. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from finetune.common.memory import peak_rss_growth
-from finetune.common.row_parallel import available_cpus
+from finetune.common.row_parallel import available_cpus, balanced_groups
 from finetune.common.outputs import ONNX_FP32
 from finetune.reporting.plots import serving_front
 from finetune.stages.compress import (ServeBudget, compress, measure, onnx_runner, quantize_int8, torch_runner,
@@ -214,9 +215,9 @@ def timed_rounds(variants: dict[str, dict], runners: dict, more: int, test, pad_
 
 
 def torch_rows_runner(model_dir: Path, threads: int):
-    """fp32 PyTorch with the lever the ONNX variants use: the batch's rows spread over single-threaded calls
-    (torch releases the GIL in its operators). torch's intra-op threads are process-wide: the plain PyTorch
-    runner sets them back."""
+    """fp32 PyTorch with the lever the ONNX variants use (common/row_parallel.py): the batch's rows in groups of
+    similar length, each cut to its longest row, one single-threaded call per group at once (torch releases the
+    GIL in its operators). torch's intra-op threads are process-wide: the plain PyTorch runner sets them back."""
     import torch
 
     torch.set_num_threads(1)
@@ -224,13 +225,19 @@ def torch_rows_runner(model_dir: Path, threads: int):
     n = threads or available_cpus()
     pool = ThreadPoolExecutor(n)
 
-    def one(ids, mask):
+    def one(ids, mask, rows):
+        width = int(np.flatnonzero(mask[rows].any(axis=0))[-1]) + 1
         with torch.inference_mode():
-            return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+            return model(input_ids=torch.from_numpy(ids[rows, :width]),
+                         attention_mask=torch.from_numpy(mask[rows, :width])).logits.numpy()
 
     def run(ids, mask):
-        parts = np.array_split(np.arange(len(ids)), min(n, len(ids)))
-        return np.concatenate(list(pool.map(lambda p: one(ids[p], mask[p]), parts)))
+        groups = balanced_groups(mask.sum(axis=1), min(n, len(ids)))
+        parts = list(pool.map(lambda rows: one(ids, mask, rows), groups))
+        out = np.zeros((len(ids), parts[0].shape[1]), dtype=parts[0].dtype)
+        for rows, part in zip(groups, parts):
+            out[rows] = part
+        return out
     return run
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from finetune.common.row_parallel import RowParallelSession, available_cpus
+from finetune.common.row_parallel import RowParallelSession, available_cpus, balanced_groups
 from finetune.stages.compress import export_onnx
 
 
@@ -46,7 +46,18 @@ def test_per_token_outputs_keep_their_shape(tmp_path, tagging_model_dir):
     feed = right_padded_feed(5, 9, model.config.vocab_size, seed=1)
     got = RowParallelSession(tmp_path / "t.onnx", 2)(feed)
     assert got.shape == (5, 9, model.config.num_labels)
-    np.testing.assert_allclose(got, whole_batch(tmp_path / "t.onnx", feed), atol=1e-5)
+    real = feed["attention_mask"].astype(bool)  # padding positions: whatever the call computed there, or zeros
+    np.testing.assert_allclose(got[real], whole_batch(tmp_path / "t.onnx", feed)[real], atol=1e-5)
+
+
+def test_rows_are_grouped_by_length_and_each_group_cut_to_its_longest():
+    lengths = np.array([5, 50, 12, 30, 8, 45, 20, 22])
+    groups = balanced_groups(lengths, 2)
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[30, 45, 50], [5, 8, 12, 20, 22]]
+    assert max(len(g) * lengths[g].max() for g in groups) == 150  # one call on all: 8 x 50 = 400
+    assert sorted(np.concatenate(groups).tolist()) == list(range(8))  # every row once
+    assert [len(g) for g in balanced_groups(lengths, 3)] == [2, 3, 3]
+    assert [g.tolist() for g in balanced_groups(np.array([7]), 2)] == [[0]]
 
 
 def test_one_thread_runs_on_the_callers_thread(tmp_path, tiny_classifier_dir):
