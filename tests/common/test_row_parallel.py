@@ -71,11 +71,21 @@ def test_one_thread_runs_on_the_callers_thread(tmp_path, tiny_classifier_dir):
 
 @pytest.mark.parametrize("quota, want", [("150000 100000", 2), ("100000 100000", 1), ("50000 100000", 1)])
 def test_a_containers_cpu_quota_bounds_the_threads(tmp_path, quota, want):
-    (tmp_path / "cpu.max").write_text(quota + "\n")
-    assert available_cpus(str(tmp_path / "cpu.max")) == want
+    (tmp_path / "cpu.max").write_text(quota + "\n")  # cgroup v2
+    assert available_cpus(str(tmp_path)) == min(want, len(os.sched_getaffinity(0)))
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text(quota.split()[0] + "\n")
+    (v1 / "cpu.cfs_period_us").write_text(quota.split()[1] + "\n")
+    assert available_cpus(str(tmp_path / "v1")) == min(want, len(os.sched_getaffinity(0)))
 
 
 def test_without_a_quota_the_schedulable_cpus_count(tmp_path):
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert available_cpus(str(tmp_path / "cpu.max")) == len(os.sched_getaffinity(0))
+    assert available_cpus(str(tmp_path)) == len(os.sched_getaffinity(0))
     assert available_cpus(str(tmp_path / "absent")) == len(os.sched_getaffinity(0))
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(str(tmp_path / "v1")) == len(os.sched_getaffinity(0))

@@ -18,22 +18,36 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 import onnxruntime as ort
 
 
-def available_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """CPUs this process may use: the cgroup's CPU quota when one is set (a container's limit; os.cpu_count()
-    reports the host's), else the CPUs it may be scheduled on."""
-    try:
-        with open(cpu_max, encoding="utf-8") as fh:
-            quota, period = fh.read().split()[:2]
-        if quota != "max":
+def cpu_quota(cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """The container's CPU limit, rounded up (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``); None when unset."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            with open(os.path.join(cgroup, quota_file), encoding="utf-8") as fh:
+                fields = fh.read().split()
+            if period_file:
+                with open(os.path.join(cgroup, period_file), encoding="utf-8") as fh:
+                    fields.append(fh.read().strip())
+            quota, period = fields[0], fields[-1]
+            if quota in ("max", "-1"):
+                return None
             return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def available_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the container's CPU limit when one is set (os.cpu_count() reports the host's),
+    else the CPUs it may be scheduled on."""
+    schedulable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota(cgroup)
+    return min(quota, schedulable) if quota else schedulable
 
 
 def balanced_groups(lengths: np.ndarray, groups: int) -> list[np.ndarray]:
@@ -56,7 +70,7 @@ def balanced_groups(lengths: np.ndarray, groups: int) -> list[np.ndarray]:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if len(cut(mid)) <= groups else (mid + 1, hi)
     bounds = cut(lo) + [len(ordered)]
-    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [order[a:b] for a, b in pairwise(bounds)]
 
 
 class RowParallelSession:

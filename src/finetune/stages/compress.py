@@ -3,7 +3,9 @@
 Variants: ``pytorch_fp32`` (the baseline, as trained), ``onnx_fp32`` (torch's TorchScript-based exporter) and
 ``onnx_int8`` (ONNX Runtime dynamic quantization: int8 weights, activations quantized per batch, no calibration
 data). Each is scored on the test split (the task's metrics, deltas to the baseline, label agreement) and timed in
-this process: p50/p95 latency of one text per request, texts/s at ``compress.batch_size``, peak memory. The int8
+this process: p50/p95 latency of one text per request, texts/s at ``compress.batch_size``, peak memory. ONNX files
+run in the session the ONNX pyfunc models serve with (common/row_parallel.py: rows grouped by length, one
+single-threaded call per group at once), so what is measured is what serves. The int8
 variant passes the gate only if its drop stays within ``compress.max_accuracy_drop``; a model that cannot be
 exported yields no variant and a message naming the model and the operator, never a failed pipeline.
 
