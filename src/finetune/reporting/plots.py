@@ -148,14 +148,18 @@ def span_errors(table: dict[str, dict[str, int]]) -> bytes:
 
 
 def serving_front(variants: dict[str, dict[str, Any]], chosen: str | None) -> bytes:
-    """Test accuracy against texts/s at the measured batch, one point per variant; the served one starred."""
+    """Test accuracy against texts/s at the measured batch, one numbered point per variant (names in the legend:
+    the fp32 variants crowd one corner, where names beside the points overlapped); the served one starred."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, v in variants.items():
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for number, (name, v) in enumerate(variants.items(), 1):
         served = name == chosen
-        ax.scatter(v["texts_per_s"], v["accuracy"], marker="*" if served else "o", s=160 if served else 40)
-        ax.annotate(name, (v["texts_per_s"], v["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter(v["texts_per_s"], v["accuracy"], marker="*" if served else "o", s=160 if served else 40,
+                   label=f"{number}  {name}{'  (served)' if served else ''}")
+        ax.annotate(str(number), (v["texts_per_s"], v["accuracy"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     ax.set_xlabel("texts/s (higher is cheaper)")
     ax.set_ylabel("test accuracy")
     ax.set_title("serving variants: accuracy against throughput (star: served)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _png(fig)
