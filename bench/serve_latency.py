@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from finetune.common.memory import peak_rss_growth
-from finetune.common.row_parallel import available_cpus, balanced_groups
+from finetune.common.row_parallel import available_cpus, run_grouped
 from finetune.common.outputs import ONNX_FP32
 from finetune.reporting.plots import serving_front
 from finetune.stages.compress import (ServeBudget, compress, measure, onnx_runner, quantize_int8, torch_runner,
@@ -225,19 +225,12 @@ def torch_rows_runner(model_dir: Path, threads: int):
     n = threads or available_cpus()
     pool = ThreadPoolExecutor(n)
 
-    def one(ids, mask, rows):
-        width = int(np.flatnonzero(mask[rows].any(axis=0))[-1]) + 1
+    def one(feed):
         with torch.inference_mode():
-            return model(input_ids=torch.from_numpy(ids[rows, :width]),
-                         attention_mask=torch.from_numpy(mask[rows, :width])).logits.numpy()
+            return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
 
     def run(ids, mask):
-        groups = balanced_groups(mask.sum(axis=1), min(n, len(ids)))
-        parts = list(pool.map(lambda rows: one(ids, mask, rows), groups))
-        out = np.zeros((len(ids), parts[0].shape[1]), dtype=parts[0].dtype)
-        for rows, part in zip(groups, parts):
-            out[rows] = part
-        return out
+        return run_grouped({"input_ids": ids, "attention_mask": mask}, one, n, pool)
     return run
 
 

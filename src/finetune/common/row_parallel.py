@@ -88,21 +88,29 @@ class RowParallelSession:
         self.threads = threads or available_cpus()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="onnx-rows") if self.threads > 1 else None
 
-    def _call(self, feed: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        mask = feed["attention_mask"][rows]
-        used = np.flatnonzero(mask.any(axis=0))
-        width = int(used[-1]) + 1 if len(used) else mask.shape[1]  # trailing all-padding columns dropped
-        return self.session.run([self.output], {k: v[rows, :width] for k, v in feed.items()})[0]  # GIL released
+    def _call(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output], feed)[0]  # thread-safe; releases the GIL
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        mask = feed["attention_mask"]
-        n = min(self.threads, len(mask))
-        groups = balanced_groups(mask.sum(axis=1), n) if n > 1 else [np.arange(len(mask))]
-        parts = (list(self.pool.map(lambda rows: self._call(feed, rows), groups)) if len(groups) > 1
-                 else [self._call(feed, groups[0])])
-        first = parts[0]
-        width = (mask.shape[1],) if first.ndim == 3 else ()  # per token (batch, sequence, tags): the batch's width
-        out = np.zeros((len(mask), *width, *first.shape[1 + len(width):]), dtype=first.dtype)
-        for rows, part in zip(groups, parts):
-            out[rows, :part.shape[1]] = part
-        return out
+        return run_grouped(feed, self._call, self.threads, self.pool)
+
+
+def run_grouped(feed: dict[str, np.ndarray], call, threads: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
+    """``call`` (a feed -> outputs) on at most ``threads`` length groups of the feed's rows at once on ``pool``,
+    each group cut to its longest row; the outputs in row order, per-token ones padded back to the batch's width."""
+    mask = feed["attention_mask"]
+
+    def cut(rows: np.ndarray) -> np.ndarray:
+        used = np.flatnonzero(mask[rows].any(axis=0))
+        width = int(used[-1]) + 1 if len(used) else mask.shape[1]  # trailing all-padding columns dropped
+        return call({k: v[rows, :width] for k, v in feed.items()})
+
+    n = min(threads, len(mask)) if pool else 1
+    groups = balanced_groups(mask.sum(axis=1), n) if n > 1 else [np.arange(len(mask))]
+    parts = list(pool.map(cut, groups)) if len(groups) > 1 else [cut(groups[0])]
+    first = parts[0]
+    width = (mask.shape[1],) if first.ndim == 3 else ()  # per token (batch, sequence, tags): the batch's width
+    out = np.zeros((len(mask), *width, *first.shape[1 + len(width):]), dtype=first.dtype)
+    for rows, part in zip(groups, parts):
+        out[rows, :part.shape[1]] = part
+    return out
